@@ -1,0 +1,1 @@
+"""FleetLM operator: reconciles LLMDeployment resources into serving pods."""

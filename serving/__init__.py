@@ -1,0 +1,1 @@
+"""FleetLM serving pod: OpenAI-compatible API over a continuous-batching engine."""
