@@ -1,0 +1,126 @@
+"""One typed server config from CLI flags, LLM_* environment variables and a TOML file.
+
+Precedence: flags > environment > --config file > defaults. pydantic validates the merged
+result, so a bad value is rejected with the same message whichever source it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "LLM_"
+ARCHITECTURES = ("auto", "llama", "mistral", "qwen2", "qwen3", "phi3", "transformers")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid or cannot be honoured on this machine."""
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    model_path: str | None = Field(
+        None,
+        description="local model directory or GGUF file, or a Hugging Face Hub id org/name "
+        "(default: the embedded stories260k demo model)",
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit (with a Hub id)")
+    model_arch: Literal[ARCHITECTURES] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="model architecture; auto reads config.json, 'transformers' forces the generic runner",
+    )
+    tokenizer_path: str | None = Field(None, description="tokenizer directory (default: the model's)")
+    served_model_name: str | None = Field(None, description="model name clients use (default: from the path)")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="most sequences decoded together")
+    max_seq_len: int = Field(2048, ge=16, description="context length (prompt + completion), capped by the model's")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="most tokens computed in one step; longer prompts prefill in chunks (default 2048)"
+    )
+    device: Literal["auto", "cpu", "cuda", "metal"] = Field("auto", description="where the model runs")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)"
+    )
+    quantization: Literal["none", "q8_0", "q4_0"] = Field(
+        "none", description="weight-only quantization of linear layers at load time"
+    )
+    workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="threads that tokenize prompts and render chat templates off the event loop; "
+        "the model is loaded once per process whatever this is",
+    )
+    queue_capacity: int = Field(100, ge=0, description="most requests waiting for a batch slot; beyond it, 429")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1 routes")
+    chat_template: str | None = Field(None, description="Jinja chat template, inline or a file path")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="KV cache capacity in tokens (default: from memory)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory FleetLM may use")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: cores - 1, at least 1)")
+    download_dir: str | None = Field(None, description="where Hub models are stored (default: ~/.cache/fleetlm)")
+    cors_origins: str = Field("*", description="comma-separated origins allowed by CORS ('' disables CORS)")
+
+    @field_validator("model_path", "tokenizer_path", "served_model_name", "api_key", "chat_template", "revision")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="Serve a model behind an OpenAI-compatible API. Every flag can also be set as an "
+        f"{ENV_PREFIX}<NAME> environment variable (e.g. {ENV_PREFIX}MODEL_PATH) or in a TOML --config file; "
+        "flags win over the environment, which wins over the file. "
+        "Subcommand: 'python -m serving download --help' fetches a model for later serving.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="TOML file with settings (keys as flag names, - or _)")
+    for name, field in ServeConfig.model_fields.items():
+        default = field.default
+        help_text = f"{field.description} (default: {default}; env {ENV_PREFIX}{name.upper()})"
+        parser.add_argument(_flag(name), dest=name, help=help_text, metavar=name.upper())
+    return parser
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, str]:
+    return {name: environ[ENV_PREFIX + name.upper()] for name in ServeConfig.model_fields if ENV_PREFIX + name.upper() in environ}
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def load_config(argv: list[str], environ: dict[str, str] | None = None) -> ServeConfig:
+    environ = dict(os.environ) if environ is None else environ
+    flags = vars(build_parser().parse_args(argv))
+    config_file = flags.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = _from_file(config_file) if config_file else {}
+    merged.update(_from_env(environ))
+    merged.update(flags)
+    try:
+        return ServeConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_flag(str(e['loc'][0])) if e['loc'] else 'config'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(problems) from None

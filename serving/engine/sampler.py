@@ -1,0 +1,146 @@
+"""One batched sampling call for a step: every sequence brings its own parameters.
+
+Temperature, top-k, top-p, min-p, repetition/presence/frequency penalties and min_tokens are
+applied as tensors over the whole batch. Draws use the exponential-race form of categorical
+sampling (argmax of p / Exp(1) noise), which needs no CPU-GPU sync and lets a seeded sequence
+take its noise from its own generator, so its samples do not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serving.engine.sequence import Sequence, TokenLogprob
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Rows of token ids as one tensor, padded with -1."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    ids = _padded(rows, device)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)
+    counts.scatter_add_(1, torch.where(ids < 0, vocab, ids), torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    vocab, device = logits.shape[-1], logits.device
+    params = [s.params for s in seqs]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+    if (rep != 1.0).any():
+        # Like Hugging Face's RepetitionPenaltyLogitsProcessor: over prompt and output tokens.
+        seen = _token_counts([s.all_token_ids for s in seqs], vocab, device) > 0
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+    pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+    if (freq != 0).any() or (pres != 0).any():
+        # OpenAI's definition: over generated tokens only.
+        counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
+        logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for i, s in enumerate(seqs):
+        if len(s.output_token_ids) < s.params.min_tokens:
+            blocked = [t for t in (*s.params.extra_eos_ids, *s.params.stop_token_ids) if t < logits.shape[-1]]
+            if blocked:
+                logits[i, blocked] = float("-inf")
+    return logits
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, then top-k / top-p / min-p masks, all per row."""
+    device = logits.device
+    params = [s.params for s in seqs]
+    temp = torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1)
+    logits = logits / temp
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    if (top_k < logits.shape[-1]).any() or (top_p < 1.0).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[-1], device=device).unsqueeze(0)
+        drop = ranks >= top_k.unsqueeze(1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if (min_p > 0).any():
+        probs = logits.softmax(dim=-1)
+        threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def _exponential_noise(seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
+    noise = torch.empty(len(seqs), vocab, device=device).exponential_()
+    for i, s in enumerate(seqs):
+        if s.generator is not None:
+            noise[i] = torch.empty(vocab, device=s.generator.device).exponential_(generator=s.generator).to(device)
+    return noise
+
+
+def _logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob | None]:
+    wanted = [s.params.logprobs for s in seqs]
+    if all(k is None for k in wanted):
+        return [None] * len(seqs)
+    k_max = max(k or 0 for k in wanted)
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    top_vals, top_ids = logprobs.topk(max(k_max, 1), dim=-1)
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    chosen_ids = chosen.tolist()
+    out: list[TokenLogprob | None] = []
+    for i, k in enumerate(wanted):
+        if k is None:
+            out.append(None)
+        else:
+            out.append(TokenLogprob(chosen_ids[i], chosen_lp[i], list(zip(top_ids[i][:k], top_vals[i][:k], strict=True))))
+    return out
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    """logits: [len(seqs), vocab], one row per sequence that samples this step."""
+    logits = logits.float()
+    raw_logprobs = logits.log_softmax(dim=-1)  # reported logprobs are the model's own distribution
+    if any(s.params.uses_penalties for s in seqs):
+        logits = apply_penalties(logits, seqs)
+    if any(len(s.output_token_ids) < s.params.min_tokens for s in seqs):
+        logits = _block_early_stop(logits.clone(), seqs)
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+    chosen = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        probs = _filter(logits, seqs).softmax(dim=-1)
+        drawn = (probs / _exponential_noise(seqs, logits.shape[-1], logits.device)).argmax(dim=-1)
+        chosen = torch.where(greedy, chosen, drawn)
+    return SampleResult(chosen.tolist(), _logprob_entries(raw_logprobs, chosen, seqs))
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], k: int) -> list[TokenLogprob]:
+    """Score each target token under the logits of the position before it (echo + logprobs)."""
+    lp = logits.float().log_softmax(dim=-1)
+    targets = torch.tensor(target_ids, device=lp.device)
+    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(t, c, list(zip(ids[:k], vals[:k], strict=True)))
+        for t, c, ids, vals in zip(target_ids, chosen, top_ids, top_vals, strict=True)
+    ]

@@ -1,0 +1,103 @@
+"""Paged attention over a flat KV cache, in plain torch (the reference path; CPU and any GPU).
+
+The cache of one layer is a pair of tensors [num_blocks * block_size, kv_heads, head_dim];
+a token's slot is block_table[pos // block_size] * block_size + pos % block_size. Each step
+the new tokens' K/V are written to their slots first, then every query attends to its
+sequence's cached keys. Decoding sequences (one query each) are batched into one SDPA call;
+prefill chunks each get their own call. A fused kernel (e.g. flash-attn's paged decode) can
+replace `PagedAttention.forward` without touching the model, the runner or the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    rows: slice  # this chunk's rows in the packed token batch
+    start_pos: int  # position of its first token (tokens before it are already cached)
+    context_slots: torch.Tensor  # [start_pos + len] cache slots of the whole sequence so far
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """Per-step attention metadata, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot for each new token
+    decode_rows: torch.Tensor | None = None  # [B] rows of the decoding sequences' queries
+    decode_slots: torch.Tensor | None = None  # [B, max_ctx] their cached slots, padded with 0
+    decode_lens: torch.Tensor | None = None  # [B] their context lengths (query included)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, 1, max_ctx] boolean: which padded key positions each decode query sees."""
+        if window not in self._masks:
+            assert self.decode_slots is not None and self.decode_lens is not None
+            key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device).unsqueeze(0)
+            query_pos = (self.decode_lens - 1).unsqueeze(1)
+            mask = key_pos <= query_pos
+            if window is not None:
+                mask &= key_pos > query_pos - window
+            self._masks[window] = mask[:, None, None, :]
+        return self._masks[window]
+
+
+def _prefill_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    query_pos = torch.arange(start, start + length, device=device).unsqueeze(1)
+    key_pos = torch.arange(start + length, device=device).unsqueeze(0)
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return mask
+
+
+class PagedAttention:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.window = window
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, KVH, D]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [slots, KVH, D]
+        v_cache: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        k_cache.index_copy_(0, batch.slot_mapping, k)
+        v_cache.index_copy_(0, batch.slot_mapping, v)
+        out = torch.empty_like(q)
+        gqa = self.num_heads != self.num_kv_heads
+        if batch.decode_rows is not None:
+            assert batch.decode_slots is not None
+            qd = q[batch.decode_rows].unsqueeze(2)  # [B, H, 1, D]
+            kd = k_cache[batch.decode_slots].transpose(1, 2)  # [B, KVH, ctx, D]
+            vd = v_cache[batch.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=batch.decode_mask(self.window), scale=self.scale, enable_gqa=gqa
+            )
+            out[batch.decode_rows] = o.squeeze(2)
+        for chunk in batch.prefills:
+            qp = q[chunk.rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+            length = qp.shape[2]
+            if chunk.start_pos == 0 and self.window is None:
+                # Nothing cached before this chunk: attend to its own K/V, plain causal.
+                kp = k[chunk.rows].transpose(0, 1).unsqueeze(0)
+                vp = v[chunk.rows].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            else:
+                kp = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+                vp = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+                mask = _prefill_mask(chunk.start_pos, length, self.window, q.device)
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            out[chunk.rows] = o.squeeze(0).transpose(0, 1)
+        return out

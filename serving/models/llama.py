@@ -1,0 +1,244 @@
+"""Native Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3) over the paged KV cache.
+
+Runs packed batches: the tokens of all scheduled sequences are concatenated into one [T, hidden]
+tensor, so every linear layer is one matmul per step whatever the mix of prefill and decode.
+Parameter names follow Hugging Face's, so checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from serving.models.attention import AttentionBatch, PagedAttention
+
+NATIVE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# RoPE variants whose frequencies change with the current length: HF recomputes them on the fly,
+# which a shared paged cache cannot follow per sequence. Such models use the transformers runner.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+class UnsupportedModel(ValueError):
+    """This checkpoint needs the transformers fallback runner."""
+
+
+@dataclass(slots=True, frozen=True)
+class ModelShape:
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    fused_projections: bool  # Phi-3 stores qkv_proj and gate_up_proj
+    layer_windows: tuple[int | None, ...]
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        model_type = config.model_type
+        if model_type not in NATIVE_ARCHITECTURES:
+            raise UnsupportedModel(f"no native implementation for model_type {model_type!r}")
+        num_layers = config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            model_type=model_type,
+            num_layers=num_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            hidden_act=config.hidden_act,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            fused_projections=model_type == "phi3",
+            layer_windows=_layer_windows(config, num_layers),
+        )
+
+
+def _layer_windows(config: PretrainedConfig, num_layers: int) -> tuple[int | None, ...]:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    return (window,) * num_layers
+
+
+def rope_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies over the rotary dims, cos/sin scale), as transformers computes them."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        raise UnsupportedModel(f"RoPE type {rope_type!r} varies with sequence length")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise UnsupportedModel(f"unknown RoPE type {rope_type!r}")
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scale)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position up to max_positions, applied with HF's rotate_half layout."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float, max_positions: int):
+        super().__init__()
+        self.inv_freq, self.scale, self.max_positions = inv_freq, scale, max_positions
+        self.build_tables(torch.device("cpu"))
+
+    def build_tables(self, device: torch.device) -> None:
+        """(Re)compute the tables on `device`; the loader calls this after materialising a meta model."""
+        with torch.device(device):
+            freqs = torch.arange(self.max_positions, dtype=torch.float).unsqueeze(1) * self.inv_freq.to(device)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.register_buffer("cos", emb.cos() * self.scale, persistent=False)
+            self.register_buffer("sin", emb.sin() * self.scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]; only the first rotary_dim dims rotate (partial rotary)."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        rot_dim = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+        half = rot_dim // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: ModelShape, rotary: Rotary, window: int | None):
+        super().__init__()
+        h, kvh, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        self.q_size, self.kv_size = h * d, kvh * d
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.fused = shape.fused_projections
+        if self.fused:
+            self.qkv_proj = nn.Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(shape.hidden_size, self.q_size, bias=shape.qkv_bias)
+            self.k_proj = nn.Linear(shape.hidden_size, self.kv_size, bias=shape.qkv_bias)
+            self.v_proj = nn.Linear(shape.hidden_size, self.kv_size, bias=shape.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=False)
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(d, shape.rms_norm_eps)
+            self.k_norm = RMSNorm(d, shape.rms_norm_eps)
+        self.qk_norm = shape.qk_norm
+        self.rotary = [rotary]  # a list so the shared module is not registered once per layer
+        self.attn = PagedAttention(h, kvh, d, d**-0.5, window)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+    ) -> torch.Tensor:
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rotary = self.rotary[0]
+        q, k = rotary(q, positions), rotary(k, positions)
+        out = self.attn.forward(q, k, v, kv[0], kv[1], batch)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.fused = shape.fused_projections
+        if self.fused:
+            self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=False)
+            self.up_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+        self.act = ACT2FN[shape.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape, rotary: Rotary, window: int | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.self_attn = Attention(shape, rotary, window)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.mlp = MLP(shape)
+
+    def forward(self, x, positions, kv, batch):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, shape: ModelShape, rotary: Rotary):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(shape, rotary, w) for w in shape.layer_windows)
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: PretrainedConfig, max_positions: int):
+        super().__init__()
+        self.shape = ModelShape.from_config(config)
+        inv_freq, scale = rope_frequencies(config, self.shape.head_dim)
+        self.rotary = Rotary(inv_freq, scale, max_positions)
+        self.model = DecoderModel(self.shape, self.rotary)
+        if not self.shape.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.shape.hidden_size, self.shape.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] (logits are computed only for the rows that need them)."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, kv in zip(self.model.layers, kv_cache, strict=True):
+            x = layer(x, positions, kv, batch)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.shape.tie_word_embeddings:
+            return hidden @ self.model.embed_tokens.weight.t()
+        return self.lm_head(hidden)
