@@ -1,0 +1,437 @@
+"""The model downloader against a fake Hub over real HTTP, with real huggingface_hub and real subprocesses."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
+
+from serving import progress
+from serving.download import DownloadError, ExitCode, copy_model, download_model
+from serving.hub import progress_bar_class
+from serving.model_dir import MARKER_NAME
+from serving.model_files import select_files
+from serving.progress import Transfer
+
+CLI = "import sys; from serving.download import main; sys.exit(main(sys.argv[1:]))"
+MB = 1024 * 1024
+
+
+def model_files(weights_size: int = 300_000) -> dict[str, bytes]:
+    """A repo as the Hub has them: what serving needs, plus files it must never fetch."""
+    return {
+        "config.json": b'{"model_type": "llama"}',
+        "generation_config.json": b"{}",
+        "tokenizer.json": b'{"model": {}}',
+        "tokenizer_config.json": b"{}",
+        "model.safetensors": os.urandom(weights_size),
+        "pytorch_model.bin": os.urandom(1000),
+        "README.md": b"# card",
+        "onnx/model.onnx": b"onnx",
+        "images/logo.png": b"png",
+    }
+
+
+NEEDED = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
+
+
+def run_cli(*args: str, stderr_path: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    stderr = open(stderr_path, "w") if stderr_path else subprocess.PIPE  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-c", CLI, *args], stderr=stderr, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def cli(*args: str, env: dict | None = None) -> tuple[int, list[dict]]:
+    process = run_cli(*args, env=env)
+    _, stderr = process.communicate(timeout=60)
+    return process.returncode, [json.loads(line) for line in stderr.splitlines()]
+
+
+def log_lines(path: Path) -> list[dict]:
+    """The JSON lines a running (or killed) process has written so far, without a half-written last one."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def wait_until(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def assert_holds(dest: Path, files: dict[str, bytes], expected: list[str]) -> dict:
+    present = sorted(
+        p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and ".cache" not in p.parts
+    )
+    assert present == sorted([*expected, ".fleetlm-complete.json", ".fleetlm-download.lock"])
+    for name in expected:
+        assert (dest / name).read_bytes() == files[name], name
+    return json.loads((dest / MARKER_NAME).read_text())
+
+
+# --- which files are taken -----------------------------------------------------------------------------
+
+
+def select(files, index=None, gguf_file=None):
+    return select_files(files, lambda name: index, origin="org/x", gguf_file=gguf_file)
+
+
+def test_selection_takes_config_tokenizer_and_safetensors_only():
+    files = [
+        *NEEDED,
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "pytorch_model.bin",
+        "consolidated.pth",
+        "model.gguf",
+        "README.md",
+        "onnx/model.onnx",
+        "original/tokenizer.model",
+    ]
+    assert select(files) == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ]
+
+
+def test_selection_follows_the_weight_index_and_skips_a_consolidated_copy():
+    files = [
+        "config.json",
+        "model.safetensors.index.json",
+        "a.safetensors",
+        "b.safetensors",
+        "consolidated.safetensors",
+    ]
+    index = {"weight_map": {"x": "a.safetensors", "y": "b.safetensors", "z": "a.safetensors"}}
+    assert select(files, index) == [
+        "config.json",
+        "model.safetensors.index.json",
+        "a.safetensors",
+        "b.safetensors",
+    ]
+
+    with pytest.raises(DownloadError, match="missing shards: c.safetensors") as error:
+        select(files, {"weight_map": {"x": "c.safetensors"}})
+    assert error.value.exit_code == ExitCode.NOT_FOUND
+
+
+def test_selection_falls_back_to_pytorch_weights_then_gguf():
+    assert select(["config.json", "pytorch_model.bin", "training_args.bin"]) == [
+        "config.json",
+        "pytorch_model.bin",
+    ]
+    assert select(["consolidated.pth"]) == ["consolidated.pth"]
+    assert select(["config.json", "q4/model-Q4_0.gguf"]) == ["config.json", "q4/model-Q4_0.gguf"]
+    assert select(["a.gguf", "b.gguf", "model.safetensors"], gguf_file="b.gguf") == ["b.gguf"]
+
+
+@pytest.mark.parametrize(
+    ("files", "gguf_file", "exit_code", "message"),
+    [
+        (["a.gguf", "b.gguf"], None, ExitCode.USAGE, "2 GGUF files: pick one with --gguf-file"),
+        (["a.gguf"], "c.gguf", ExitCode.NOT_FOUND, r"c.gguf not found in org/x \(GGUF files: a.gguf\)"),
+        (["config.json", "README.md"], None, ExitCode.NOT_FOUND, "has no weights"),
+    ],
+)
+def test_selection_errors(files, gguf_file, exit_code, message):
+    with pytest.raises(DownloadError, match=message) as error:
+        select(files, gguf_file=gguf_file)
+    assert error.value.exit_code == exit_code
+
+
+# --- downloads through the fake Hub ------------------------------------------------------------------
+
+
+def test_downloads_only_what_serving_needs_byte_exact_with_a_marker(fake_hub, tmp_path):
+    files = model_files()
+    commit = fake_hub.add_repo("org/tiny", files, refs=("main", "v1"), token="secret", gated=True)
+
+    assert download_model("org/tiny", "v1", tmp_path / "m", token="secret") == tmp_path / "m"
+
+    marker = assert_holds(tmp_path / "m", files, NEEDED)
+    assert marker["repo"] == "org/tiny" and marker["revision"] == "v1" and marker["commit"] == commit
+    assert marker["files"] == [{"path": name, "size": len(files[name])} for name in NEEDED]
+    assert marker["completed_at"].endswith("+00:00")
+    assert not fake_hub.gets("README.md") and not fake_hub.gets("pytorch_model.bin")
+    # The weights came from the CDN, like the Hub's LFS files, without the token; the Hub got the token.
+    (weights,) = fake_hub.gets("model.safetensors")
+    assert weights.server == "cdn" and weights.authorization is None
+    assert {r.authorization for r in fake_hub.requests if r.server == "hub"} == {"Bearer secret"}
+
+
+def test_a_complete_destination_is_reused_without_network(fake_hub, tmp_path):
+    files = model_files()
+    first = fake_hub.add_repo("org/tiny", files)
+    download_model("org/tiny", None, tmp_path)
+    seen = len(fake_hub.requests)
+
+    fake_hub.add_repo("org/tiny", {**files, "config.json": b'{"model_type": "qwen2"}'})  # main moves on
+    download_model("org/tiny", "main", tmp_path)
+    download_model("org/tiny", first, tmp_path)
+    assert len(fake_hub.requests) == seen
+    assert (tmp_path / "config.json").read_bytes() == files["config.json"]
+
+    with pytest.raises(DownloadError, match="revision v9 not found"):
+        download_model("org/tiny", "v9", tmp_path)
+    assert json.loads((tmp_path / MARKER_NAME).read_text())["commit"] == first  # a failed lookup keeps it
+
+
+def test_another_revision_replaces_the_previous_download(fake_hub, tmp_path):
+    old = {**model_files(), "model.safetensors": os.urandom(1000), "tokenizer.model": b"sp"}
+    fake_hub.add_repo("org/tiny", old, refs=("v1",))
+    new = {
+        "config.json": b'{"model_type": "qwen2"}',
+        "tokenizer.json": old["tokenizer.json"],
+        "model.safetensors.index.json": b'{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}',
+        "model-1.safetensors": os.urandom(2000),
+        "model-2.safetensors": os.urandom(3000),
+        "consolidated.safetensors": os.urandom(5000),
+    }
+    commit = fake_hub.add_repo("org/tiny", new, refs=("v2",))
+    download_model("org/tiny", "v1", tmp_path)
+
+    download_model("org/tiny", "v2", tmp_path)
+
+    wanted = [
+        "config.json",
+        "model-1.safetensors",
+        "model-2.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ]
+    assert assert_holds(tmp_path, new, wanted)["commit"] == commit  # old weights and tokenizer.model removed
+    assert not fake_hub.gets("consolidated.safetensors")
+    assert len(fake_hub.gets("tokenizer.json")) == 1  # unchanged across revisions: kept, not fetched again
+
+
+def test_gguf_repo_takes_the_chosen_file(fake_hub, tmp_path):
+    files = {"config.json": b"{}", "m-Q4_0.gguf": os.urandom(500), "m-Q8_0.gguf": os.urandom(900)}
+    fake_hub.add_repo("org/gguf", files)
+    download_model("org/gguf", None, tmp_path, gguf_file="m-Q8_0.gguf")
+    assert_holds(tmp_path, files, ["config.json", "m-Q8_0.gguf"])
+
+
+def test_progress_is_logged_per_file_and_periodically(fake_hub, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 100_000)
+    fake_hub.add_repo("org/tiny", model_files(weights_size=1_000_000))
+    caplog.set_level("INFO", logger="fleetlm.download")
+
+    download_model("org/tiny", None, tmp_path)
+
+    weights = [r for r in caplog.records if getattr(r, "file", None) == "model.safetensors"]
+    assert [r.msg for r in weights[:2]] == ["file started", "file progress"] and weights[
+        -1
+    ].msg == "file finished"
+    steps = [r.downloaded_bytes for r in weights if r.msg == "file progress"]
+    assert len(steps) >= 5 and steps == sorted(steps) and steps[-1] == 1_000_000
+    assert weights[-1].bytes == 1_000_000 and weights[-1].downloaded_bytes == 1_000_000
+
+
+def test_progress_bar_fits_huggingface_hubs_xet_reporter():
+    """The real Hub serves weights through xet, which the fake Hub cannot: check the bar against xet's reporter."""
+    transfer = Transfer("model.safetensors", 1000)
+    bar_class = progress_bar_class(transfer)
+    with XetDownloadProgressReporter(
+        reconstruction_desc="x", total=1000, log_level=20, tqdm_class=bar_class
+    ) as reporter:
+        for done in (400, 1000):
+            report = SimpleNamespace(
+                total_bytes_completed=done,
+                total_transfer_bytes_completed=done // 2,
+                total_bytes_completion_rate=1e6,
+                total_transfer_bytes_completion_rate=1e6,
+                total_bytes=1000,
+            )
+            reporter.update_progress(report)
+    assert transfer.received == 1000
+
+
+def test_a_dropped_connection_resumes_with_a_range_request(fake_hub, tmp_path):
+    files = model_files(weights_size=12 * MB)
+    fake_hub.add_repo("org/big", files)
+    fake_hub.drop_connection("model.safetensors", after_bytes=11 * MB)
+
+    download_model("org/big", None, tmp_path)
+
+    assert_holds(tmp_path, files, NEEDED)
+    first, resumed = fake_hub.gets("model.safetensors")
+    # huggingface_hub writes in 10 MiB chunks, so the resume starts at the last whole chunk it had.
+    assert first.range is None and resumed.range == f"bytes={10 * MB}-"
+
+
+def test_a_killed_download_is_completed_by_the_next_run(fake_hub, tmp_path):
+    files = model_files(weights_size=3 * MB)
+    fake_hub.add_repo("org/big", files)
+    stall = fake_hub.stall("model.safetensors", after_bytes=MB)
+    log = tmp_path / "first.log"
+    dest = tmp_path / "m"
+    first = run_cli("--model", "org/big", "--dest", str(dest), stderr_path=log)
+    wait_until(lambda: stall.reached.is_set())
+    wait_until(lambda: sum(line["msg"] == "file finished" for line in log_lines(log)) == len(NEEDED) - 1)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    assert not (dest / MARKER_NAME).exists() and not (dest / "model.safetensors").exists()
+    assert list((dest / ".cache").rglob("*.incomplete")), "the killed run left its partial file"
+
+    code, _ = cli("--model", "org/big", "--dest", str(dest))
+
+    assert code == 0
+    assert_holds(dest, files, NEEDED)
+    assert not list((dest / ".cache").rglob("*.incomplete"))
+    assert len(fake_hub.gets("model.safetensors")) == 2
+    assert all(len(fake_hub.gets(name)) == 1 for name in NEEDED if name != "model.safetensors")
+
+
+def test_two_downloaders_into_one_directory_take_turns(fake_hub, tmp_path):
+    files = model_files(weights_size=2 * MB)
+    fake_hub.add_repo("org/tiny", files)
+    stall = fake_hub.stall("model.safetensors", after_bytes=MB)
+    dest = tmp_path / "m"
+    first = run_cli("--model", "org/tiny", "--dest", str(dest), stderr_path=tmp_path / "first.log")
+    wait_until(lambda: stall.reached.is_set())
+    second = run_cli("--model", "org/tiny", "--dest", str(dest), stderr_path=tmp_path / "second.log")
+    wait_until(lambda: any("waiting for it" in line["msg"] for line in log_lines(tmp_path / "second.log")))
+
+    stall.release()
+
+    assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
+    assert_holds(dest, files, NEEDED)
+    assert [line["msg"] for line in log_lines(tmp_path / "second.log")][-1] == "already complete"
+    assert len([r for r in fake_hub.requests if r.path.startswith("/api/models/")]) == 1
+    assert all(len(fake_hub.gets(name)) == 1 for name in NEEDED)
+
+
+# --- failures: exit codes and messages, through the real CLI ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("repo", "revision", "token", "exit_code", "message"),
+    [
+        ("org/gated", "main", None, 3, "repo org/gated is gated and needs a token: set HF_TOKEN"),
+        ("org/gated", "main", "wrong-token", 3, "repo org/gated is gated and this token has no access"),
+        ("org/private", "main", None, 3, "repo org/private needs a token: set HF_TOKEN"),
+        ("org/missing", "main", "wrong-token", 4, "repo org/missing not found"),
+        ("org/gated", "v9", "hf_right", 4, "revision v9 not found in org/gated"),
+    ],
+)
+def test_hub_errors_exit_with_their_code_and_message(
+    fake_hub, tmp_path, repo, revision, token, exit_code, message
+):
+    fake_hub.add_repo("org/gated", model_files(), token="hf_right", gated=True)
+    fake_hub.add_repo("org/private", model_files(), token="hf_right")
+    env = {"HF_TOKEN": token} if token else {}
+
+    code, lines = cli("--model", repo, "--revision", revision, "--dest", str(tmp_path), env=env)
+
+    assert code == exit_code
+    assert lines[-1]["level"] == "error" and lines[-1]["msg"].startswith(message)
+    assert not (tmp_path / MARKER_NAME).exists()
+    if token:
+        assert all(token not in json.dumps(line) for line in lines)
+
+
+def test_the_token_comes_from_hf_token_and_is_never_logged(fake_hub, tmp_path):
+    fake_hub.add_repo("org/gated", model_files(), token="hf_right", gated=True)
+    code, lines = cli(
+        "--model", "org/gated", "--dest", str(tmp_path), "--log-level", "debug", env={"HF_TOKEN": "hf_right"}
+    )
+    assert code == 0
+    assert lines and all("hf_right" not in json.dumps(line) for line in lines)
+
+
+def test_an_unreachable_hub_exits_5_after_retries(tmp_path, monkeypatch, caplog):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr("serving.download.RETRY_BASE_DELAY_S", 0.01)
+
+    with pytest.raises(DownloadError, match=f"cannot reach the Hub at http://127.0.0.1:{port}") as error:
+        download_model("org/tiny", None, tmp_path, retries=2)
+    assert error.value.exit_code == ExitCode.NETWORK
+    assert len([r for r in caplog.records if "retrying in" in r.getMessage()]) == 2
+
+    code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path), "--retries", "0")
+    assert code == 5 and lines[-1]["msg"].startswith("cannot reach the Hub")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--model", "org/x"],  # no --dest
+        ["--model", "org/x", "--source", "/tmp", "--dest"],
+        ["--source", "/tmp", "--revision", "v1", "--dest"],
+        ["--model", "org/x", "--retries", "many", "--dest"],
+        ["--model", "org/x/y", "--dest"],  # not a repo id
+    ],
+)
+def test_bad_usage_exits_2_and_touches_nothing(tmp_path, args):
+    process = run_cli(*args, *([str(tmp_path / "m")] if args[-1] == "--dest" else []))
+    process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert not (tmp_path / "m").exists()
+
+
+def test_several_gguf_files_without_a_choice_exit_2(fake_hub, tmp_path):
+    fake_hub.add_repo("org/gguf", {"a.gguf": b"a", "b.gguf": b"b"})
+    code, lines = cli("--model", "org/gguf", "--dest", str(tmp_path))
+    assert code == 2 and "pick one with --gguf-file (a.gguf, b.gguf)" in lines[-1]["msg"]
+
+
+def test_an_unwritable_destination_exits_6(fake_hub, tmp_path):
+    fake_hub.add_repo("org/tiny", model_files())
+    (tmp_path / "file").write_text("not a directory")
+    code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path / "file" / "m"))
+    assert code == 6 and lines[-1]["msg"].startswith("I/O error on")
+
+
+# --- copying from a local directory or PVC ----------------------------------------------------------
+
+
+def test_copy_from_a_local_source_selects_marks_and_skips_when_complete(tmp_path, caplog):
+    files = model_files()
+    source = tmp_path / "pvc"
+    for name, content in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(content)
+    dest = tmp_path / "m"
+
+    code, _ = cli("--source", str(source), "--dest", str(dest))
+
+    assert code == 0
+    marker = assert_holds(dest, files, NEEDED)
+    assert marker["source"] == str(source) and marker["repo"] is None
+    caplog.set_level("INFO", logger="fleetlm.download")
+    copy_model(source, dest)
+    assert caplog.records[-1].msg == "already complete"
+
+    files["config.json"] = b'{"model_type": "qwen2"}'
+    (source / "config.json").write_bytes(files["config.json"])
+    copy_model(source, dest)
+    assert_holds(dest, files, NEEDED)
+
+    code, lines = cli("--source", str(tmp_path / "missing"), "--dest", str(dest))
+    assert code == 4 and lines[-1]["msg"] == f"source directory {tmp_path / 'missing'} not found"
