@@ -14,12 +14,11 @@ import pytest
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
 
-from serving import progress
-from serving.download import DownloadError, ExitCode, copy_model, download_model
-from serving.hub import progress_bar_class
-from serving.model_dir import MARKER_NAME
-from serving.model_files import select_files
-from serving.progress import Transfer
+from serving.download import DownloadError, ExitCode, copy_model, download_model, progress
+from serving.download.hub import progress_bar_class
+from serving.download.model_dir import MARKER_NAME
+from serving.download.model_files import select_files
+from serving.download.progress import Transfer
 
 CLI = "import sys; from serving.download import main; sys.exit(main(sys.argv[1:]))"
 MB = 1024 * 1024

@@ -27,8 +27,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import httpx, validate_repo_id  # httpx: httpx2 in huggingface_hub 2
 
-from serving.download_errors import DownloadError, ExitCode
-from serving.progress import Transfer
+from serving.download.errors import DownloadError, ExitCode
+from serving.download.progress import Transfer
 
 logger = logging.getLogger("fleetlm.download")
 

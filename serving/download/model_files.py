@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Any
 
-from serving.download_errors import DownloadError, ExitCode
+from serving.download.errors import DownloadError, ExitCode
 
 SUPPORT_FILES = frozenset(
     {

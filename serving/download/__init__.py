@@ -2,8 +2,8 @@
 
 The serving pod's init container runs `python -m serving download --model ORG/NAME --revision REV --dest DIR`
 (or `--source PATH`); the server calls `download_model` for `--model-path org/name`. Only what serving needs
-is taken (see `serving.model_files`). The destination is complete exactly when it holds the completion
-marker (`serving.model_dir`), which is written last; concurrent downloaders into one directory take turns.
+is taken (see `serving.download.model_files`). The destination is complete exactly when it holds the completion
+marker (`serving.download.model_dir`), which is written last; concurrent downloaders into one directory take turns.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from huggingface_hub.utils import httpx
 
-from serving import hub, model_dir
-from serving.download_errors import DownloadError, ExitCode
+from serving.download import hub, model_dir
+from serving.download.errors import DownloadError, ExitCode
+from serving.download.model_files import select_files
+from serving.download.progress import Transfer
 from serving.logs import setup_logging
-from serving.model_files import select_files
-from serving.progress import Transfer
 
 __all__ = ["DownloadError", "ExitCode", "copy_model", "download_model", "main"]
 
