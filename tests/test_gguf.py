@@ -1,3 +1,4 @@
+import copy
 import re
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+import serving.models.gguf
 from serving.models.gguf import (
     MetadataArray,
     find_gguf_file,
@@ -26,6 +28,7 @@ from serving.models.gguf import (
     read_gguf_config,
     read_gguf_header,
 )
+from serving.models.quant import quantize_linears, weight_bytes
 
 # llama.cpp's tensor names, spelled out here rather than borrowed from the module under test.
 GLOBAL_NAMES = {
@@ -189,12 +192,14 @@ def test_tensors_and_logits_equal_transformers_gguf_loading(kind, tmp_path):
             torch.testing.assert_close(logits, original(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_tensors_come_in_the_requested_dtype(tmp_path):
-    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(), Q.Q4_0)
-    as_float32 = dict(iter_gguf_tensors(path, torch.float32))
+def test_tensors_come_in_the_requested_dtype_whatever_the_chunking(tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(), Q.Q4_1)
+    whole = dict(iter_gguf_tensors(path, torch.float32))
+    # Three rows of the 64-wide tensors at a time, one row of the 128-wide ones.
+    monkeypatch.setattr(serving.models.gguf, "_CHUNK_ELEMENTS", 3 * 64)
     for name, tensor in iter_gguf_tensors(path, torch.bfloat16):
         assert tensor.dtype == torch.bfloat16
-        assert torch.equal(tensor, as_float32[name].bfloat16()), name
+        assert torch.equal(tensor, whole[name].bfloat16()), name
 
 
 def test_tensors_are_private_to_the_reader(tmp_path):
@@ -393,27 +398,45 @@ def test_smollm2_config_is_read_fast_and_matches_config_json(smollm2_dir):
     assert {key: config[key] for key in shared} == {key: expected[key] for key in shared}
 
 
-@pytest.mark.slow
-def test_smollm2_loads_like_transformers_and_knows_paris(smollm2_dir):
-    path = smollm2_dir / SMOLLM2_FILE
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    """(model built from our config and tensors, tokenizer, chat prompt asking for France's capital)."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
+    return model_from(smollm2_dir / SMOLLM2_FILE), tokenizer, prompt
 
-    ours = model_from(path)
-    reference = transformers_gguf_model(path)
+
+def greedy(model, prompt, tokens: int = 20) -> list[int]:
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=tokens, do_sample=False)
+    return generated[0, prompt["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_loads_like_transformers_and_knows_paris(smollm2, smollm2_dir):
+    ours, tokenizer, prompt = smollm2
+    reference = transformers_gguf_model(smollm2_dir / SMOLLM2_FILE)
     reference_state = reference.state_dict()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, reference_state[name]), name
 
-    with torch.no_grad():
-        generated = ours.generate(**prompt, max_new_tokens=20, do_sample=False)
-        expected = reference.generate(**prompt, max_new_tokens=20, do_sample=False)
-    new_tokens = generated[0, prompt["input_ids"].shape[1] :]
-    assert new_tokens.tolist() == expected[0, prompt["input_ids"].shape[1] :].tolist()
-    assert "Paris" in tokenizer.decode(new_tokens)
+    answer = greedy(ours, prompt)
+    assert answer == greedy(reference, prompt)
+    assert "Paris" in tokenizer.decode(answer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scheme", "min_ratio"), [("q8_0", 3.7), ("q4_0", 6.3)])
+def test_smollm2_quantized_still_knows_paris(smollm2, scheme, min_ratio):
+    model, tokenizer, prompt = smollm2
+    model = copy.deepcopy(model)
+    dense_bytes = weight_bytes(model.model.layers)
+    assert quantize_linears(model, scheme, skip=lambda name: name == "lm_head") == 30 * 7
+    assert dense_bytes / weight_bytes(model.model.layers) > min_ratio
+    assert "Paris" in tokenizer.decode(greedy(model, prompt, tokens=10))
 
 
 @pytest.mark.slow

@@ -265,27 +265,41 @@ def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return (q * d + m).flatten(-2)
 
 
-def _dequantize(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
-    """Raw bytes of one tensor -> float tensor of its shape (float32 unless already 16-bit float)."""
-    kind = info.ggml_type
-    if kind == GGMLQuantizationType.F32:
-        return raw.view(torch.float32).view(info.shape)
-    if kind == GGMLQuantizationType.F16:
-        return raw.view(torch.float16).view(info.shape)
-    if kind == GGMLQuantizationType.BF16:
-        return raw.view(torch.bfloat16).view(info.shape)
+_FLOATS = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+# Quantized tensors are dequantized this many weights at a time, straight into the output: the
+# float32 intermediates stay small (a 128k-token embedding would otherwise need gigabytes of them).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _dequantize_rows(rows: torch.Tensor, kind: GGMLQuantizationType) -> torch.Tensor:
+    """Raw bytes (n, row bytes) of whole rows -> float32 (n, row length)."""
     block_size, type_size = GGML_QUANT_SIZES[kind]
-    blocks = raw.view(*info.shape[:-1], info.shape[-1] // block_size, type_size)
+    blocks = rows.view(rows.shape[0], -1, type_size)
     if kind == GGMLQuantizationType.Q8_0:
-        return dequantize_q8_0(
-            blocks[..., 2:].view(torch.int8), blocks[..., :2].view(torch.float16).squeeze(-1)
-        )
+        return dequantize_q8_0(blocks[..., 2:].view(torch.int8), blocks[..., :2].view(torch.float16)[..., 0])
     if kind == GGMLQuantizationType.Q4_0:
-        return dequantize_q4_0(blocks[..., 2:], blocks[..., :2].view(torch.float16).squeeze(-1))
+        return dequantize_q4_0(blocks[..., 2:], blocks[..., :2].view(torch.float16)[..., 0])
     if kind == GGMLQuantizationType.Q4_1:
         return _dequantize_q4_1(blocks)
     # Everything else (K-quants, Q5_*, IQ*) through the gguf package's numpy dequantizers.
-    return torch.from_numpy(gguf_dequantize(raw.numpy(), kind)).view(info.shape)
+    return torch.from_numpy(gguf_dequantize(rows.numpy(), kind))
+
+
+def _load(raw: torch.Tensor, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor's raw bytes -> a `dtype` tensor of its shape."""
+    if info.ggml_type in _FLOATS:
+        return raw.view(_FLOATS[info.ggml_type]).view(info.shape).to(dtype)
+    out = torch.empty(info.shape, dtype=dtype)
+    out_rows = out.view(-1, info.shape[-1])
+    raw_rows = raw.view(out_rows.shape[0], -1)
+    step = max(1, _CHUNK_ELEMENTS // info.shape[-1])
+    for start in range(0, out_rows.shape[0], step):
+        out_rows[start : start + step] = _dequantize_rows(raw_rows[start : start + step], info.ggml_type)
+    return out
 
 
 def iter_gguf_tensors(gguf_path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -298,15 +312,18 @@ def iter_gguf_tensors(gguf_path: str | Path, dtype: torch.dtype) -> Iterator[tup
     buffer = _open(path)
     header = _parse(buffer, path)
     config = gguf_config(header)
-    permute = {".attn_q.": config["num_attention_heads"], ".attn_k.": config["num_key_value_heads"]}
+    permuted_heads = (
+        {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+        if config["model_type"] == "llama"
+        else {}
+    )
     for info in header.tensors.values():
         name = hf_tensor_name(info.name)
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        tensor = _dequantize(raw, info).to(dtype)
-        if config["model_type"] == "llama":
-            for marker, heads in permute.items():
-                if marker in info.name:
-                    tensor = _undo_rope_permutation(tensor, heads)
+        tensor = _load(raw, info, dtype)
+        heads = permuted_heads.get(info.name.split(".")[-2])
+        if heads is not None:
+            tensor = _undo_rope_permutation(tensor, heads)
         yield name, tensor
 
 
