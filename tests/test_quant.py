@@ -97,7 +97,9 @@ def test_quantized_linear_computes_with_the_dequantized_weight(scheme, monkeypat
         x = torch.randn(shape)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), F.linear(x, weight, linear.bias), rtol=1e-5, atol=1e-5)
-    assert layer(torch.randn(3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    bf16_layer = QuantizedLinear(nn.Linear(64, 48, dtype=torch.bfloat16), scheme)
+    assert bf16_layer(torch.randn(3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    layer(torch.randn(2, 64, requires_grad=True))  # outside no_grad too, as transformers' callers may be
 
 
 @pytest.mark.skipif(not quant._has_int4_cpu_kernel(), reason="torch has no CPU int4 kernel")
@@ -106,10 +108,10 @@ def test_int4_kernel_error_is_small_next_to_q4_0s_own():
     linear = nn.Linear(256, 64)
     exact = QuantizedLinear(linear, "q4_0")
     fused = Int4CpuLinear(linear)
-    x = torch.randn(8, 256)
+    x = torch.randn(2, 4, 256)
     with torch.no_grad():
         dense, reference, ours = linear(x), exact(x), fused(x)
-    assert ours.dtype == torch.float32
+    assert ours.dtype == torch.float32 and ours.shape == (2, 4, 64)
     assert (ours - reference).norm() < 0.1 * (reference - dense).norm()
 
 
