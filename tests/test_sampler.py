@@ -123,3 +123,13 @@ def test_logprobs_are_the_models_and_sorted():
     assert entry.logprob == pytest.approx(expected.max().item(), abs=1e-5)
     assert [t for t, _ in entry.top] == expected.topk(3).indices.tolist()
     assert [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+
+
+def test_logit_bias_steers_greedy_and_sampling_but_not_reported_logprobs():
+    logits = _logits(2, seed=17)
+    target = int(logits[0].argmin())
+    greedy = _seq(0, temperature=0.0, logit_bias=((target, 100.0),), logprobs=0)
+    sampled = _seq(1, temperature=1.0, seed=3, logit_bias=((target, 100.0),))
+    result = sample(logits, [greedy, sampled])
+    assert result.token_ids == [target, target]
+    assert result.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[target].item(), abs=1e-5)

@@ -84,6 +84,9 @@ class LLMEngine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def idle_stats(self) -> StepStats:
+        return StepStats(0, 0, self.num_waiting, self.num_running, self.blocks.usage, 0, 0.0)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> None:
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id}")

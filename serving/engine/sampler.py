@@ -56,6 +56,14 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for i, s in enumerate(seqs):
+        if s.params.logit_bias:
+            ids, biases = zip(*s.params.logit_bias, strict=True)
+            logits[i, list(ids)] += torch.tensor(biases, device=logits.device)
+    return logits
+
+
 def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for i, s in enumerate(seqs):
         if len(s.output_token_ids) < s.params.min_tokens:
@@ -120,6 +128,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits: [len(seqs), vocab], one row per sequence that samples this step."""
     logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1)  # reported logprobs are the model's own distribution
+    if any(s.params.logit_bias for s in seqs):
+        logits = _apply_logit_bias(logits.clone(), seqs)
     if any(s.params.uses_penalties for s in seqs):
         logits = apply_penalties(logits, seqs)
     if any(len(s.output_token_ids) < s.params.min_tokens for s in seqs):

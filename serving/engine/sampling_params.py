@@ -20,6 +20,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
     logprobs: int | None = None  # None: none; k: the chosen token plus the k most likely
     prompt_logprobs: bool = False  # echo with logprobs: score the prompt too
     extra_eos_ids: tuple[int, ...] = field(default=())  # filled by the engine from the model
