@@ -1,0 +1,36 @@
+"""`python -m serving [flags]` serves a model; `python -m serving download ...` fetches one."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from serving.config import ConfigError, load_config
+from serving.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["download"]:
+        from serving.download import main as download_main
+
+        return download_main(argv[1:])
+    try:
+        cfg = load_config(argv)
+    except ConfigError as exc:
+        print(f"python -m serving: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    from serving.models.loader import preflight
+    from serving.server import serve
+
+    try:
+        preflight(cfg)  # an unavailable device or a missing path fails now, not after binding
+    except ConfigError as exc:
+        print(f"python -m serving: error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

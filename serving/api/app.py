@@ -1,0 +1,117 @@
+"""The Quart application: OpenAI routes plus health, metrics, auth, CORS and gzip."""
+
+from __future__ import annotations
+
+import gzip
+import hmac
+import json
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Quart, Response, g, request
+from quart.wrappers.response import DataBody
+from werkzeug.exceptions import HTTPException
+
+from serving.api.errors import APIError
+from serving.api.routes import bp
+from serving.api.state import AppState
+
+log = logging.getLogger("fleetlm.api")
+
+# Routes for probes and scrapers: no API key, served while loading and draining.
+_OPEN_PATHS = frozenset({"/health", "/metrics"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_GZIP_MIN_BYTES = 1024
+
+
+def _json_error(exc: APIError) -> Response:
+    response = Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json")
+    for key, value in exc.headers.items():
+        response.headers[key] = value
+    return response
+
+
+def create_app(state: AppState) -> Quart:
+    app = Quart("fleetlm")
+    app.extensions["fleetlm"] = state
+    # Generations can stream for minutes; the API's own limits (max tokens, drain) bound them.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
+    app.register_blueprint(bp)
+    cfg = state.config
+    origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
+
+    @app.before_request
+    async def gate():
+        if request.method == "OPTIONS" and origins:
+            return Response("", status=204)  # CORS preflight; headers added below
+        if request.path in _OPEN_PATHS:
+            return None
+        if request.path in GENERATION_PATHS and request.method == "POST":
+            state.metrics.requests.labels(state.metrics.model).inc()
+            g.generation = True
+        if cfg.api_key is not None:
+            header = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(header.encode(), f"Bearer {cfg.api_key}".encode()):
+                raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if state.draining:
+            raise APIError(503, "The server is shutting down.", type="service_unavailable", code="draining")
+        if state.model is None:
+            reason = state.load_error or "The model is still loading."
+            raise APIError(503, reason, type="service_unavailable", code="model_loading")
+        return None
+
+    @app.errorhandler(APIError)
+    async def api_error(exc: APIError):
+        if g.get("generation") and not g.get("tracked"):
+            state.metrics.requests_failed.labels(state.metrics.model).inc()
+        return _json_error(exc)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.code or 0)
+        return _json_error(APIError(exc.code or 500, exc.description or exc.name, code=code))
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return _json_error(APIError(500, f"internal error: {type(exc).__name__}", type="internal_error"))
+
+    @app.after_request
+    async def decorate(response: Response) -> Response:
+        if origins:
+            origin = request.headers.get("Origin")
+            if "*" in origins:
+                response.headers["Access-Control-Allow-Origin"] = "*"
+            elif origin in origins:
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        # Compress whole JSON bodies only: a compressed SSE stream would be buffered by the encoder.
+        if (
+            isinstance(response.response, DataBody)
+            and "gzip" in request.headers.get("Accept-Encoding", "")
+            and "Content-Encoding" not in response.headers
+        ):
+            data = await response.get_data()
+            if len(data) >= _GZIP_MIN_BYTES:
+                response.set_data(gzip.compress(data, compresslevel=5))
+                response.headers["Content-Encoding"] = "gzip"
+                response.headers["Vary"] = "Accept-Encoding"
+        return response
+
+    @app.get("/health")
+    async def health():
+        if state.ready:
+            return {"status": "ok", "model": state.model.name if state.model else None}
+        status = "draining" if state.draining else "failed" if state.load_error else "loading"
+        if state.engine is not None and not state.engine.healthy and not state.draining:
+            status = "failed"
+        return {"status": status}, 503
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    return app

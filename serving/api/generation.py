@@ -1,0 +1,189 @@
+"""From a validated OpenAI request to engine streams: tokenization, limits, sampling parameters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+
+from serving.api.errors import APIError, bad_request
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, _Request
+from serving.api.state import AppState
+from serving.engine.async_engine import EngineStoppedError, QueueFullError
+from serving.engine.llm_engine import SequenceDelta
+from serving.engine.sampling_params import SamplingParams
+
+RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(slots=True)
+class Prompt:
+    token_ids: list[int]
+    text: str  # for echo
+
+
+def encode_completion_prompt(state: AppState, prompt: str | list[int]) -> Prompt:
+    assert state.model is not None
+    tokenizer = state.model.tokenizer
+    if isinstance(prompt, str):
+        return Prompt(tokenizer(prompt).input_ids, prompt)
+    vocab = state.model.vocab_size
+    bad = [t for t in prompt if t >= vocab]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {vocab})", param="prompt")
+    return Prompt(list(prompt), tokenizer.decode(prompt))
+
+
+def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:
+    assert state.model is not None
+    tokenizer = state.model.tokenizer
+    if not tokenizer.chat_template:
+        raise bad_request(
+            "This model has no chat template, so /v1/chat/completions cannot format messages: "
+            "use /v1/completions, or start the server with --chat-template",
+            param="messages",
+            code="chat_template_missing",
+        )
+    messages = [m.for_template() for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )
+    except (TemplateError, ValueError) as exc:
+        raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from exc
+    return Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
+
+
+def completion_budget(state: AppState, req: _Request, requested: int | None, explicit: bool, prompt: Prompt, param: str) -> int:
+    """max_tokens after checking prompt + completion against the context length."""
+    assert state.model is not None
+    limit = state.model.max_model_len
+    used = len(prompt.token_ids)
+    room = limit - used
+    if requested is None or (not explicit and requested > room):
+        requested = room  # an unspecified limit fills the context, like vLLM
+    if room < 1 or used + requested > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{used + max(requested, 1)} tokens ({used} in the {param}, {max(requested, 1)} for the completion). "
+            "Please reduce the length of the prompt or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if req.min_tokens > requested:
+        raise bad_request(f"min_tokens ({req.min_tokens}) is larger than max_tokens ({requested})", param="min_tokens")
+    return requested
+
+
+def sampling_params(state: AppState, req: _Request, max_tokens: int, logprobs: int | None, prompt_logprobs: bool) -> SamplingParams:
+    assert state.model is not None
+    vocab = state.model.vocab_size
+    bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+    for token_id in [t for t, _ in bias] + list(req.stop_token_ids or []):
+        if token_id >= vocab:
+            raise bad_request(f"token id {token_id} is out of the vocabulary (size {vocab})")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=max(req.top_k, 0),
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        stop=tuple(req.stop or ()),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        seed=req.seed,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        logit_bias=bias,
+    )
+
+
+def check_n(state: AppState, req: CompletionRequest | ChatCompletionRequest, prompts: int) -> None:
+    assert state.model is not None
+    limit = state.config.max_batch_size
+    if req.n * prompts > limit:
+        raise bad_request(
+            f"n={req.n} over {prompts} prompt(s) asks for {req.n * prompts} sequences; this server decodes at most "
+            f"{limit} together (--max-batch-size)",
+            param="n",
+        )
+
+
+def admit(state: AppState, sequences: int) -> None:
+    """Refuse up front when the queue is full, before any response headers are sent."""
+    engine = state.engine
+    assert engine is not None
+    if not engine.healthy:
+        raise APIError(503, "the engine is not running", type="service_unavailable", code="engine_stopped")
+    if engine.would_wait(sequences) > engine.queue_capacity:
+        raise APIError(
+            429,
+            f"The server is overloaded: {engine.num_waiting} sequences are waiting (queue capacity "
+            f"{engine.queue_capacity}). Retry shortly.",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+
+async def stream_choices(
+    state: AppState, request_id: str, prompts: list[Prompt], params: SamplingParams, n: int
+) -> AsyncIterator[tuple[int, SequenceDelta]]:
+    """(choice index, delta) for every choice of every prompt; choice = prompt_index * n + i."""
+    engine = state.engine
+    assert engine is not None
+    try:
+        if len(prompts) == 1:
+            async with aclosing(engine.generate(request_id, prompts[0].token_ids, params, n)) as stream:
+                async for delta in stream:
+                    yield delta.index, delta
+            return
+        async with aclosing(_merged(engine, request_id, prompts, params, n)) as merged:
+            async for item in merged:
+                yield item
+    except QueueFullError as exc:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        raise APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers=headers) from exc
+    except EngineStoppedError as exc:
+        raise APIError(503, str(exc), type="service_unavailable", code="engine_stopped") from exc
+    except ValueError as exc:  # the engine refused the request itself
+        raise bad_request(str(exc)) from exc
+
+
+async def _merged(engine, request_id, prompts, params, n):
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, prompt: Prompt) -> None:
+        try:
+            async for delta in engine.generate(f"{request_id}-{i}", prompt.token_ids, params, n):
+                await queue.put((i * n + delta.index, delta))
+            await queue.put(done)
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()  # closes the engine streams of a departed client
+        await asyncio.gather(*tasks, return_exceptions=True)

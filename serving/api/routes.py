@@ -1,0 +1,387 @@
+"""The OpenAI endpoints: /v1/completions, /v1/chat/completions, /v1/models, plus /tokenize and
+/detokenize."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from quart import Blueprint, Response, current_app, g, request
+
+from serving.api.errors import APIError, bad_request, from_validation_error
+from serving.api.generation import (
+    Prompt,
+    admit,
+    check_n,
+    completion_budget,
+    encode_chat,
+    encode_completion_prompt,
+    sampling_params,
+    stream_choices,
+)
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from serving.api.state import AppState
+from serving.api.tracking import RequestTracker
+from serving.engine.llm_engine import SequenceDelta
+from serving.engine.sequence import TokenLogprob
+
+bp = Blueprint("openai", __name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+def state() -> AppState:
+    return current_app.extensions["fleetlm"]
+
+
+async def parse_body(model: type[M]) -> M:
+    raw = await request.get_data()
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"We could not parse the JSON body of your request: {exc}") from exc
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+def check_model(st: AppState, name: str | None) -> None:
+    assert st.model is not None
+    if name is not None and name != st.model.name:
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+@dataclass(slots=True)
+class Choice:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+
+
+def raise_if_failed(delta: SequenceDelta) -> None:
+    if delta.error is not None:
+        raise APIError(500, f"generation failed: {delta.error}", type="internal_error", code="engine_error")
+
+
+def usage(prompts: list[Prompt], completion_tokens: int) -> dict[str, int]:
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def run_tracked(
+    tracker: RequestTracker, stream: AsyncIterator[tuple[int, SequenceDelta]]
+) -> AsyncIterator[tuple[int, SequenceDelta]]:
+    """Pass deltas through, recording tokens and finish reasons on the tracker."""
+    async with aclosing(stream):
+        async for index, delta in stream:
+            raise_if_failed(delta)
+            if delta.token_ids:
+                tracker.token_arrived()
+                tracker.completion_tokens += len(delta.token_ids)
+            if delta.finish_reason:
+                tracker.finish_reasons.append(delta.finish_reason)
+            yield index, delta
+
+
+def streaming_response(tracker: RequestTracker, events: AsyncIterator[str]) -> Response:
+    """SSE over `events`; closing it (a client that went away) closes the engine stream at once."""
+
+    async def body() -> AsyncIterator[str]:
+        status, error = 200, None
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+        except APIError as exc:
+            status, error = exc.status, exc.message
+            yield sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - mid-stream, the error must reach the client as an event
+            status, error = 500, f"{type(exc).__name__}: {exc}"
+            yield sse(APIError(500, error, type="internal_error").body())
+        except BaseException:  # the client went away (the generator was closed or cancelled)
+            status, error = 499, "client disconnected"
+            raise
+        finally:
+            tracker.close(status, error)
+        yield "data: [DONE]\n\n"
+
+    response = Response(body(), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx and friends: do not buffer the stream
+    response.timeout = None
+    return response
+
+
+async def tracked_json(tracker: RequestTracker, build: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        result = await build
+    except APIError as exc:
+        tracker.close(exc.status, exc.message)
+        raise
+    except BaseException as exc:
+        tracker.close(499 if not isinstance(exc, Exception) else 500, f"{type(exc).__name__}: {exc}")
+        raise
+    tracker.close(200)
+    return result
+
+
+# -- /v1/completions ------------------------------------------------------------------------
+
+
+def completion_logprobs(st: AppState, token_ids: list[int], entries: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        text = st.token_text(token_id)
+        tokens.append(text)
+        text_offset.append(offset)
+        offset += len(text)
+        token_logprobs.append(None if entry is None else entry.logprob)
+        top_logprobs.append(None if entry is None else {st.token_text(t): lp for t, lp in entry.top})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+
+
+@bp.post("/v1/completions")
+async def completions():
+    st = state()
+    req = await parse_body(CompletionRequest)
+    check_model(st, req.model)
+    raw_prompts = req.prompts()
+    check_n(st, req, len(raw_prompts))
+    prompts = [await st.run_blocking(encode_completion_prompt, st, p) for p in raw_prompts]
+    explicit = "max_tokens" in req.model_fields_set
+    budgets = [completion_budget(st, req, req.max_tokens, explicit, p, "prompt") for p in prompts]
+    want_prompt_lp = req.echo and req.logprobs is not None
+    params = sampling_params(st, req, min(budgets), req.logprobs, want_prompt_lp)
+    admit(st, req.n * len(prompts))
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    tracker = RequestTracker(st, request_id, "completions")
+    g.tracked = True
+    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    deltas = run_tracked(tracker, stream_choices(st, request_id, prompts, params, req.n))
+    model_name = req.model
+
+    def chunk(choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model_name, "choices": choices}
+        if req.stream_options and req.stream_options.include_usage:
+            body["usage"] = usage_
+        return body
+
+    if req.stream:
+
+        async def events() -> AsyncIterator[str]:
+            offsets: dict[int, int] = {}
+            if req.echo and not want_prompt_lp:
+                for i in range(req.n * len(prompts)):
+                    offsets[i] = len(prompts[i // req.n].text)
+                    yield sse(chunk([{"index": i, "text": prompts[i // req.n].text, "logprobs": None, "finish_reason": None}]))
+            async with aclosing(deltas):
+                async for index, delta in deltas:
+                    text, lp = delta.text, None
+                    if req.logprobs is not None:
+                        token_ids, entries = delta.token_ids, list(delta.logprobs)
+                        if want_prompt_lp and delta.prompt_logprobs is not None:
+                            prompt = prompts[index // req.n]
+                            text = prompt.text + text
+                            token_ids = prompt.token_ids + token_ids
+                            entries = list(delta.prompt_logprobs) + entries
+                        lp = completion_logprobs(st, token_ids, entries, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(text)
+                    if text or lp or delta.finish_reason:
+                        yield sse(chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(chunk([], usage(prompts, tracker.completion_tokens)))
+
+        return streaming_response(tracker, events())
+
+    async def build() -> dict[str, Any]:
+        choices = {i: Choice() for i in range(req.n * len(prompts))}
+        async with aclosing(deltas):
+            async for index, delta in deltas:
+                c = choices[index]
+                c.text.append(delta.text)
+                c.token_ids.extend(delta.token_ids)
+                c.logprobs.extend(delta.logprobs)
+                c.prompt_logprobs = delta.prompt_logprobs or c.prompt_logprobs
+                c.finish_reason = delta.finish_reason or c.finish_reason
+        out = []
+        for index, c in choices.items():
+            prompt = prompts[index // req.n]
+            text = "".join(c.text)
+            lp = None
+            if req.logprobs is not None:
+                token_ids, entries = c.token_ids, list(c.logprobs)
+                if want_prompt_lp:
+                    token_ids = prompt.token_ids + token_ids
+                    entries = list(c.prompt_logprobs or [None]) + entries
+                lp = completion_logprobs(st, token_ids, entries, 0)
+            if req.echo:
+                text = prompt.text + text
+            out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": out,
+            "usage": usage(prompts, tracker.completion_tokens),
+        }
+
+    return await tracked_json(tracker, build())
+
+
+# -- /v1/chat/completions -------------------------------------------------------------------
+
+
+def chat_logprobs(st: AppState, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = st.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions():
+    st = state()
+    req = await parse_body(ChatCompletionRequest)
+    check_model(st, req.model)
+    check_n(st, req, 1)
+    prompt = await st.run_blocking(encode_chat, st, req)
+    explicit = req.completion_limit is not None
+    max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, "messages")
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(st, req, max_tokens, top, False)
+    admit(st, req.n)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    tracker = RequestTracker(st, request_id, "chat.completions")
+    g.tracked = True
+    tracker.prompt_tokens = len(prompt.token_ids)
+    deltas = run_tracked(tracker, stream_choices(st, request_id, [prompt], params, req.n))
+    model_name = req.model
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> str:
+            body: dict[str, Any] = {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = usage_
+            return sse(body)
+
+        async def events() -> AsyncIterator[str]:
+            for i in range(req.n):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            async with aclosing(deltas):
+                async for index, delta in deltas:
+                    if delta.text or (req.logprobs and delta.logprobs):
+                        lp = chat_logprobs(st, delta.logprobs) if req.logprobs else None
+                        yield chunk([{"index": index, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": None}])
+                    if delta.finish_reason:
+                        yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}])
+            if include_usage:
+                yield chunk([], usage([prompt], tracker.completion_tokens))
+
+        return streaming_response(tracker, events())
+
+    async def build() -> dict[str, Any]:
+        choices = {i: Choice() for i in range(req.n)}
+        async with aclosing(deltas):
+            async for index, delta in deltas:
+                c = choices[index]
+                c.text.append(delta.text)
+                c.logprobs.extend(delta.logprobs)
+                c.finish_reason = delta.finish_reason or c.finish_reason
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "logprobs": chat_logprobs(st, c.logprobs) if req.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in choices.items()
+            ],
+            "usage": usage([prompt], tracker.completion_tokens),
+        }
+
+    return await tracked_json(tracker, build())
+
+
+# -- models, tokenizer ----------------------------------------------------------------------
+
+
+def model_card(st: AppState) -> dict[str, Any]:
+    assert st.model is not None
+    return {
+        "id": st.model.name,
+        "object": "model",
+        "created": st.started,
+        "owned_by": "fleetlm",
+        "max_model_len": st.model.max_model_len,
+    }
+
+
+@bp.get("/v1/models")
+async def list_models():
+    return {"object": "list", "data": [model_card(state())]}
+
+
+@bp.get("/v1/models/<path:name>")
+async def get_model(name: str):
+    st = state()
+    check_model(st, name)
+    return model_card(st)
+
+
+@bp.post("/tokenize")
+async def tokenize():
+    st = state()
+    req = await parse_body(TokenizeRequest)
+    check_model(st, req.model)
+    assert st.model is not None
+    tokenizer = st.model.tokenizer
+    if req.prompt is not None:
+        ids = await st.run_blocking(lambda: tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+    else:
+        chat = ChatCompletionRequest(model=st.model.name, messages=req.messages or [], add_generation_prompt=req.add_generation_prompt)
+        ids = (await st.run_blocking(encode_chat, st, chat)).token_ids
+    return {"tokens": ids, "count": len(ids), "max_model_len": st.model.max_model_len}
+
+
+@bp.post("/detokenize")
+async def detokenize():
+    st = state()
+    req = await parse_body(DetokenizeRequest)
+    check_model(st, req.model)
+    assert st.model is not None
+    vocab = st.model.vocab_size
+    if any(t >= vocab for t in req.tokens):
+        raise bad_request(f"token ids must be below the vocabulary size {vocab}", param="tokens")
+    text = await st.run_blocking(st.model.tokenizer.decode, req.tokens, skip_special_tokens=req.skip_special_tokens)
+    return {"prompt": text}

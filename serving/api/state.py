@@ -1,0 +1,77 @@
+"""What the HTTP layer knows about the server: config, the model once loaded, metrics, drain state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+from transformers import PreTrainedTokenizerBase
+
+from serving.config import ServeConfig
+from serving.engine.async_engine import AsyncEngine
+from serving.engine.engine_process import ModelInfo
+from serving.metrics import Metrics
+
+
+@dataclass(slots=True, frozen=True)
+class ServedModel:
+    """The model as the API process sees it: facts from the engine process, plus a tokenizer."""
+
+    info: ModelInfo
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
+T = TypeVar("T")
+
+
+@dataclass
+class AppState:
+    config: ServeConfig
+    metrics: Metrics
+    executor: ThreadPoolExecutor
+    started: int = field(default_factory=lambda: int(time.time()))
+    model: ServedModel | None = None
+    engine: AsyncEngine | None = None
+    load_error: str | None = None
+    draining: bool = False
+    in_flight: int = 0
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.engine is not None and self.engine.healthy and not self.draining
+
+    async def run_blocking(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Tokenizer and template work runs on the worker threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text as it reads mid-sentence (logprobs' "token" fields).
+
+        Decoded behind an anchor token: SentencePiece tokenizers drop a token's leading space
+        when it is decoded alone, so " there" would come out as "there"."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            assert self.model is not None
+            tok = self.model.tokenizer
+            anchor = tok.encode("a", add_special_tokens=False)[-1:]
+            prefix = tok.decode(anchor)
+            joined = tok.decode(anchor + [token_id])
+            text = joined[len(prefix) :] if joined.startswith(prefix) else tok.decode([token_id])
+            self._token_text[token_id] = text
+        return text

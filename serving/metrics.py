@@ -1,0 +1,66 @@
+"""Prometheus metrics of the serving pod, all labelled by served model name."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from serving.engine.llm_engine import StepStats
+
+disable_created_metrics()  # the *_created series only add noise to every scrape
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self, model: str):
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, ["model"]
+        self.requests = Counter("llm_requests", "Generation requests received", labels, registry=r)
+        self.requests_success = Counter("llm_requests_success", "Generation requests completed", labels, registry=r)
+        self.requests_failed = Counter(
+            "llm_requests_failed", "Generation requests that failed (bad input, overload, errors, disconnects)", labels, registry=r
+        )
+        self.request_duration = Histogram(
+            "llm_request_duration_seconds", "End-to-end request latency", labels, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tokens_generated = Counter("llm_tokens_generated", "Completion tokens generated", labels, registry=r)
+        self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", labels, registry=r)
+        self.queue_size = Gauge("llm_queue_size", "Sequences waiting for a batch slot", labels, registry=r)
+        self.active_requests = Gauge("llm_active_requests", "Generation requests in flight", labels, registry=r)
+        self.ttft = Histogram(
+            "llm_time_to_first_token_seconds", "Time from request to first token", labels, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "llm_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request",
+            labels,
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_cache_usage = Gauge("llm_kv_cache_usage_ratio", "Share of KV-cache blocks in use", labels, registry=r)
+        self.batch_size = Histogram(
+            "llm_batch_size", "Sequences computed per engine step", labels, buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.model = model
+        for metric in (self.requests, self.requests_success, self.requests_failed, self.tokens_generated, self.prompt_tokens):
+            metric.labels(model)  # export zeros before the first request, so rate() works at once
+
+    def observe_step(self, stats: StepStats) -> None:
+        """Called from the engine thread after every step (prometheus-client is thread-safe)."""
+        m = self.model
+        self.queue_size.labels(m).set(stats.num_waiting)
+        self.kv_cache_usage.labels(m).set(stats.kv_usage)
+        if stats.batch_size:
+            self.batch_size.labels(m).observe(stats.batch_size)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,96 @@
+"""Process lifecycle: bind at once, load the model in the background (/health says 503 until it is
+ready), serve, and on SIGTERM drain: /health and new requests get 503 while in-flight requests
+finish, up to --drain-timeout, then exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+
+from serving.api.app import create_app
+from serving.api.state import AppState, ServedModel
+from serving.config import ServeConfig
+from serving.engine.async_engine import AsyncEngine
+from serving.metrics import Metrics
+from serving.models.loader import load_tokenizer, served_name
+
+log = logging.getLogger("fleetlm.server")
+
+
+def default_threads() -> int:
+    """Leave one core to the HTTP event loop and tokenizer threads (measured in bench/threads.py)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+async def _start_engine(state: AppState, threads: int) -> None:
+    """Start the engine process (it loads the model), then load the tokenizer here."""
+    cfg = state.config
+    engine = AsyncEngine(cfg, threads, on_step=state.metrics.observe_step)
+    try:
+        info = await engine.start()
+        gguf_file = Path(info.gguf_file) if info.gguf_file else None
+        tokenizer = await asyncio.get_running_loop().run_in_executor(
+            state.executor, load_tokenizer, cfg, Path(info.directory), gguf_file
+        )
+    except Exception as exc:
+        engine.stop()
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("model failed to load", extra={"error": state.load_error})
+        return
+    state.engine = engine
+    state.model = ServedModel(info, tokenizer)
+
+
+async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_signals: bool = True) -> int:
+    """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the process exit code."""
+    threads = cfg.num_threads or default_threads()
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    state = AppState(
+        config=cfg,
+        metrics=Metrics(served_name(cfg)),
+        executor=ThreadPoolExecutor(cfg.workers, thread_name_prefix="fleetlm-worker"),
+    )
+    app = create_app(state)
+
+    async def load_then_watch() -> None:
+        await _start_engine(state, threads)
+        if state.load_error is not None:
+            stop.set()  # exit non-zero rather than sit unready forever
+
+    async def drain() -> None:
+        await stop.wait()
+        state.draining = True
+        log.info("draining", extra={"in_flight": state.in_flight, "timeout_s": cfg.drain_timeout})
+        deadline = loop.time() + cfg.drain_timeout
+        while state.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if state.in_flight:
+            log.warning("drain timeout: cancelling in-flight requests", extra={"in_flight": state.in_flight})
+
+    hc = HypercornConfig()
+    hc.bind = [f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"]
+    hc.accesslog = None  # one structured line per generation request comes from the API itself
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = 1.0  # in-flight requests already had --drain-timeout
+    loader = asyncio.create_task(load_then_watch())
+    log.info("listening", extra={"bind": hc.bind[0], "model": served_name(cfg)})
+    try:
+        await hypercorn_serve(app, hc, shutdown_trigger=drain)
+    finally:
+        loader.cancel()
+        if state.engine is not None:
+            state.engine.stop()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped")
+    return 1 if state.load_error is not None else 0
