@@ -1,0 +1,329 @@
+"""The OpenAI API through the official openai SDK (sync and async, streaming and not) against the
+real server serving the embedded demo model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
+
+MODEL = "stories260k"
+PROMPT = "Once upon a time"
+# The demo model's greedy continuation (SOURCE.md of stories260k).
+GREEDY = ", there was a little girl named Lily. She loved to play outside in the park."
+
+
+@pytest.fixture(scope="module")
+def server():
+    with RunningServer(chat_template=TEST_CHAT_TEMPLATE, max_batch_size=16) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def aclient(server):
+    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion_greedy_matches_the_reference_text(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert GREEDY.startswith(out.choices[0].text)
+    assert len(out.choices[0].text) > 40
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 20
+    assert out.usage.prompt_tokens == 5 and out.usage.total_tokens == 25
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+
+
+async def test_async_chat_streaming_and_not(aclient):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    whole = await aclient.chat.completions.create(model=MODEL, messages=messages, max_tokens=25, temperature=0)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    stream = await aclient.chat.completions.create(model=MODEL, messages=messages, max_tokens=25, temperature=0, stream=True)
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 25
+
+
+async def test_async_completion(aclient):
+    out = await aclient.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0)
+    assert GREEDY.startswith(out.choices[0].text)
+
+
+def test_sync_chat_with_system_and_text_parts(client):
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "You tell stories."},
+            {"role": "user", "content": [{"type": "text", "text": "Once"}, {"type": "text", "text": " upon"}]},
+        ],
+        max_completion_tokens=8,
+    )
+    assert out.usage.completion_tokens <= 8 and out.choices[0].message.content is not None
+
+
+def test_stop_string_cuts_the_text(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, stop=[" girl", "zebra"])
+    assert out.choices[0].text == ", there was a little"
+    assert out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, stop=" girl", stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == ", there was a little"
+
+
+def test_seeded_sampling_is_reproducible_over_http(client):
+    def run(seed):
+        return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=seed).choices[0].text
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_n_choices_and_several_prompts(client, server):
+    out_url = server.base_url
+    out = client.completions.create(model=MODEL, prompt=["Once upon", "The dog"], n=2, max_tokens=6, temperature=0.9, seed=1)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert 4 <= out.usage.completion_tokens <= 4 * 6
+    assert out.usage.prompt_tokens == sum(
+        len(httpx.post(out_url + "/tokenize", json={"prompt": p}).json()["tokens"]) for p in ("Once upon", "The dog")
+    )
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3, max_tokens=5, seed=3)
+    assert sorted(c.index for c in chat.choices) == [0, 1, 2]
+
+
+def test_token_id_prompt_equals_text_prompt(client, server):
+    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_logprobs_and_echo(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(top) <= 2 and max(top.values()) >= chosen - 1e-5 for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=1)
+    assert echoed.choices[0].text == PROMPT + out.choices[0].text
+    elp = echoed.choices[0].logprobs
+    assert elp.token_logprobs[0] is None and len(elp.tokens) == 5 + 5
+    assert elp.token_logprobs[5:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+
+
+def test_tokenize_detokenize_round_trip(server):
+    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": "Lily saw a dog."}).json()
+    assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 512
+    text = httpx.post(server.base_url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"]
+    assert text == "Lily saw a dog."
+    chat = httpx.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 3
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def _post(server, path, body, **kw):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.base_url + path, content=content, headers={"Content-Type": "application/json"}, **kw)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "parse the JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        ({"model": MODEL}, 400, "prompt"),
+        ({"prompt": "hi"}, 400, "model"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "temperature": 9}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ({"model": MODEL, "prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": "hi", "n": 64}, 400, "max-batch-size"),
+        ({"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "suffix"),
+        ({"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+        ({"model": MODEL, "prompt": [99999]}, 400, "vocabulary"),
+        ({"model": MODEL, "prompt": ""}, 400, "empty"),
+        ({"model": "gpt-5", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": "hi " * 600}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 600}, 400, "maximum context length"),
+    ],
+)
+def test_completion_errors_are_openai_error_objects(server, body, status, needle):
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert needle in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "image_url"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 600}]}, "maximum context length"),
+    ],
+)
+def test_chat_errors(server, body, needle):
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_sdk_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.completions.create(model="nope", prompt="hi")
+    assert not_found.value.status_code == 404
+    with pytest.raises(openai.BadRequestError) as overflow:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=10_000)
+    assert "maximum context length" in str(overflow.value)
+    assert overflow.value.code == "context_length_exceeded"
+
+
+def test_unknown_route_and_method_get_json_errors(server):
+    r = httpx.get(server.base_url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.base_url + "/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_bad_requests_count_as_failed(server):
+    before = server.metric("llm_requests_failed_total")
+    _post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -1})
+    assert server.metric("llm_requests_failed_total") == before + 1
+
+
+# -- HTTP hygiene ----------------------------------------------------------------------------
+
+
+def test_cors_and_gzip(server):
+    pre = httpx.options(server.base_url + "/v1/completions", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "*"
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "logprobs": 5}
+    raw = httpx.post(server.base_url + "/v1/completions", json=body, headers={"Accept-Encoding": "gzip"})
+    assert raw.headers["content-encoding"] == "gzip"
+    assert json.loads(raw.content)["choices"]  # httpx decoded it
+    stream = httpx.post(server.base_url + "/v1/completions", json={**body, "stream": True}, headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in stream.headers, "SSE must not be compressed"
+
+
+# -- engine behaviour through the API --------------------------------------------------------
+
+
+async def test_sixteen_concurrent_streams_complete_exactly(server, aclient):
+    prompts = [PROMPT, "The dog", "Lily and Ben went to", "One day", "A big red ball"] * 4
+    prompts = prompts[:16]
+    lengths = [8 + 7 * i for i in range(16)]  # 8 ... 113 tokens
+
+    async def run(prompt, n_tokens, stream):
+        if not stream:
+            out = await aclient.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=n_tokens, temperature=0, extra_body={"ignore_eos": True}
+            )
+            return out.choices[0].text, out.choices[0].finish_reason
+        chunks = await aclient.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=n_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        parts, reason = [], None
+        async for c in chunks:
+            parts.append(c.choices[0].text)
+            reason = c.choices[0].finish_reason or reason
+        return "".join(parts), reason
+
+    # References one at a time, then all 16 at once, streaming.
+    aclient_sequential = [await run(p, n, stream=False) for p, n in zip(prompts, lengths, strict=True)]
+    before = server.metrics()
+    results = await asyncio.gather(*(run(p, n, stream=True) for p, n in zip(prompts, lengths, strict=True)))
+    after = server.metrics()
+    assert results == aclient_sequential
+    assert all(reason == "length" for _, reason in results)
+    key = f'llm_batch_size_bucket{{le="1.0",model="{MODEL}"}}'
+    count = f'llm_batch_size_count{{model="{MODEL}"}}'
+    single_steps = after[key] - before[key]
+    all_steps = after[count] - before[count]
+    assert all_steps > single_steps, "the engine never batched more than one sequence"
+
+
+def test_disconnect_frees_the_sequence_at_once(server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        seen = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in seen)
+        assert server.metric("llm_kv_cache_usage_ratio") > 0
+        assert server.metric("llm_active_requests") == 1
+    # The client is gone; its blocks must come back long before 450 tokens could have been made.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and (server.metric("llm_kv_cache_usage_ratio") > 0 or server.metric("llm_active_requests") > 0):
+        time.sleep(0.02)
+    assert server.metric("llm_kv_cache_usage_ratio") == 0
+    assert server.metric("llm_active_requests") == 0
+
+
+def test_metrics_exposes_every_documented_series(server, client):
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in (
+        "llm_requests_total",
+        "llm_requests_success_total",
+        "llm_requests_failed_total",
+        "llm_request_duration_seconds_bucket",
+        "llm_tokens_generated_total",
+        "llm_queue_size",
+        "llm_active_requests",
+        "llm_prompt_tokens_total",
+        "llm_time_to_first_token_seconds_bucket",
+        "llm_time_per_output_token_seconds_bucket",
+        "llm_kv_cache_usage_ratio",
+        "llm_batch_size_bucket",
+    ):
+        assert f'{name}{{' in text, name
+    assert f'model="{MODEL}"' in text

@@ -1,0 +1,46 @@
+"""Backpressure (429 + Retry-After) and API-key auth, each on a server configured for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from tests.server_util import RunningServer
+
+MODEL = "stories260k"
+LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+
+
+async def test_a_full_queue_answers_429_with_retry_after():
+    # One batch slot and one queue place; four requests at once (each takes far longer than their
+    # arrival spread): the first runs, the second waits, the rest have nowhere to go.
+    with RunningServer(max_batch_size=1, queue_capacity=1) as server:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+            replies = await asyncio.gather(*(http.post("/v1/completions", json=LONG) for _ in range(4)))
+        statuses = sorted(r.status_code for r in replies)
+        assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+        for r in replies:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "queue_full"
+            else:
+                assert r.json()["usage"]["completion_tokens"] == LONG["max_tokens"]
+        assert server.metric("llm_requests_failed_total") == statuses.count(429)
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="Once", max_tokens=3).choices
+
+
+def test_api_key_guards_the_api_but_not_probes():
+    with RunningServer(api_key="s3cret") as server:
+        ok = openai.OpenAI(base_url=server.base_url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.models.list().data[0].id == MODEL
+        wrong = openai.OpenAI(base_url=server.base_url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert err.value.code == "invalid_api_key"
+        assert httpx.post(server.base_url + "/tokenize", json={"prompt": "x"}).status_code == 401
+        assert httpx.get(server.base_url + "/health").status_code == 200
+        assert httpx.get(server.base_url + "/metrics").status_code == 200

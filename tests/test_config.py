@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+
+from serving.config import ConfigError, ServeConfig, load_config
+
+
+def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
+    cfg_file = tmp_path / "fleetlm.toml"
+    cfg_file.write_text('port = 7000\nmax-batch-size = 4\nqueue_capacity = 9\nlog_level = "debug"\n')
+    env = {"LLM_PORT": "7100", "LLM_MAX_BATCH_SIZE": "5", "LLM_CONFIG": str(cfg_file)}
+    cfg = load_config(["--port", "7200"], env)
+    assert cfg.port == 7200  # flag
+    assert cfg.max_batch_size == 5  # env over file
+    assert cfg.queue_capacity == 9  # file over default
+    assert cfg.log_level == "debug"
+    assert cfg.max_seq_len == 2048  # default
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--quantization", "q3_k"], {}, "--quantization"),
+        (["--device", "tpu"], {}, "--device"),
+        ([], {"LLM_PORT": "http"}, "--port"),
+        (["--max-batch-size", "0"], {}, "--max-batch-size"),
+        (["--model-arch", "bert"], {}, "--model-arch"),
+    ],
+)
+def test_bad_values_are_rejected_by_name(argv, env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(argv, env)
+
+
+def test_unknown_keys_in_the_file_are_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_config(["--config", str(bad)], {})
+
+
+def test_help_lists_every_setting():
+    out = subprocess.run([sys.executable, "-m", "serving", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in ServeConfig.model_fields:
+        assert "--" + name.replace("_", "-") in out
+    for flag in ("--config", "--model-path", "--api-key", "--queue-capacity", "--workers", "LLM_MODEL_PATH"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--device", "cuda"], "no CUDA device"),
+        (["--quantization", "q2"], "--quantization"),
+        (["--model-path", "./no/such/dir"], "no such file or directory"),
+    ],
+)
+def test_start_up_errors_exit_2_with_a_clear_message(argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "serving", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
