@@ -1,0 +1,1 @@
+"""FleetLM benchmarks: speed and memory, never part of the pass/fail test suite."""

@@ -1,0 +1,138 @@
+"""FleetLM vs transformers on the same model and workload, in one run: prints a table, writes JSON.
+
+Starts `python -m serving` on a free port (or uses --base-url), sweeps concurrency with the
+load generator, then runs the transformers peer one request at a time and in static batches.
+
+    python -m bench.serving_bench                      # the embedded demo model, CPU
+    python -m bench.serving_bench --model-path DIR --vocab-size 49152 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.loadgen import RunSummary, format_table, run_load
+from bench.peer_transformers import load_peer, run_one_at_a_time, run_static_batches
+from bench.workload import make_workload, parse_length
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--max-batch-size", str(args.max_batch_size), "--device", args.device]
+    if args.model_path:
+        cmd += ["--model-path", args.model_path]
+    if args.threads:
+        cmd += ["--num-threads", str(args.threads)]
+    proc = subprocess.Popen(cmd)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+                return proc, base + "/v1", model
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server did not become healthy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", help="model to serve and to load in the peer (default: the embedded demo)")
+    parser.add_argument("--base-url", help="benchmark an already running endpoint instead of starting one")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--input-len", default="16-64")
+    parser.add_argument("--output-len", default="16-256")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="server torch threads (default: the server's own default)")
+    parser.add_argument("--peer-threads", type=int, default=os.cpu_count(), help="torch threads for transformers")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--json", default="bench/results/serving_bench.json")
+    args = parser.parse_args()
+
+    workload = make_workload(args.num_requests, parse_length(args.input_len), parse_length(args.output_len), args.vocab_size, args.seed)
+    sweep = [int(c) for c in args.concurrency.split(",")]
+    rows: list[RunSummary] = []
+    proc = None
+    if args.base_url:
+        base_url = args.base_url
+        model = httpx.get(base_url + "/models").json()["data"][0]["id"]
+    else:
+        proc, base_url, model = start_server(args)
+    try:
+        asyncio.run(run_load(base_url, model, workload[:4], 4))  # warm-up
+        for c in sweep:
+            rows.append(asyncio.run(run_load(base_url, model, workload, c)))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+    if not args.no_peer:
+        from serving.models.loader import demo_model_dir
+
+        torch.set_num_threads(args.peer_threads)
+        peer = load_peer(args.model_path or str(demo_model_dir()))
+        run_one_at_a_time(peer, workload[:2])  # warm-up
+        for summary in (run_one_at_a_time(peer, workload), run_static_batches(peer, workload, max(sweep))):
+            rows.append(summary)
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+
+    print()
+    print(format_table(rows))
+    ours = {r.concurrency: r.output_tok_s for r in rows if r.system == "fleetlm"}
+    ratios = {}
+    top = max(sweep)
+    if 1 in ours and top in ours:
+        ratios[f"fleetlm c{top} / fleetlm c1"] = ours[top] / ours[1]
+    static = [r for r in rows if r.system.startswith("transformers, static")]
+    if static and top in ours:
+        ratios[f"fleetlm c{top} / transformers static batch {top}"] = ours[top] / static[0].output_tok_s
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(
+            {
+                "args": vars(args),
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+                "rows": [asdict(r) for r in rows],
+                "ratios": ratios,
+            },
+            f,
+            indent=2,
+        )
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
