@@ -1,0 +1,31 @@
+"""The real SmolLM2-135M-Instruct (GGUF Q4_1) serves chat through the OpenAI API."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server_util import RunningServer
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_dir):
+    # The GGUF file itself as --model-path: config and tokenizer come from its directory.
+    with RunningServer(model_path=str(smollm2_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"), max_seq_len=1024, num_threads=2) as s:
+        yield s
+
+
+def test_chat_names_paris_streaming_and_not(smollm2_server):
+    client = openai.OpenAI(base_url=smollm2_server.base_url + "/v1", api_key="x", max_retries=0)
+    model = client.models.list().data[0].id
+    assert model == "SmolLM2-135M-Instruct.Q4_1"
+    answer = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=30)
+    content = answer.choices[0].message.content
+    assert "Paris" in content
+    assert answer.choices[0].finish_reason == "stop", "the model ends its turn with <|im_end|>"
+    assert "<|im_end|>" not in content
+    stream = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=30, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == content
