@@ -101,3 +101,24 @@ def test_preemption_under_kv_pressure_keeps_outputs_exact(model_root, arch):
     assert engine.blocks.usage == 0.0, "finished sequences must return every block"
     for i, prompt in enumerate(prompts):
         assert out[f"r{i}"] == hf_greedy(model_dir, prompt, max_tokens[i])
+
+
+ROPE_VARIANTS = {
+    "llama3": dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+    ),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+    "linear": dict(rope_type="linear", factor=2.0),
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_VARIANTS))
+def test_rope_scaling_variants_match_transformers(tmp_path, rope):
+    params = {"rope_theta": 50000.0, **ROPE_VARIANTS[rope]}
+    model_dir = make_tiny_model(tmp_path, "llama", rope_parameters=params)
+    loaded = load(ServeConfig(model_path=str(model_dir), device="cpu"))
+    assert loaded.architecture == "llama"
+    prompts = _prompts(4, 3)
+    got = _run_staggered(loaded.engine, prompts, arrivals=[0, 1, 2], max_tokens=[20, 20, 20])
+    for i, prompt in enumerate(prompts):
+        assert got[f"r{i}"] == hf_greedy(model_dir, prompt, 20)

@@ -219,7 +219,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, max_positions: int):
         super().__init__()
         self.shape = ModelShape.from_config(config)
-        inv_freq, scale = rope_frequencies(config, self.shape.head_dim)
+        with torch.device("cpu"):  # real values even when the model itself is built on "meta"
+            inv_freq, scale = rope_frequencies(config, self.shape.head_dim)
         self.rotary = Rotary(inv_freq, scale, max_positions)
         self.model = DecoderModel(self.shape, self.rotary)
         if not self.shape.tie_word_embeddings:
