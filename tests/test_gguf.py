@@ -105,11 +105,18 @@ def tiny_model(architecture: str = "llama", hidden: int = 64, tie: bool = False)
 
 
 def write_gguf(
-    path: Path, model, kind: Q, architecture: str = "llama", extra_tensor: str | None = None
+    path: Path,
+    model,
+    kind: Q,
+    architecture: str = "llama",
+    extra_tensor: str | None = None,
+    alignment: int | None = None,
 ) -> Path:
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     writer = gguf.GGUFWriter(path, architecture)
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -200,6 +207,14 @@ def test_tensors_come_in_the_requested_dtype_whatever_the_chunking(tmp_path, mon
     for name, tensor in iter_gguf_tensors(path, torch.bfloat16):
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, whole[name].bfloat16()), name
+
+
+def test_a_custom_alignment_is_honoured(tmp_path):
+    original = tiny_model()
+    path = write_gguf(tmp_path / "tiny.gguf", original, Q.F32, alignment=256)
+    expected = original.state_dict()
+    for name, tensor in iter_gguf_tensors(path, torch.float32):
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_tensors_are_private_to_the_reader(tmp_path):

@@ -143,7 +143,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         buffer.close()
 
 
-def find_gguf_file(path: Path) -> Path | None:
+def find_gguf_file(path: str | Path) -> Path | None:
     """The GGUF file `path` is, or the only one in directory `path`; None when there is none."""
     path = Path(path)
     if path.is_file():
@@ -193,7 +193,6 @@ def gguf_config(header: GGUFHeader) -> dict[str, Any]:
         }
         if optional("rope.scaling.original_context_length"):
             rope["original_max_position_embeddings"] = optional("rope.scaling.original_context_length")
-    embedding = header.tensors["token_embd.weight"]
     config: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [hf_class],
@@ -207,7 +206,7 @@ def gguf_config(header: GGUFHeader) -> dict[str, Any]:
         "rms_norm_eps": field("attention.layer_norm_rms_epsilon"),
         "rope_theta": rope["rope_theta"],
         "rope_parameters": rope,
-        "vocab_size": optional("vocab_size") or embedding.shape[0],
+        "vocab_size": optional("vocab_size") or header.tensors["token_embd.weight"].shape[0],
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in header.tensors,
     }
