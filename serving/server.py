@@ -25,7 +25,8 @@ log = logging.getLogger("fleetlm.server")
 
 
 def default_threads() -> int:
-    """Leave one core to the HTTP event loop and tokenizer threads (measured in bench/threads.py)."""
+    """Leave a core to the API process. Measured with `bench.serving_bench --threads` on 2 cores:
+    2 engine threads ran 3-6x slower than 1, fighting the API process for the cores."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 

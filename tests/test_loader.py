@@ -54,3 +54,10 @@ def test_a_directory_without_a_model_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ConfigError, match="not a model directory"):
         load(ServeConfig(model_path=str(tmp_path), device="cpu"))
+
+
+def test_a_directory_with_several_gguf_files_asks_for_one(tmp_path):
+    for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="a.Q4_0.gguf"):
+        load(ServeConfig(model_path=str(tmp_path), device="cpu"))

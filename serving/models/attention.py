@@ -34,8 +34,9 @@ class AttentionBatch:
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, max_ctx] boolean: which padded key positions each decode query sees."""
+    def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, 1, max_ctx] additive mask (0 or -inf): which padded keys each decode query sees.
+        Built once per step and window, in the activations' dtype, so no layer converts it again."""
         if window not in self._masks:
             assert self.decode_slots is not None and self.decode_lens is not None
             key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device).unsqueeze(0)
@@ -43,8 +44,15 @@ class AttentionBatch:
             mask = key_pos <= query_pos
             if window is not None:
                 mask &= key_pos > query_pos - window
-            self._masks[window] = mask[:, None, None, :]
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._masks[window] = additive[:, None, None, :]
         return self._masks[window]
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache rows at slots [B, ctx] -> [B, ctx, KVH, D]; index_select is several times faster on
+    CPU than advanced indexing with a 2-D index."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
 def _prefill_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -79,13 +87,13 @@ class PagedAttention:
         gqa = self.num_heads != self.num_kv_heads
         if batch.decode_rows is not None:
             assert batch.decode_slots is not None
-            qd = q[batch.decode_rows].unsqueeze(2)  # [B, H, 1, D]
-            kd = k_cache[batch.decode_slots].transpose(1, 2)  # [B, KVH, ctx, D]
-            vd = v_cache[batch.decode_slots].transpose(1, 2)
+            qd = q.index_select(0, batch.decode_rows).unsqueeze(2)  # [B, H, 1, D]
+            kd = _gather(k_cache, batch.decode_slots).transpose(1, 2)  # [B, KVH, ctx, D]
+            vd = _gather(v_cache, batch.decode_slots).transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=batch.decode_mask(self.window), scale=self.scale, enable_gqa=gqa
+                qd, kd, vd, attn_mask=batch.decode_mask(self.window, q.dtype), scale=self.scale, enable_gqa=gqa
             )
-            out[batch.decode_rows] = o.squeeze(2)
+            out.index_copy_(0, batch.decode_rows, o.squeeze(2))
         for chunk in batch.prefills:
             qp = q[chunk.rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
             length = qp.shape[2]
@@ -95,8 +103,8 @@ class PagedAttention:
                 vp = v[chunk.rows].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=gqa)
             else:
-                kp = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
-                vp = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+                kp = k_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
+                vp = v_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
                 mask = _prefill_mask(chunk.start_pos, length, self.window, q.device)
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             out[chunk.rows] = o.squeeze(0).transpose(0, 1)

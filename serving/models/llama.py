@@ -42,7 +42,6 @@ class ModelShape:
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
-    fused_projections: bool  # Phi-3 stores qkv_proj and gate_up_proj
     layer_windows: tuple[int | None, ...]
 
     @classmethod
@@ -66,7 +65,6 @@ class ModelShape:
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
             qk_norm=model_type == "qwen3",
-            fused_projections=model_type == "phi3",
             layer_windows=_layer_windows(config, num_layers),
         )
 
@@ -124,11 +122,19 @@ class Rotary(nn.Module):
             self.register_buffer("cos", emb.cos() * self.scale, persistent=False)
             self.register_buffer("sin", emb.sin() * self.scale, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for this step's positions, [T, 1, rotary_dim]; shared by every layer."""
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
+        return cos, sin
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]; only the first rotary_dim dims rotate (partial rotary)."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
         rot_dim = cos.shape[-1]
+        if rot_dim == x.shape[-1]:
+            half = rot_dim // 2
+            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
         x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
         half = rot_dim // 2
         rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
@@ -136,82 +142,70 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, rotary: Rotary, window: int | None):
+    """q, k and v come from one fused projection (one matmul); checkpoints with separate
+    q/k/v_proj tensors are stacked into it at load (see `stacked_params`)."""
+
+    def __init__(self, shape: ModelShape, window: int | None):
         super().__init__()
         h, kvh, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
         self.q_size, self.kv_size = h * d, kvh * d
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.fused = shape.fused_projections
-        if self.fused:
-            self.qkv_proj = nn.Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
-        else:
-            self.q_proj = nn.Linear(shape.hidden_size, self.q_size, bias=shape.qkv_bias)
-            self.k_proj = nn.Linear(shape.hidden_size, self.kv_size, bias=shape.qkv_bias)
-            self.v_proj = nn.Linear(shape.hidden_size, self.kv_size, bias=shape.qkv_bias)
+        self.qkv_proj = nn.Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=False)
         if shape.qk_norm:
             self.q_norm = RMSNorm(d, shape.rms_norm_eps)
             self.k_norm = RMSNorm(d, shape.rms_norm_eps)
         self.qk_norm = shape.qk_norm
-        self.rotary = [rotary]  # a list so the shared module is not registered once per layer
         self.attn = PagedAttention(h, kvh, d, d**-0.5, window)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
     ) -> torch.Tensor:
-        if self.fused:
-            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        h, kvh = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        rotary = self.rotary[0]
-        q, k = rotary(q, positions), rotary(k, positions)
-        out = self.attn.forward(q, k, v, kv[0], kv[1], batch)
+            qk = torch.cat((self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h : h + kvh])), dim=1)
+        else:
+            qk = qkv[:, : h + kvh]
+        qk = Rotary.apply(qk, *rope)  # q and k heads rotate together
+        out = self.attn.forward(qk[:, :h], qk[:, h:], qkv[:, h + kvh :], kv[0], kv[1], batch)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
-        self.fused = shape.fused_projections
-        if self.fused:
-            self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
-        else:
-            self.gate_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=False)
-            self.up_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
         self.act = ACT2FN[shape.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: ModelShape, rotary: Rotary, window: int | None):
+    def __init__(self, shape: ModelShape, window: int | None):
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.self_attn = Attention(shape, rotary, window)
+        self.self_attn = Attention(shape, window)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
-    def forward(self, x, positions, kv, batch):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv, batch)
+    def forward(self, x, rope, kv, batch):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, shape: ModelShape, rotary: Rotary):
+    def __init__(self, shape: ModelShape):
         super().__init__()
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(shape, rotary, w) for w in shape.layer_windows)
+        self.layers = nn.ModuleList(DecoderLayer(shape, w) for w in shape.layer_windows)
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
 
@@ -222,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
         with torch.device("cpu"):  # real values even when the model itself is built on "meta"
             inv_freq, scale = rope_frequencies(config, self.shape.head_dim)
         self.rotary = Rotary(inv_freq, scale, max_positions)
-        self.model = DecoderModel(self.shape, self.rotary)
+        self.model = DecoderModel(self.shape)
         if not self.shape.tie_word_embeddings:
             self.lm_head = nn.Linear(self.shape.hidden_size, self.shape.vocab_size, bias=False)
 
@@ -235,9 +229,23 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (logits are computed only for the rows that need them)."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer, kv in zip(self.model.layers, kv_cache, strict=True):
-            x = layer(x, positions, kv, batch)
+            x = layer(x, rope, kv, batch)
         return self.model.norm(x)
+
+    def stacked_params(self) -> dict[str, tuple[str, int, int]]:
+        """Checkpoint projections that live inside a fused parameter here:
+        name fragment -> (fused fragment, first row, rows)."""
+        s = self.shape
+        q, kv, inter = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.intermediate_size
+        return {
+            "q_proj": ("qkv_proj", 0, q),
+            "k_proj": ("qkv_proj", q, kv),
+            "v_proj": ("qkv_proj", q + kv, kv),
+            "gate_proj": ("gate_up_proj", 0, inter),
+            "up_proj": ("gate_up_proj", inter, inter),
+        }
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.shape.tie_word_embeddings:

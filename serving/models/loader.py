@@ -78,7 +78,10 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
         return ModelSource(demo_model_dir(), None, "stories260k")
     path = Path(cfg.model_path).expanduser()
     if path.exists():
-        gguf_file = gguf.find_gguf_file(path)
+        try:
+            gguf_file = gguf.find_gguf_file(path)
+        except ValueError as exc:  # several GGUF files: the user must name one
+            raise ConfigError(f"--model-path {path}: {exc}") from exc
         directory = path if path.is_dir() else path.parent
         has_safetensors = directory.is_dir() and bool(safetensors_files(directory))
         if gguf_file is None and not (directory / "config.json").is_file():
@@ -182,7 +185,7 @@ def _native_model(config: PretrainedConfig, source: ModelSource, device: torch.d
         tensors = gguf.iter_gguf_tensors(source.gguf_file, dtype)
     else:
         tensors = iter_safetensors(safetensors_files(source.directory))
-    load_into(model, tensors, optional)
+    load_into(model, tensors, optional, stacked=model.stacked_params())
     return model.eval()
 
 

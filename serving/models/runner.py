@@ -57,41 +57,45 @@ class NativeRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _decode_slots(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, max_ctx] cache slots of each decoding sequence (padding points at slot 0, masked
+        out by length) and [B] context lengths, computed from the block tables as tensors."""
+        lengths = [s.num_cached + 1 for s in seqs]
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
+        positions = torch.arange(max(lengths))
+        slots = tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots.to(self.device), torch.tensor(lengths, dtype=torch.long, device=self.device)
+
     @torch.inference_mode()
     def execute(self, items: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
         token_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         decode_rows: list[int] = []
-        decode_slots: list[list[int]] = []
+        decoding: list[Sequence] = []
         prefills: list[PrefillChunk] = []
         for seq, n in items:
             start, end = seq.num_cached, seq.num_cached + n
             row = len(token_ids)
-            token_ids.extend(seq.all_token_ids[start:end])
+            token_ids.extend(seq.all_token_ids[start:end] if n > 1 else (seq.last_token_id,))
             positions.extend(range(start, end))
             slot_mapping.extend(self._slots(seq, start, end))
-            context = self._slots(seq, 0, end)
             if n == 1:
                 decode_rows.append(row)
-                decode_slots.append(context)
+                decoding.append(seq)
             else:
-                slots = torch.tensor(context, dtype=torch.long, device=self.device)
+                slots = torch.tensor(self._slots(seq, 0, end), dtype=torch.long, device=self.device)
                 prefills.append(PrefillChunk(slice(row, row + n), start, slots))
         dev = self.device
         batch = AttentionBatch(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev), prefills=prefills)
-        if decode_rows:
-            width = max(len(c) for c in decode_slots)
-            padded = torch.zeros(len(decode_slots), width, dtype=torch.long)
-            for i, c in enumerate(decode_slots):
-                padded[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        if decoding:
             batch.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            batch.decode_slots = padded.to(dev)
-            batch.decode_lens = torch.tensor([len(c) for c in decode_slots], dtype=torch.long, device=dev)
+            batch.decode_slots, batch.decode_lens = self._decode_slots(decoding)
         hidden = self.model(
             torch.tensor(token_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             self.kv_cache,
             batch,
         )
-        return self.model.logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=dev)]).float()
+        return self.model.logits(hidden.index_select(0, torch.tensor(logit_rows, dtype=torch.long, device=dev))).float()

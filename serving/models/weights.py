@@ -27,25 +27,41 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_into(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], optional: tuple[str, ...] = ()) -> None:
+def load_into(
+    module: torch.nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    optional: tuple[str, ...] = (),
+    stacked: dict[str, tuple[str, int, int]] | None = None,
+) -> None:
     """Copy checkpoint tensors into module's parameters by name; refuse missing or foreign ones.
 
-    `optional` names may be absent from the module (e.g. lm_head.weight when embeddings are tied)."""
+    `optional` names may be absent from the module (e.g. lm_head.weight when embeddings are tied).
+    `stacked` maps a checkpoint name fragment (".q_proj.") to rows of a fused parameter
+    (".qkv_proj.", first row, rows), for models that fuse projections into one matmul."""
     params = dict(module.named_parameters())
-    loaded: set[str] = set()
+    rows_loaded: dict[str, int] = {}
     unexpected: list[str] = []
     for name, tensor in tensors:
-        param = params.get(name)
+        target, rows = name, slice(None)
+        if name not in params:
+            for fragment, (fused, start, count) in (stacked or {}).items():
+                if f".{fragment}." in name:
+                    target, rows = name.replace(f".{fragment}.", f".{fused}."), slice(start, start + count)
+                    break
+        param = params.get(target)
         if param is None:
             if name not in optional and not name.endswith("rotary_emb.inv_freq"):
                 unexpected.append(name)
             continue
-        if param.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+        destination = param[rows]
+        if destination.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(destination.shape)}"
+            )
         with torch.no_grad():
-            param.copy_(tensor)
-        loaded.add(name)
-    missing = sorted(set(params) - loaded)
+            destination.copy_(tensor)
+        rows_loaded[target] = rows_loaded.get(target, 0) + destination.shape[0]
+    missing = sorted(n for n, p in params.items() if rows_loaded.get(n, 0) != p.shape[0])
     if missing or unexpected:
         raise ValueError(
             "checkpoint does not match the model architecture: "
