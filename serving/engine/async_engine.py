@@ -14,11 +14,10 @@ import contextlib
 import logging
 import multiprocessing as mp
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 
 from serving.config import ServeConfig
 from serving.engine.engine_process import ModelInfo, run_engine
-from serving.engine.llm_engine import SequenceDelta, StepStats
+from serving.engine.llm_engine import SequenceDelta, StepStats, merge_deltas
 from serving.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("fleetlm.engine")
@@ -34,17 +33,6 @@ class EngineStoppedError(Exception):
 
 class ModelLoadError(Exception):
     """The engine process could not load the model."""
-
-
-def merge(a: SequenceDelta, b: SequenceDelta) -> SequenceDelta:
-    """Two consecutive deltas of one sequence as one."""
-    return replace(
-        b,
-        text=a.text + b.text,
-        token_ids=a.token_ids + b.token_ids,
-        logprobs=a.logprobs + b.logprobs,
-        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-    )
 
 
 class AsyncEngine:
@@ -136,7 +124,7 @@ class AsyncEngine:
                 while True:
                     if isinstance(item, Exception):
                         raise item
-                    pending[item.index] = merge(pending[item.index], item) if item.index in pending else item
+                    pending[item.index] = merge_deltas(pending[item.index], item) if item.index in pending else item
                     if queue.empty():
                         break
                     item = queue.get_nowait()

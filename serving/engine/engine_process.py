@@ -6,13 +6,20 @@ most of its batching gain to GIL hand-offs between the two (bench/README.md).
 
 Messages to the engine: ("add", request_id, prompt_token_ids, params, n), ("abort", request_id),
 ("stop",). From the engine: ("ready", ModelInfo) or ("failed", message) once, then
-("step", deltas, stats, sequences_received) after every step and ("idle", stats, received) when it
+("step", deltas, stats, sequences_received) after steps and ("idle", stats, received) when it
 runs out of work, and ("rejected", request_id, message) for a request it cannot take.
+
+The engine never waits for a busy API process: while the pipe is full it keeps stepping and
+sends the deltas of several steps as one message, merged per sequence (fewer, larger SSE chunks
+exactly when the HTTP side cannot keep up). Measured on 2 cores, blocking sends had cost the
+engine a fifth of its time.
 """
+
 
 from __future__ import annotations
 
 import logging
+import select
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -20,9 +27,13 @@ from multiprocessing.connection import Connection
 import torch
 
 from serving.config import ServeConfig
+from serving.engine.llm_engine import SequenceDelta, coalesce
 from serving.logs import setup_logging
 
 log = logging.getLogger("fleetlm.engine")
+
+# Send anyway (blocking) once this many steps are held back, to bound memory and staleness.
+_MAX_HELD_STEPS = 64
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,8 +68,13 @@ def run_engine(cfg: ServeConfig, threads: int, commands: Connection, outputs: Co
     outputs.send(("ready", loaded.info))
     engine = loaded.engine
     received = 0
+    held: list[SequenceDelta] = []
+    held_steps = 0
     while True:
         if not engine.has_work:
+            if held:
+                outputs.send(("step", coalesce(held), engine.last_stats, received))
+                held, held_steps = [], 0
             outputs.send(("idle", engine.idle_stats(), received))
             commands.poll(None)  # sleep until the API sends something
         while commands.poll():
@@ -78,5 +94,12 @@ def run_engine(cfg: ServeConfig, threads: int, commands: Connection, outputs: Co
             except ValueError as exc:
                 outputs.send(("rejected", request_id, str(exc)))
         if engine.has_work:
-            deltas = engine.step()
-            outputs.send(("step", deltas, engine.last_stats, received))
+            held.extend(engine.step())
+            held_steps += 1
+            if held_steps >= _MAX_HELD_STEPS or _writable(outputs):
+                outputs.send(("step", coalesce(held) if held_steps > 1 else held, engine.last_stats, received))
+                held, held_steps = [], 0
+
+
+def _writable(conn: Connection) -> bool:
+    return bool(select.select([], [conn.fileno()], [], 0)[1])

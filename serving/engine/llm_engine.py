@@ -40,6 +40,26 @@ class SequenceDelta:
         return self.finish_reason is not None
 
 
+def merge_deltas(a: SequenceDelta, b: SequenceDelta) -> SequenceDelta:
+    """Two consecutive deltas of one sequence as one."""
+    return replace(
+        b,
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        logprobs=a.logprobs + b.logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+    )
+
+
+def coalesce(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
+    """Merge deltas of the same sequence, keeping each sequence's order."""
+    merged: dict[tuple[str, int], SequenceDelta] = {}
+    for d in deltas:
+        key = (d.request_id, d.index)
+        merged[key] = merge_deltas(merged[key], d) if key in merged else d
+    return list(merged.values())
+
+
 @dataclass(slots=True)
 class StepStats:
     batch_size: int

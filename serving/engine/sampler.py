@@ -108,8 +108,6 @@ def _exponential_noise(seqs: list[Sequence], vocab: int, device: torch.device) -
 
 def _logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob | None]:
     wanted = [s.params.logprobs for s in seqs]
-    if all(k is None for k in wanted):
-        return [None] * len(seqs)
     k_max = max(k or 0 for k in wanted)
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
     top_vals, top_ids = logprobs.topk(max(k_max, 1), dim=-1)
@@ -127,7 +125,9 @@ def _logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, seqs: list[Se
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits: [len(seqs), vocab], one row per sequence that samples this step."""
     logits = logits.float()
-    raw_logprobs = logits.log_softmax(dim=-1)  # reported logprobs are the model's own distribution
+    wants_logprobs = any(s.params.logprobs is not None for s in seqs)
+    # Reported logprobs are the model's own distribution, before penalties and filters.
+    raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
     if any(s.params.logit_bias for s in seqs):
         logits = _apply_logit_bias(logits.clone(), seqs)
     if any(s.params.uses_penalties for s in seqs):
@@ -140,7 +140,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         probs = _filter(logits, seqs).softmax(dim=-1)
         drawn = (probs / _exponential_noise(seqs, logits.shape[-1], logits.device)).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, drawn)
-    return SampleResult(chosen.tolist(), _logprob_entries(raw_logprobs, chosen, seqs))
+    entries = _logprob_entries(raw_logprobs, chosen, seqs) if raw_logprobs is not None else [None] * len(seqs)
+    return SampleResult(chosen.tolist(), entries)
 
 
 def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], k: int) -> list[TokenLogprob]:
