@@ -61,7 +61,7 @@ def client(kubeconfig: Path) -> Kube:
     return Kube(kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -76,7 +76,7 @@ def operator(kubeconfig: Path, kube: Kube) -> Iterator[OperatorConfig]:
     previous = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(kubeconfig)
     flags = ["--standalone", "--resync-seconds", str(RESYNC_SECONDS), "--default-image", IMAGE]
-    flags += ["--health-port", str(_free_port()), "--metrics-port", str(_free_port())]
+    flags += ["--health-port", str(free_port()), "--metrics-port", str(free_port())]
     config = parse_args(flags, env={})
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(
