@@ -1,0 +1,98 @@
+"""Operator settings from flags, each with an environment variable (FLEETLM_OPERATOR_<FLAG>) for Helm."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+ENV_PREFIX = "FLEETLM_OPERATOR_"
+
+
+def default_image() -> str:
+    try:
+        tag = version("fleetlm")
+    except PackageNotFoundError:
+        tag = "latest"
+    return f"ghcr.io/fleetlm/fleetlm:{tag}"
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorConfig:
+    namespaces: tuple[str, ...]  # empty: every namespace
+    default_image: str
+    health_port: int
+    metrics_port: int
+    peering: str
+    standalone: bool
+    priority: int
+    resync_seconds: float
+    require_gpu_nodes: bool
+    log_level: str
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> OperatorConfig:
+    env = os.environ if env is None else env
+
+    def default(flag: str, fallback: str) -> str:
+        return env.get(ENV_PREFIX + flag.upper().replace("-", "_"), fallback)
+
+    parser = argparse.ArgumentParser(prog="fleetlm-operator", description="Reconcile LLMDeployments.")
+    parser.add_argument(
+        "--namespaces",
+        default=default("namespaces", ""),
+        help="comma-separated namespaces to watch; empty (the default) watches all",
+    )
+    parser.add_argument("--default-image", default=default("default-image", default_image()))
+    parser.add_argument(
+        "--health-port", type=int, default=int(default("health-port", "8081")), help="0 disables /healthz"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(default("metrics-port", "8080")), help="0 disables /metrics"
+    )
+    parser.add_argument(
+        "--peering", default=default("peering", "fleetlm-operator"), help="kopf peering object name"
+    )
+    parser.add_argument(
+        "--standalone",
+        action=argparse.BooleanOptionalAction,
+        default=default("standalone", "false") == "true",
+        help="run without peering (a single replica, or tests)",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=int(default("priority", str(random.randint(0, 32767)))),
+        help="peering priority; replicas need distinct ones, so the default is random: the highest one works, "
+        "the others stand by",
+    )
+    parser.add_argument("--resync-seconds", type=float, default=float(default("resync-seconds", "60")))
+    parser.add_argument(
+        "--require-gpu-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=default("require-gpu-nodes", "true") == "true",
+        help="refuse GPU deployments no node can host (turn off with node autoscaling from zero)",
+    )
+    parser.add_argument(
+        "--log-level", default=default("log-level", "info"), choices=["debug", "info", "warning", "error"]
+    )
+    args = parser.parse_args(argv)
+    return OperatorConfig(
+        namespaces=tuple(ns.strip() for ns in args.namespaces.split(",") if ns.strip()),
+        default_image=args.default_image,
+        health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        peering=args.peering,
+        standalone=args.standalone,
+        priority=args.priority,
+        resync_seconds=args.resync_seconds,
+        require_gpu_nodes=args.require_gpu_nodes,
+        log_level=args.log_level,
+    )

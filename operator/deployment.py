@@ -1,0 +1,245 @@
+"""The serving Deployment: the pod that downloads the model once and runs `python -m serving` on it.
+
+What the pod relies on from the serving image (see docs/operator.md): `python -m serving` and
+`python -m serving download` with the flags used below, HTTP on 8080 with GET /health (200 once loaded, 503
+while loading or draining), a non-root user that can run as uid 1000, and no writes outside /tmp.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from llm_operator import naming
+from llm_operator.naming import Owner
+from llm_operator.spec import LLMDeploymentSpec
+
+HTTP_PORT = 8080
+MODELS_DIR = "/models"
+USER_ID = 1000
+DOWNLOAD_CONTAINER = "model-download"
+SERVER_CONTAINER = "server"
+STARTUP_PERIOD_S = 10
+
+# Written only under /tmp: the root filesystem is read-only.
+BASE_ENV = [
+    {"name": "HF_HOME", "value": "/tmp/hf-home"},
+    {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+]
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def desired_replicas(spec: LLMDeploymentSpec) -> int:
+    """spec.replicas, held inside the autoscaler's bounds (the HPA writes spec.replicas via /scale)."""
+    if spec.autoscaling is None:
+        return spec.replicas
+    return min(max(spec.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
+
+
+def deployment(owner: Owner, spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": naming.metadata(owner),
+        "spec": {
+            "replicas": desired_replicas(spec),
+            "selector": {"matchLabels": naming.selector_labels(owner.name)},
+            # A new pod must be serving before an old one goes: no capacity dip during a rollout.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            # The deadline covers the download (init container) too, which the startup probe does not.
+            "progressDeadlineSeconds": spec.startup.timeout_seconds + 3600,
+            "template": pod_template(owner, spec, image),
+        },
+    }
+
+
+def pod_template(owner: Owner, spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        # Service links would inject variables such as LLM_PORT for a Service named "llm", which the
+        # server reads as its own LLM_* settings.
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": spec.engine.drain_timeout_seconds + 10,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": USER_ID,
+            "runAsGroup": USER_ID,
+            "fsGroup": USER_ID,
+            # A chown of a whole model cache on every mount would add minutes to each cold start.
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_server(spec, image)],
+        "volumes": _volumes(owner, spec),
+    }
+    if spec.model.hf is not None:
+        pod["initContainers"] = [_downloader(spec, image)]
+    _schedule(pod, spec)
+    return {
+        "metadata": {
+            "labels": naming.labels(owner.name),
+            "annotations": {naming.MODEL_ANNOTATION: naming.model_uri(spec)},
+        },
+        "spec": pod,
+    }
+
+
+def model_path(spec: LLMDeploymentSpec) -> str:
+    if spec.model.hf is not None:
+        return f"{MODELS_DIR}/{naming.hf_cache_dir(spec)}"
+    assert spec.model.pvc is not None
+    return f"{MODELS_DIR}/{spec.model.pvc.path}".rstrip("/")
+
+
+def _server(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+    engine = spec.engine
+    args = [
+        "--host", "0.0.0.0",
+        "--port", str(HTTP_PORT),
+        "--model-path", model_path(spec),
+        "--served-model-name", naming.served_name(spec),
+        "--device", _device(spec),
+        "--dtype", engine.dtype,
+        "--quantization", engine.quantization,
+        "--max-batch-size", str(engine.max_batch_size),
+        "--max-seq-len", str(engine.max_seq_len),
+        "--queue-capacity", str(engine.queue_capacity),
+        "--drain-timeout", str(engine.drain_timeout_seconds),
+        "--log-level", engine.log_level,
+    ]  # fmt: skip
+    if spec.model.tokenizer:
+        args += ["--tokenizer-path", spec.model.tokenizer]
+    args += list(engine.extra_args)
+
+    env = list(BASE_ENV)
+    if engine.api_key_secret_ref is not None:
+        env.append(_secret_env("LLM_API_KEY", engine.api_key_secret_ref.name, engine.api_key_secret_ref.key))
+    if spec.model.tokenizer and spec.model.token_secret_ref is not None:
+        ref = spec.model.token_secret_ref
+        env.append(_secret_env("HF_TOKEN", ref.name, ref.key))
+    env = _merge_env(env, [e.model_dump(by_alias=True, exclude_none=True) for e in engine.env])
+
+    health = {"httpGet": {"path": "/health", "port": "http"}}
+    container: dict[str, Any] = {
+        "name": SERVER_CONTAINER,
+        "image": image,
+        "command": ["python", "-m", "serving"],
+        "args": args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        # Loading a large model takes minutes: the startup probe holds off liveness until /health says
+        # loaded, within the spec's budget; liveness is lenient so a busy server is not killed mid-batch.
+        "startupProbe": {
+            **health,
+            "periodSeconds": STARTUP_PERIOD_S,
+            "timeoutSeconds": 5,
+            "failureThreshold": math.ceil(spec.startup.timeout_seconds / STARTUP_PERIOD_S),
+        },
+        "readinessProbe": {**health, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
+        "livenessProbe": {**health, "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 5},
+        "resources": _resources(spec),
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [
+            {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def _downloader(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+    hf = spec.model.hf
+    assert hf is not None
+    env = list(BASE_ENV)
+    if spec.model.token_secret_ref is not None:
+        env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
+    container: dict[str, Any] = {
+        "name": DOWNLOAD_CONTAINER,
+        "image": image,
+        "command": ["python", "-m", "serving", "download"],
+        "args": ["--model", hf.repo, "--revision", hf.revision, "--dest", model_path(spec)],
+        "env": env,
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def _device(spec: LLMDeploymentSpec) -> str:
+    gpu = spec.resources.gpu
+    if gpu is None or gpu.count == 0:
+        return "cpu"
+    # ROCm builds of torch expose AMD GPUs as "cuda" too; other accelerators are left to the server.
+    return "cuda" if gpu.resource_name in ("nvidia.com/gpu", "amd.com/gpu") else "auto"
+
+
+def _resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    res = spec.resources
+    if res.cpu is not None:
+        requests["cpu"] = str(res.cpu)  # no cpu limit: throttling stalls the token loop
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = str(res.memory)
+    if res.gpu is not None and res.gpu.count > 0:
+        limits[res.gpu.resource_name] = str(res.gpu.count)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _volumes(owner: Owner, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    if spec.model.pvc is not None:
+        models = {"claimName": spec.model.pvc.claim_name, "readOnly": True}
+    else:
+        models = {"claimName": spec.cache.existing_claim or naming.cache_claim_name(owner.name)}
+    return [
+        {"name": "models", "persistentVolumeClaim": models},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shm_size)}},
+    ]
+
+
+def _schedule(pod: dict[str, Any], spec: LLMDeploymentSpec) -> None:
+    sched = spec.scheduling
+    node_selector = dict(sched.node_selector)
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
+    gpu = spec.resources.gpu
+    if gpu is not None and gpu.count > 0:
+        if gpu.product:
+            node_selector["nvidia.com/gpu.product"] = gpu.product
+        # GPU node pools are commonly tainted with their resource name.
+        tolerations.append({"key": gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if sched.affinity:
+        pod["affinity"] = sched.affinity
+    if sched.priority_class_name:
+        pod["priorityClassName"] = sched.priority_class_name
+    if sched.runtime_class_name:
+        pod["runtimeClassName"] = sched.runtime_class_name
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _merge_env(ours: list[dict[str, Any]], users: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # The user's entry wins; env is a list-map keyed by name, so a duplicate name would fail the apply.
+    theirs = {e["name"] for e in users}
+    return [e for e in ours if e["name"] not in theirs] + users

@@ -1,0 +1,140 @@
+"""What the pods and the Deployment say about progress and failure, as condition reasons users can act on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_operator import naming
+from llm_operator.deployment import DOWNLOAD_CONTAINER, SERVER_CONTAINER
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    reason: str
+    message: str
+
+
+# The downloader's exit codes (python -m serving download), as reasons and what to do about them.
+DOWNLOAD_EXITS = {
+    2: ("DownloaderUsageError", "the downloader rejected its arguments"),
+    3: (
+        "ModelAccessDenied",
+        "the Hub refused access: check model.tokenSecretRef and that the token's account accepted the model's terms",
+    ),
+    4: (
+        "ModelNotFound",
+        "the repository or revision does not exist on the Hub (or is private and no token was given)",
+    ),
+    5: (
+        "DownloadNetworkError",
+        "the Hub could not be reached after retries: check egress from the namespace",
+    ),
+    6: (
+        "CacheVolumeError",
+        "writing to the model cache volume failed: it may be full (raise cache.size) or read-only",
+    ),
+}
+IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+@dataclass(slots=True)
+class PodReport:
+    problems: list[Problem] = field(default_factory=list)
+    downloading: bool = False
+    loading: bool = False
+    downloaded: bool = False  # a pod of the current model got past the download
+
+    def add(self, problem: Problem) -> None:
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+
+def diagnose(pods: list[dict[str, Any]], deployment: dict[str, Any] | None, model_uri: str) -> PodReport:
+    report = PodReport()
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        current = pod["metadata"].get("annotations", {}).get(naming.MODEL_ANNOTATION) == model_uri
+        _diagnose_pod(pod, current, report)
+    for cond in (deployment or {}).get("status", {}).get("conditions", []):
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            report.add(
+                Problem(
+                    "ProgressDeadlineExceeded", cond.get("message", "the rollout stopped making progress")
+                )
+            )
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            report.add(Problem("ReplicaFailure", cond.get("message", "pods could not be created")))
+    return report
+
+
+def _diagnose_pod(pod: dict[str, Any], current: bool, report: PodReport) -> None:
+    name = pod["metadata"]["name"]
+    status = pod.get("status", {})
+    for cond in status.get("conditions", []):
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            report.add(Problem("Unschedulable", f"pod {name}: {cond.get('message', 'no node fits')}"))
+
+    for cs in status.get("initContainerStatuses", []):
+        if cs.get("name") != DOWNLOAD_CONTAINER:
+            continue
+        state, last = cs.get("state", {}), cs.get("lastState", {})
+        # States are keyed by presence: "running" may be an empty object.
+        finished = state.get("terminated", last.get("terminated") if "waiting" in state else None)
+        if "running" in state:
+            report.downloading = report.downloading or current
+        elif finished is not None and finished.get("exitCode") == 0:
+            report.downloaded = report.downloaded or current
+        elif finished is not None:
+            report.add(_download_failure(name, finished))
+        elif state.get("waiting", {}).get("reason") in IMAGE_PULL | CONFIG_ERRORS:
+            report.add(_waiting_problem(name, cs, state["waiting"]))
+
+    for cs in status.get("containerStatuses", []):
+        if cs.get("name") != SERVER_CONTAINER:
+            continue
+        state = cs.get("state", {})
+        if "running" in state or "terminated" in cs.get("lastState", {}):
+            report.downloaded = report.downloaded or current  # the server only starts after the download
+        if "running" in state and not cs.get("ready"):
+            report.loading = report.loading or current
+        waiting = state.get("waiting", {})
+        if waiting.get("reason") in IMAGE_PULL | CONFIG_ERRORS:
+            report.add(_waiting_problem(name, cs, waiting))
+        elif waiting.get("reason") == "CrashLoopBackOff":
+            report.add(_crash(name, cs))
+
+
+def _download_failure(pod: str, terminated: dict[str, Any]) -> Problem:
+    code = terminated.get("exitCode")
+    if terminated.get("reason") == "OOMKilled":
+        return Problem("DownloadOutOfMemory", f"pod {pod}: the downloader ran out of memory")
+    reason, advice = DOWNLOAD_EXITS.get(
+        code, ("DownloadFailed", "the downloader failed unexpectedly: see its logs")
+    )
+    return Problem(reason, f"pod {pod}: model download exited with code {code}: {advice}")
+
+
+def _waiting_problem(pod: str, cs: dict[str, Any], waiting: dict[str, Any]) -> Problem:
+    reason = "ImagePullFailed" if waiting["reason"] in IMAGE_PULL else "ContainerConfigError"
+    detail = waiting.get("message") or waiting["reason"]
+    return Problem(reason, f"pod {pod}, container {cs['name']} ({cs.get('image', '?')}): {detail}")
+
+
+def _crash(pod: str, cs: dict[str, Any]) -> Problem:
+    last = cs.get("lastState", {}).get("terminated", {})
+    if last.get("reason") == "OOMKilled":
+        return Problem(
+            "OutOfMemory",
+            f"pod {pod}: the server was killed for exceeding its memory limit; raise resources.memory",
+        )
+    return Problem(
+        "CrashLoopBackOff",
+        f"pod {pod}: the server keeps exiting (last exit code {last.get('exitCode', '?')}); see its logs",
+    )

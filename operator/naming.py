@@ -1,0 +1,105 @@
+"""Names, labels and references every child of an LLMDeployment shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llm_operator.spec import LLMDeploymentSpec
+
+GROUP = "fleetlm.dev"
+VERSION = "v1alpha1"
+PLURAL = "llmdeployments"
+KIND = "LLMDeployment"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MANAGED_BY = "fleetlm-operator"
+INSTANCE_LABEL = "fleetlm.dev/llmdeployment"
+MODEL_ANNOTATION = "fleetlm.dev/model"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The LLMDeployment a child belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> Owner:
+        meta = body["metadata"]
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    # Immutable in a Deployment's selector: never add to these.
+    return {"app.kubernetes.io/name": "fleetlm", INSTANCE_LABEL: name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "server",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def metadata(owner: Owner, name: str | None = None) -> dict[str, Any]:
+    return {
+        "name": name or owner.name,
+        "namespace": owner.namespace,
+        "labels": labels(owner.name),
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    # controller + blockOwnerDeletion: the garbage collector removes children with the LLMDeployment, and a
+    # foreground deletion waits for them.
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def cache_claim_name(owner_name: str) -> str:
+    return f"{owner_name}-model-cache"
+
+
+def model_uri(spec: LLMDeploymentSpec) -> str:
+    if spec.model.hf is not None:
+        return f"hf://{spec.model.hf.repo}@{spec.model.hf.revision}"
+    assert spec.model.pvc is not None
+    return f"pvc://{spec.model.pvc.claim_name}/{spec.model.pvc.path}".rstrip("/")
+
+
+def hf_cache_dir(spec: LLMDeploymentSpec) -> str:
+    """Where in the cache volume a Hub model lives: one directory per repo and revision, so deployments
+    sharing a claim share downloads, and a new revision never overwrites the one still being served."""
+    assert spec.model.hf is not None
+    repo = spec.model.hf.repo.replace("/", "--")
+    revision = spec.model.hf.revision.replace("/", "--")
+    return f"hf/{repo}/{revision}"
+
+
+def served_name(spec: LLMDeploymentSpec) -> str:
+    if spec.model.served_name:
+        return spec.model.served_name
+    if spec.model.hf is not None:
+        return spec.model.hf.repo
+    assert spec.model.pvc is not None
+    return spec.model.pvc.path.rstrip("/").rsplit("/", 1)[-1] or spec.model.pvc.claim_name
+
+
+def endpoint(owner: Owner, spec: LLMDeploymentSpec) -> str:
+    return f"http://{owner.name}.{owner.namespace}.svc:{spec.service.port}/v1"

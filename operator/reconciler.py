@@ -1,0 +1,297 @@
+"""Reconcile one LLMDeployment: validate, check, apply the children, observe them, publish status and Events.
+
+All I/O goes through `Kube`; deciding what to build and what the status says is in pure modules (children,
+deployment, diagnosis, status). One reconciliation of an object runs at a time (a lock per object), since
+kopf calls in for the resource, its children, its pods and the periodic resync on different tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+from llm_operator import metrics, naming
+from llm_operator.children import desired_children
+from llm_operator.config import OperatorConfig
+from llm_operator.deployment import desired_replicas
+from llm_operator.diagnosis import Problem, diagnose
+from llm_operator.drift import drifted
+from llm_operator.kube import Kube, api_error_message
+from llm_operator.preflight import preflight
+from llm_operator.spec import InvalidSpec, LLMDeploymentSpec, parse_spec
+from llm_operator.status import Observation, compute_status, transitions
+
+logger = logging.getLogger("fleetlm.operator")
+
+# Every kind the operator may have created, for pruning what a spec no longer asks for.
+CHILD_KINDS = (
+    ("v1", "PersistentVolumeClaim"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+)
+MONITORING = ("monitoring.coreos.com", "v1", "servicemonitors")
+APPLY_ATTEMPTS = 3
+STATUS_ATTEMPTS = 5
+# Refusals a retry cannot fix: the spec (or the operator's RBAC) must change first.
+REFUSALS = {400: "ChildRejected", 404: "ChildRejected", 422: "ChildRejected", 403: "OperatorForbidden"}
+
+
+class TransientError(Exception):
+    """The API failed in a way worth retrying later (server errors, network, conflicts that kept coming)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildChange:
+    """A watch event on a child: `live` is None when it was deleted."""
+
+    kind: str
+    name: str
+    live: dict[str, Any] | None
+
+
+class Reconciler:
+    def __init__(
+        self, kube: Kube, config: OperatorConfig, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ):
+        self.kube = kube
+        self.config = config
+        self.now = now
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    def reconcile(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        trigger: str,
+        apply_all: bool = False,
+        change: ChildChange | None = None,
+    ) -> None:
+        """apply_all: apply every child (spec change, resume, resync); change: repair that child if it
+        drifted; neither: refresh the status only. Raises TransientError when worth retrying."""
+        started = time.monotonic()
+        try:
+            with self._lock(namespace, name):
+                result = self._reconcile(namespace, name, trigger, apply_all, change)
+        except ApiException as error:
+            metrics.ERRORS.labels(trigger, f"http_{error.status}").inc()
+            raise TransientError(f"API error {error.status}: {api_error_message(error)}") from error
+        except urllib3.exceptions.HTTPError as error:
+            metrics.ERRORS.labels(trigger, "network").inc()
+            raise TransientError(f"API unreachable: {error}") from error
+        except TransientError:
+            metrics.ERRORS.labels(trigger, "conflict").inc()
+            raise
+        else:
+            metrics.RECONCILES.labels(trigger, result).inc()
+        finally:
+            metrics.DURATION.labels(trigger).observe(time.monotonic() - started)
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def _reconcile(
+        self, namespace: str, name: str, trigger: str, apply_all: bool, change: ChildChange | None
+    ) -> str:
+        body = self.kube.get(naming.API_VERSION, naming.KIND, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return "gone"  # the garbage collector removes the children through their ownerReferences
+        generation = body["metadata"].get("generation", 1)
+        first_time = generation != (body.get("status") or {}).get("observedGeneration")
+        spec: LLMDeploymentSpec | None = None
+        try:
+            spec = parse_spec(body.get("spec") or {})
+        except InvalidSpec as error:
+            blocker: Problem | None = Problem("InvalidSpec", str(error))
+        else:
+            blocker = preflight(self.kube, namespace, spec, require_gpu_nodes=self.config.require_gpu_nodes)
+        if spec is not None and blocker is None:
+            desired = self._servable(
+                body, desired_children(body, spec, self.config.default_image), first_time
+            )
+            if apply_all or first_time:
+                blocker = self._apply_all(body, desired, dry_run_first=first_time)
+            elif change is not None:
+                blocker = self._repair(desired, change)
+        if blocker is not None:
+            logger.info(
+                f"{namespace}/{name} not applied: {blocker.message}",
+                extra={"reason": blocker.reason, "trigger": trigger},
+            )
+        self._publish(body, spec, blocker, generation)
+        return "degraded" if blocker else "ok"
+
+    def _servable(
+        self, body: dict[str, Any], desired: list[dict[str, Any]], announce: bool
+    ) -> list[dict[str, Any]]:
+        """Drop a ServiceMonitor when the cluster has no prometheus-operator (and say so, once per spec)."""
+        if not any(c["kind"] == "ServiceMonitor" for c in desired) or self.kube.serves(*MONITORING):
+            return desired
+        if announce:
+            self._event(
+                body,
+                "Warning",
+                "ServiceMonitorSkipped",
+                "monitoring.serviceMonitor is set, but the cluster does not serve monitoring.coreos.com/v1 "
+                "ServiceMonitors (prometheus-operator is not installed); no ServiceMonitor was created",
+            )
+        return [c for c in desired if c["kind"] != "ServiceMonitor"]
+
+    def _apply_all(
+        self, body: dict[str, Any], desired: list[dict[str, Any]], *, dry_run_first: bool
+    ) -> Problem | None:
+        child = desired[0]
+        try:
+            # A server-side dry run of the whole set first: a child the API refuses then leaves nothing
+            # half-created (admission and validation run, nothing is stored).
+            if dry_run_first:
+                for child in desired:
+                    self.kube.apply(child, dry_run=True)
+            for child in desired:
+                self._apply(child)
+        except ApiException as error:
+            return _refusal(child, error)
+        self._prune(body, desired)
+        return None
+
+    def _repair(self, desired: list[dict[str, Any]], change: ChildChange) -> Problem | None:
+        child = next(
+            (c for c in desired if (c["kind"], c["metadata"]["name"]) == (change.kind, change.name)), None
+        )
+        if child is None or not drifted(child, change.live):
+            return None
+        logger.info(
+            f"restoring {change.kind} {child['metadata']['namespace']}/{change.name}",
+            extra={"deleted": change.live is None},
+        )
+        try:
+            self._apply(child)
+        except ApiException as error:
+            return _refusal(child, error)
+        return None
+
+    def _apply(self, child: dict[str, Any]) -> None:
+        for attempt in range(APPLY_ATTEMPTS):
+            try:
+                self.kube.apply(child)
+                return
+            except ApiException as error:
+                if error.status != 409 or attempt == APPLY_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+
+    def _prune(self, body: dict[str, Any], desired: list[dict[str, Any]]) -> None:
+        meta = body["metadata"]
+        keep = {(c["kind"], c["metadata"]["name"]) for c in desired}
+        selector = f"{naming.INSTANCE_LABEL}={meta['name']}"
+        for api_version, kind in CHILD_KINDS:
+            if kind == "ServiceMonitor" and not self.kube.serves(*MONITORING):
+                continue
+            for live in self.kube.list(api_version, kind, meta["namespace"], selector):
+                owners = live["metadata"].get("ownerReferences", [])
+                mine = any(ref.get("uid") == meta["uid"] for ref in owners)
+                if mine and (kind, live["metadata"]["name"]) not in keep:
+                    logger.info(
+                        f"deleting {kind} {meta['namespace']}/{live['metadata']['name']}: no longer in the spec"
+                    )
+                    self.kube.delete(api_version, kind, meta["namespace"], live["metadata"]["name"])
+
+    def _publish(
+        self, body: dict[str, Any], spec: LLMDeploymentSpec | None, blocker: Problem | None, generation: int
+    ) -> None:
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
+        pods = self.kube.list("v1", "Pod", namespace, naming.selector_string(name))
+        owner = naming.Owner.of(body)
+        model = naming.model_uri(spec) if spec else ""
+        seen = Observation(
+            generation=generation,
+            model=model,
+            endpoint=naming.endpoint(owner, spec) if spec else "",
+            selector=naming.selector_string(name),
+            from_volume=spec is not None and spec.model.pvc is not None,
+            desired_replicas=desired_replicas(spec) if spec else 0,
+            deployment=deployment,
+            report=diagnose(pods, deployment, model),
+            blocker=blocker,
+        )
+        for _ in range(STATUS_ATTEMPTS):
+            old = body.get("status") or {}
+            new = compute_status(old, seen, self.now().strftime("%Y-%m-%dT%H:%M:%SZ"))
+            if new == old:
+                return
+            try:
+                self.kube.patch_status(body, new)
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+                fresh = self.kube.get(naming.API_VERSION, naming.KIND, namespace, name)
+                if fresh is None:
+                    return
+                body = fresh
+                continue
+            for change in transitions(old.get("conditions", []), new["conditions"]):
+                self._event(body, change.type, change.reason, change.message)
+            return
+        raise TransientError(f"the status of {namespace}/{name} kept changing under the operator")
+
+    def _event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        now = self.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": naming.API_VERSION,
+                "kind": naming.KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": naming.MANAGED_BY},
+            "reportingComponent": "fleetlm.dev/operator",
+            "reportingInstance": self._instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.kube.create_event(meta["namespace"], event)
+        except ApiException as error:  # Events are for humans; losing one must not fail the reconciliation
+            logger.warning(f"could not post Event {reason}: {api_error_message(error)}")
+
+
+def _refusal(child: dict[str, Any], error: ApiException) -> Problem:
+    reason = REFUSALS.get(error.status)
+    if reason is None:
+        raise error
+    meta = child["metadata"]
+    return Problem(
+        reason,
+        f"the API refused {child['kind']} {meta['namespace']}/{meta['name']}: {api_error_message(error)}",
+    )

@@ -1,0 +1,206 @@
+"""The LLMDeployment spec as typed data, with the CRD's defaults and cross-field rules.
+
+The API server applies the CRD's defaults and validates the schema; the CEL rules (x-kubernetes-validations)
+are enforced only on clusters that evaluate them. The operator checks the same rules here so a spec that got
+past an older API server becomes a Degraded condition instead of half-built children. Defaults must equal the
+CRD's: tests/operator/test_spec.py compares the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+Quantity = int | str
+
+
+class _Model(BaseModel):
+    # extra="ignore" mirrors the API server, which prunes fields the schema does not declare.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore")
+
+
+class HfSource(_Model):
+    repo: str
+    revision: str = "main"
+
+
+class PvcSource(_Model):
+    claim_name: str
+    path: str = ""
+
+    @model_validator(mode="after")
+    def _stays_inside_claim(self) -> PvcSource:
+        if self.path.startswith("/") or ".." in self.path.split("/"):
+            raise ValueError("pvc.path is relative to the claim's root and cannot climb out of it")
+        return self
+
+
+class TokenSecretRef(_Model):
+    name: str
+    key: str = "HF_TOKEN"
+
+
+class ApiKeySecretRef(_Model):
+    name: str
+    key: str = "api-key"
+
+
+class ModelSpec(_Model):
+    hf: HfSource | None = None
+    pvc: PvcSource | None = None
+    served_name: str | None = None
+    tokenizer: str | None = None
+    token_secret_ref: TokenSecretRef | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.hf is None) == (self.pvc is None):
+            raise ValueError("model needs exactly one source: hf or pvc")
+        if self.token_secret_ref is not None and self.hf is None:
+            raise ValueError("tokenSecretRef applies to hf models only")
+        return self
+
+
+class EnvVar(_Model):
+    name: str
+    value: str | None = None
+    value_from: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_value(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("an env entry has either value or valueFrom")
+        return self
+
+
+class EngineSpec(_Model):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["none", "q8_0", "q4_0"] = "none"
+    max_batch_size: int = 16
+    max_seq_len: int = 2048
+    queue_capacity: int = 100
+    drain_timeout_seconds: int = 30
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_key_secret_ref: ApiKeySecretRef | None = None
+    extra_args: tuple[str, ...] = ()
+    env: tuple[EnvVar, ...] = ()
+
+
+class AutoscalingSpec(_Model):
+    min_replicas: int = 1
+    max_replicas: int
+    metric: Literal["activeRequests", "queueSize", "cpu"] = "activeRequests"
+    target: int | None = None
+    behavior: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
+        return self
+
+
+class GpuSpec(_Model):
+    count: int = 1
+    resource_name: str = "nvidia.com/gpu"
+    product: str | None = None
+
+
+class ResourcesSpec(_Model):
+    gpu: GpuSpec | None = None
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    shm_size: Quantity = "1Gi"
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class SchedulingSpec(_Model):
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+
+
+class CacheSpec(_Model):
+    size: Quantity = "50Gi"
+    storage_class_name: str | None = None
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] | None = None
+    existing_claim: str | None = None
+
+    @model_validator(mode="after")
+    def _existing_as_is(self) -> CacheSpec:
+        if self.existing_claim is not None and (self.storage_class_name or self.access_mode):
+            raise ValueError(
+                "cache.existingClaim is used as it is: storageClassName and accessMode do not apply"
+            )
+        return self
+
+
+class ImagePullSecret(_Model):
+    name: str
+
+
+class ServiceSpec(_Model):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = 80
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class MonitoringSpec(_Model):
+    service_monitor: bool = False
+    interval: str = "30s"
+
+
+class StartupSpec(_Model):
+    timeout_seconds: int = 1800
+
+
+class LLMDeploymentSpec(_Model):
+    model: ModelSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    replicas: int = 1
+    autoscaling: AutoscalingSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    image: str | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: tuple[ImagePullSecret, ...] = ()
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    startup: StartupSpec = Field(default_factory=StartupSpec)
+
+    @model_validator(mode="after")
+    def _cpu_metric_needs_request(self) -> LLMDeploymentSpec:
+        if self.autoscaling is not None and self.autoscaling.metric == "cpu" and self.resources.cpu is None:
+            raise ValueError(
+                "autoscaling on cpu needs resources.cpu (utilization is measured against the request)"
+            )
+        return self
+
+
+class InvalidSpec(ValueError):
+    """The stored spec breaks a rule the CRD states; the message names every broken rule."""
+
+
+def parse_spec(raw: dict[str, Any]) -> LLMDeploymentSpec:
+    try:
+        return LLMDeploymentSpec.model_validate(raw)
+    except ValidationError as error:
+        raise InvalidSpec("; ".join(_describe(e) for e in error.errors())) from None
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message

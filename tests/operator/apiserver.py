@@ -1,0 +1,197 @@
+"""kmock's KubernetesEmulator with the API-server behaviour the operator relies on, in a background thread.
+
+kmock stores and merges JSON and nothing more. Added here, as the real API server does them: uid,
+resourceVersion, generation and creationTimestamp; server-side apply that creates a missing object and
+replaces the applied fields; dry runs that store nothing; status subresources (a status write touches only
+status, a main-resource write never touches it); resourceVersion preconditions answered with 409; and
+equality label selectors on lists. Still absent: validation, defaulting, garbage collection, field ownership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import threading
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp.web
+import jsonpatch
+import kmock
+from kmock._internal import dicts, enums, rendering
+
+VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+RESOURCES = {
+    "fleetlm.dev/v1alpha1/llmdeployments": ("LLMDeployment", True, ["status", "scale"]),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, []),
+    "v1/namespaces": ("Namespace", False, []),
+    "v1/nodes": ("Node", False, ["status"]),
+    "v1/pods": ("Pod", True, ["status"]),
+    "v1/services": ("Service", True, ["status"]),
+    "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, ["status"]),
+    "v1/secrets": ("Secret", True, []),
+    "v1/events": ("Event", True, []),
+    "apps/v1/deployments": ("Deployment", True, ["status", "scale"]),
+    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, ["status"]),
+    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True, ["status"]),
+    "scheduling.k8s.io/v1/priorityclasses": ("PriorityClass", False, []),
+}
+SERVICE_MONITORS = "monitoring.coreos.com/v1/servicemonitors"
+
+
+class ApiServer(kmock.KubernetesEmulator):
+    _versions = itertools.count(1)
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and request.action == enums.action.CREATE:
+            # In place: kmock routes only the very request objects it has recorded.
+            request.data.setdefault("metadata", {}).update(self._stamped(request.data)["metadata"])
+        elif request.resource is not None and request.action == enums.action.UPDATE and request.name:
+            return await self._patch(request)
+        elif (
+            request.resource is not None
+            and request.action == enums.action.LIST
+            and "labelSelector" in request.params
+        ):
+            wanted = dict(pair.split("=", 1) for pair in request.params["labelSelector"].split(","))
+            response = await super()._handle(request)
+            items = [
+                o
+                for o in _json(response)["items"]
+                if wanted.items() <= o["metadata"].get("labels", {}).items()
+            ]
+            return aiohttp.web.json_response({"metadata": {}, "items": items})
+        return await super()._handle(request)
+
+    def _stamped(self, obj: dict[str, Any], **meta: Any) -> dict[str, Any]:
+        obj = copy.deepcopy(obj)
+        obj.setdefault("metadata", {}).update(
+            uid=str(uuid.uuid4()),
+            resourceVersion=str(next(self._versions)),
+            generation=1,
+            creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **meta,
+        )
+        return obj
+
+    async def _patch(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        key = (request.resource, request.namespace, request.name)
+        is_apply = request.headers.get("Content-Type", "").startswith("application/apply-patch")
+        dry_run = request.params.get("dryRun") == "All"
+        patch = request.data
+        async with self._lock:
+            exists = key in self._objects and not self._objects[key].deleted
+            if not exists and not is_apply:
+                raise kmock.KubernetesObjectNotFoundError()
+            if not exists:
+                new = self._stamped(patch, namespace=request.namespace)
+                new.pop("status", None)
+                if not dry_run:
+                    if key in self._objects:
+                        self._objects[key].create(new)
+                    else:
+                        self._objects[key] = new
+                    await self._buses[request.resource].put({"type": "ADDED", "object": new})
+                return aiohttp.web.json_response(new, status=201)
+
+            old = copy.deepcopy(self._objects[key].raw)
+            expected = patch.get("metadata", {}).get("resourceVersion") if isinstance(patch, dict) else None
+            if expected is not None and expected != old["metadata"]["resourceVersion"]:
+                raise kmock.KubernetesError(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                )
+            new = _patched(old, patch, is_apply, request.subresource == "status")
+            if new != old:
+                new["metadata"]["resourceVersion"] = str(next(self._versions))
+                if _body(new) != _body(old):
+                    new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+                if not dry_run:
+                    self._objects[key].create(new)
+                    await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
+            return aiohttp.web.json_response(new)
+
+
+class BackgroundApiServer:
+    """The emulator on a local port, served from its own thread and event loop, so that the operator
+    (another thread) and synchronous test code can both talk to it over HTTP."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> BackgroundApiServer:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def serve_service_monitors(self, served: bool) -> None:
+        def change() -> None:
+            if served:
+                self.emulator.resources[SERVICE_MONITORS] = kmock.ResourceInfo(
+                    kind="ServiceMonitor", namespaced=True, verbs=VERBS
+                )
+            else:
+                del self.emulator.resources[SERVICE_MONITORS]
+
+        self._loop.call_soon_threadsafe(change)
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with ApiServer() as emulator, kmock.Server(emulator) as server:
+            for path, (kind, namespaced, subresources) in RESOURCES.items():
+                emulator.resources[path] = kmock.ResourceInfo(
+                    kind=kind, namespaced=namespaced, verbs=VERBS, subresources=subresources
+                )
+            self.emulator = emulator
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+
+def _patched(old: dict[str, Any], patch: Any, is_apply: bool, status_only: bool) -> dict[str, Any]:
+    if isinstance(patch, list):
+        try:
+            new = jsonpatch.apply_patch(old, patch)
+        except jsonpatch.JsonPatchTestFailed as error:  # what the API server answers to a failed "test" op
+            raise kmock.KubernetesError(422, "Invalid", str(error)) from None
+    elif is_apply:
+        # The applied configuration is the full intent: top-level fields are replaced, metadata merged.
+        new = {**old, **{k: v for k, v in patch.items() if k not in ("metadata", "status")}}
+        meta = {
+            k: v
+            for k, v in patch.get("metadata", {}).items()
+            if k not in ("resourceVersion", "uid", "generation")
+        }
+        new["metadata"] = {**old["metadata"], **meta}
+    else:
+        patch = {k: v for k, v in patch.items() if k != "metadata" or not status_only}
+        patch.get("metadata", {}).pop("resourceVersion", None)
+        new = dict(dicts.patch_dict(old, patch))
+    # A status subresource write changes the status only; any other write never does.
+    if status_only:
+        return {**old, "status": new.get("status")}
+    return (
+        {**new, "status": old["status"]}
+        if "status" in old
+        else {k: v for k, v in new.items() if k != "status"}
+    )
+
+
+def _body(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+
+def _json(response: aiohttp.web.StreamResponse) -> Any:
+    assert isinstance(response, aiohttp.web.Response) and response.body is not None
+    return json.loads(response.body)

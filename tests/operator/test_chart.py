@@ -1,0 +1,165 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk binds Helm's Go SDK; no helm binary)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from llm_operator.config import parse_args
+from llm_operator.kube import PLURALS
+from llm_operator.reconciler import CHILD_KINDS
+
+from tests.operator.crd_schema import CRD_PATH, ROOT
+
+CHART = ROOT / "charts" / "fleetlm-operator"
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    with helm.Chart.load(str(CHART)) as chart:
+        manifests = chart.render(
+            values or {}, name="fleetlm-operator", namespace="fleetlm-system", is_install=True
+        )
+    yamls = [text for path, text in manifests.items() if path.endswith(".yaml")]  # not NOTES.txt
+    return [doc for text in yamls for doc in yaml.safe_load_all(text) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (deployment,) = by_kind(docs, "Deployment")
+    return {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
+    }
+
+
+def test_chart_carries_the_crd_unchanged() -> None:
+    assert (CHART / "crds" / CRD_PATH.name).read_bytes() == CRD_PATH.read_bytes(), (
+        "run: cp crds/*.yaml charts/fleetlm-operator/crds/"
+    )
+
+
+def test_chart_lints_clean() -> None:
+    result = helm.lint(str(CHART))
+    assert result["errors"] == []
+    assert not [m for m in result["messages"] if m["severity"] > 1], result["messages"]  # only INFO notes
+
+
+@pytest.mark.parametrize(
+    "values", [{}, {"watchNamespaces": ["ml", "research"], "metrics": {"serviceMonitor": {"enabled": True}}}]
+)
+@pytest.mark.parametrize("version", ["1.29", "1.37"])
+def test_rendered_objects_are_valid_kubernetes(values: dict[str, Any], version: str) -> None:
+    docs = render(values)
+    assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"} <= {
+        d["kind"] for d in docs
+    }
+    with helm.Chart.load(str(CHART)) as chart:
+        crds = [doc for crd in chart.crds for doc in yaml.safe_load_all(crd["data"]) if doc]
+    assert {c["metadata"]["name"] for c in crds} == {
+        "llmdeployments.fleetlm.dev",
+        "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev",
+    }
+    for doc in docs + crds:
+        if doc["apiVersion"].startswith(("kopf.dev/", "monitoring.coreos.com/")):
+            continue  # custom kinds: kubernetes-validate knows the built-in schemas only
+        kubernetes_validate.validate(doc, desired_version=version, strict=True)
+
+
+def test_cluster_wide_install() -> None:
+    docs = render()
+    assert [b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")] == [
+        "fleetlm-operator-cluster",
+        "fleetlm-operator",
+    ]
+    assert by_kind(docs, "RoleBinding") == []
+    assert [p["metadata"]["name"] for p in by_kind(docs, "ClusterKopfPeering")] == ["fleetlm-operator"]
+    config = parse_args([], env=operator_env(docs))
+    assert config.clusterwide and not config.standalone and config.peering == "fleetlm-operator"
+    assert config.default_image == "ghcr.io/fleetlm/fleetlm:0.1.0"
+    assert (config.resync_seconds, config.require_gpu_nodes, config.metrics_port, config.health_port) == (
+        60,
+        True,
+        8080,
+        8081,
+    )
+    (deployment,) = by_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/fleetlm/fleetlm-operator:0.1.0"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_namespaced_install_binds_and_peers_per_namespace() -> None:
+    docs = render(
+        {
+            "watchNamespaces": ["ml", "research"],
+            "servingImage": "registry.local/fleetlm:1",
+            "requireGpuNodes": False,
+        }
+    )
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml", "research"]
+    assert all(
+        b["roleRef"]
+        == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fleetlm-operator"}
+        for b in bindings
+    )
+    assert [b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")] == ["fleetlm-operator-cluster"]
+    assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == ["ml", "research"]
+    config = parse_args([], env=operator_env(docs))
+    assert config.namespaces == ("ml", "research")
+    assert config.default_image == "registry.local/fleetlm:1" and config.require_gpu_nodes is False
+
+
+def test_single_replica_without_peering() -> None:
+    docs = render({"replicaCount": 1, "peering": {"enabled": False}})
+    assert by_kind(docs, "ClusterKopfPeering") == []
+    assert parse_args([], env=operator_env(docs)).standalone
+
+
+def _granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for role in by_kind(docs, "ClusterRole")
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_rbac_grants_what_the_operator_does() -> None:
+    granted = _granted(render())
+    needed = {("fleetlm.dev", "llmdeployments", verb) for verb in ("get", "list", "watch", "patch")} | {
+        ("fleetlm.dev", "llmdeployments/status", "patch"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "secrets", "get"),
+        ("", "events", "create"),
+        ("", "nodes", "list"),
+        ("scheduling.k8s.io", "priorityclasses", "get"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("kopf.dev", "clusterkopfpeerings", "patch"),
+        ("kopf.dev", "kopfpeerings", "patch"),
+    }
+    for api_version, kind in CHILD_KINDS:  # server-side apply creates and patches; pruning deletes
+        group = api_version.rpartition("/")[0]
+        needed |= {
+            (group, PLURALS[kind], verb) for verb in ("get", "list", "watch", "create", "patch", "delete")
+        }
+    assert needed - granted == set()
+    assert ("", "secrets", "list") not in granted and (
+        "",
+        "secrets",
+        "watch",
+    ) not in granted  # least privilege

@@ -1,0 +1,304 @@
+"""The desired children: what each spec turns into, and that every manifest is valid Kubernetes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from llm_operator.children import desired_children
+from llm_operator.spec import parse_spec
+
+from tests.operator.builders import example, llmd
+
+IMAGE = "ghcr.io/fleetlm/fleetlm:test"
+
+
+def build(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    children = desired_children(body, parse_spec(body["spec"]), IMAGE)
+    return {c["kind"]: c for c in children}
+
+
+def container(children: dict[str, dict[str, Any]], name: str = "server") -> dict[str, Any]:
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] + pod.get("initContainers", []) if c["name"] == name)
+
+
+def args(c: dict[str, Any]) -> dict[str, str]:
+    flags = c["args"]
+    return {flags[i]: flags[i + 1] for i in range(0, len(flags) - 1, 2) if flags[i].startswith("--")}
+
+
+SPECS = {
+    "cpu-demo": example("cpu-demo.yaml"),
+    "gpu-8b": example("llama-3.1-8b-gpu.yaml"),
+    "pvc": llmd(model={"pvc": {"claimName": "weights", "path": "llama/8b"}}, replicas=3),
+    "cpu-autoscaling": llmd(autoscaling={"maxReplicas": 4, "metric": "cpu"}, resources={"cpu": "2"}),
+    "queue-autoscaling": llmd(autoscaling={"minReplicas": 2, "maxReplicas": 6, "metric": "queueSize"}),
+    "everything": llmd(
+        model={
+            "hf": {"repo": "org/m", "revision": "refs/pr/1"},
+            "tokenizer": "org/tok",
+            "tokenSecretRef": {"name": "hf"},
+        },
+        engine={
+            "apiKeySecretRef": {"name": "keys"},
+            "extraArgs": ["--chat-template", "/tmp/t.jinja"],
+            "env": [
+                {"name": "HF_HOME", "value": "/tmp/other"},
+                {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            ],
+        },
+        resources={"gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}, "cpu": 8, "memory": "64Gi"},
+        scheduling={
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+            "priorityClassName": "inference",
+            "runtimeClassName": "nvidia",
+        },
+        cache={"existingClaim": "shared-models"},
+        imagePullPolicy="Always",
+        imagePullSecrets=[{"name": "regcred"}],
+        service={"type": "LoadBalancer", "port": 8000, "annotations": {"a": "b"}},
+        monitoring={"serviceMonitor": True, "interval": "15s"},
+    ),
+}
+
+
+@pytest.mark.parametrize("version", ["1.29", "1.37"])
+@pytest.mark.parametrize("case", SPECS)
+def test_every_child_is_a_valid_kubernetes_object(case: str, version: str) -> None:
+    for child in build(SPECS[case]).values():
+        if child["kind"] == "ServiceMonitor":
+            continue  # a CRD kind: kubernetes-validate knows built-in schemas only (shape asserted below)
+        kubernetes_validate.validate(child, desired_version=version, strict=True)
+
+
+@pytest.mark.parametrize("case", SPECS)
+def test_every_child_is_owned_and_labelled(case: str) -> None:
+    for child in build(SPECS[case]).values():
+        meta = child["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "fleetlm-operator"
+        (ref,) = meta["ownerReferences"]
+        assert ref["kind"] == "LLMDeployment" and ref["uid"].startswith("uid-")
+        assert ref["controller"] is True and ref["blockOwnerDeletion"] is True
+
+
+def test_hf_model_downloads_once_into_the_cache_and_serves_from_it() -> None:
+    children = build(SPECS["cpu-demo"])
+    assert set(children) == {"PersistentVolumeClaim", "Service", "Deployment", "PodDisruptionBudget"}
+    download = container(children, "model-download")
+    assert download["command"] == ["python", "-m", "serving", "download"]
+    dest = "/models/hf/HuggingFaceTB--SmolLM2-135M-Instruct/main"
+    assert args(download) == {
+        "--model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--revision": "main",
+        "--dest": dest,
+    }
+    server = container(children)
+    assert server["command"] == ["python", "-m", "serving"]
+    flags = args(server)
+    assert flags["--model-path"] == dest
+    assert flags["--served-model-name"] == "smollm2"
+    assert flags["--device"] == "cpu"
+    assert (flags["--dtype"], flags["--max-batch-size"], flags["--port"]) == ("float32", "8", "8080")
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in server["volumeMounts"]
+    assert {"name": "models", "mountPath": "/models"} in download["volumeMounts"]
+    volumes = {v["name"]: v for v in children["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "smollm2-demo-model-cache"}
+    claim = children["PersistentVolumeClaim"]
+    assert claim["metadata"]["name"] == "smollm2-demo-model-cache"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}
+
+
+def test_pod_is_hardened_and_probes_spare_a_loading_model() -> None:
+    children = build(SPECS["cpu-demo"])
+    deploy = children["Deployment"]["spec"]
+    assert deploy["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    pod = deploy["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"] + pod["initContainers"]:
+        sec = c["securityContext"]
+        assert sec["readOnlyRootFilesystem"] and sec["capabilities"] == {"drop": ["ALL"]}
+        assert not sec["allowPrivilegeEscalation"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+        assert {"name": "HF_HOME", "value": "/tmp/hf-home"} in c["env"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Mi"}
+    server = container(children)
+    startup = server["startupProbe"]
+    assert startup["httpGet"] == {"path": "/health", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # the spec's startup budget
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+    liveness = server["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 120
+    assert pod["terminationGracePeriodSeconds"] > 30  # the drain timeout fits in the grace period
+
+
+def test_gpu_deployment_requests_gpus_and_reaches_gpu_nodes() -> None:
+    children = build(SPECS["everything"])
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    server = container(children)
+    assert server["resources"] == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"},
+    }
+    assert args(server)["--device"] == "cuda"
+    assert pod["nodeSelector"] == {"pool": "gpu", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert pod["priorityClassName"] == "inference" and pod["runtimeClassName"] == "nvidia"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "affinity" in pod
+
+
+def test_secrets_reach_only_the_containers_that_need_them() -> None:
+    children = build(SPECS["everything"])
+    download, server = container(children, "model-download"), container(children)
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}}
+    assert token in download["env"]
+    assert token in server["env"]  # the tokenizer is fetched from the Hub by the server
+    assert {
+        "name": "LLM_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}},
+    } in server["env"]
+    assert not any(e["name"] == "LLM_API_KEY" for e in download["env"])
+    plain = container(build(llmd(model={"hf": {"repo": "o/m"}, "tokenSecretRef": {"name": "hf"}})))
+    assert not any(e["name"] == "HF_TOKEN" for e in plain["env"])
+
+
+def test_user_env_overrides_ours_without_duplicate_names() -> None:
+    env = container(build(SPECS["everything"]))["env"]
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names))
+    assert {"name": "HF_HOME", "value": "/tmp/other"} in env
+
+
+def test_extra_args_and_tokenizer_reach_the_server() -> None:
+    server = container(build(SPECS["everything"]))
+    assert server["args"][-2:] == ["--chat-template", "/tmp/t.jinja"]
+    assert args(server)["--tokenizer-path"] == "org/tok"
+    assert args(server)["--model-path"] == "/models/hf/org--m/refs--pr--1"
+    assert server["imagePullPolicy"] == "Always"
+
+
+def test_existing_claim_is_used_not_created() -> None:
+    children = build(SPECS["everything"])
+    assert "PersistentVolumeClaim" not in children
+    volumes = {v["name"]: v for v in children["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "shared-models"}
+
+
+def test_pvc_model_is_served_read_only_in_place() -> None:
+    children = build(SPECS["pvc"])
+    assert set(children) == {"Service", "Deployment", "PodDisruptionBudget"}
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+    assert args(container(children))["--model-path"] == "/models/llama/8b"
+    assert args(container(children))["--served-model-name"] == "8b"
+
+
+@pytest.mark.parametrize(
+    ("spec", "mode"),
+    [
+        ({"replicas": 1}, "ReadWriteOnce"),
+        ({"replicas": 2}, "ReadWriteMany"),
+        ({"autoscaling": {"maxReplicas": 3}}, "ReadWriteMany"),
+        ({"autoscaling": {"maxReplicas": 1}}, "ReadWriteOnce"),
+        ({"replicas": 4, "cache": {"accessMode": "ReadWriteOnce"}}, "ReadWriteOnce"),
+    ],
+)
+def test_cache_is_shared_read_write_many_when_replicas_can_exceed_one(
+    spec: dict[str, Any], mode: str
+) -> None:
+    assert build(llmd(**spec))["PersistentVolumeClaim"]["spec"]["accessModes"] == [mode]
+
+
+def test_autoscaler_scales_the_llmdeployment_on_active_requests() -> None:
+    children = build(SPECS["gpu-8b"])
+    hpa = children["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "fleetlm.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "name": "llama-3-1-8b",
+    }
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 4)
+    assert hpa["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "llm_active_requests"},
+                "target": {"type": "AverageValue", "averageValue": "24"},
+            },
+        }
+    ]
+    behavior = hpa["behavior"]
+    assert (
+        behavior["scaleUp"]["stabilizationWindowSeconds"]
+        < behavior["scaleDown"]["stabilizationWindowSeconds"]
+    )
+    assert children["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_autoscaler_metric_choices_and_default_targets() -> None:
+    queue = build(SPECS["queue-autoscaling"])["HorizontalPodAutoscaler"]["spec"]
+    assert queue["metrics"][0]["pods"]["metric"]["name"] == "llm_queue_size"
+    assert queue["metrics"][0]["pods"]["target"]["averageValue"] == "2"
+    cpu = build(SPECS["cpu-autoscaling"])["HorizontalPodAutoscaler"]["spec"]
+    assert cpu["metrics"] == [
+        {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+        }
+    ]
+    default = build(llmd(autoscaling={"maxReplicas": 2}))["HorizontalPodAutoscaler"]["spec"]
+    assert default["metrics"][0]["pods"]["target"]["averageValue"] == "12"  # 3/4 of maxBatchSize 16
+
+
+@pytest.mark.parametrize(
+    ("spec", "replicas"),
+    [
+        ({"replicas": 3}, 3),
+        ({"replicas": 0}, 0),
+        ({"replicas": 1, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}, 2),
+        ({"replicas": 9, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}, 5),
+        ({"replicas": 4, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}, 4),
+    ],
+)
+def test_deployment_replicas_follow_spec_within_autoscaling_bounds(
+    spec: dict[str, Any], replicas: int
+) -> None:
+    assert build(llmd(**spec))["Deployment"]["spec"]["replicas"] == replicas
+
+
+def test_service_and_budget_select_the_serving_pods() -> None:
+    children = build(SPECS["everything"])
+    pod_labels = children["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    svc = children["Service"]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert svc["metadata"]["annotations"] == {"a": "b"}
+    for selector in (
+        svc["spec"]["selector"],
+        children["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+    ):
+        assert selector.items() <= pod_labels.items()
+    assert children["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    monitor = children["ServiceMonitor"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+
+
+def test_image_defaults_to_the_operators_and_spec_overrides_it() -> None:
+    assert container(build(llmd()))["image"] == IMAGE
+    assert container(build(llmd(image="registry.local/fleetlm:dev")))["image"] == "registry.local/fleetlm:dev"

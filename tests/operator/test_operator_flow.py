@@ -1,0 +1,436 @@
+"""The real operator (kopf, handlers, kubernetes client) against the in-memory API: the reconciliation loop.
+
+The tests play the cluster's other controllers themselves: they write Deployment status as the deployment
+controller would, and create pods with the states a kubelet reports.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+from llm_operator.config import OperatorConfig
+from llm_operator.kube import Kube
+
+from tests.operator.apiserver import BackgroundApiServer
+from tests.operator.conftest import RESYNC_SECONDS, eventually
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+GROUP, VERSION, PLURAL = "fleetlm.dev", "v1alpha1", "llmdeployments"
+
+
+def create(kube: Kube, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("model", {"hf": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"}})
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    response = kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body, _preload_content=False
+    )
+    return json.loads(response.data)
+
+
+def patch_spec(kube: Kube, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}, _content_type="application/merge-patch+json"
+    )
+
+
+def llmd(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    body = kube.get(f"{GROUP}/{VERSION}", "LLMDeployment", namespace, name)
+    assert body is not None
+    return body
+
+
+def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def wait_condition(
+    kube: Kube, namespace: str, name: str, kind: str, status: str, reason: str | None = None
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        cond = condition(llmd(kube, namespace, name), kind)
+        return cond if cond.get("status") == status and reason in (None, cond.get("reason")) else None
+
+    return eventually(check, what=f"{kind}={status} ({reason})")
+
+
+def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in kube.list("v1", "Event", namespace) if e["involvedObject"]["name"] == name]
+
+
+def child(kube: Kube, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
+    return eventually(lambda: kube.get(api_version, kind, namespace, name), what=f"{kind} {name}")
+
+
+def pod(name: str, owner: str, model: str, status: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "app.kubernetes.io/name": "fleetlm",
+                "fleetlm.dev/llmdeployment": owner,
+                "app.kubernetes.io/managed-by": "fleetlm-operator",
+            },
+            "annotations": {"fleetlm.dev/model": model},
+        },
+        "spec": {"containers": [{"name": "server", "image": "x"}]},
+        "status": status,
+    }
+
+
+def set_pod(kube: Kube, namespace: str, body: dict[str, Any]) -> None:
+    name = body["metadata"]["name"]
+    if kube.get("v1", "Pod", namespace, name) is None:
+        kube.core.create_namespaced_pod(
+            namespace, {k: v for k, v in body.items() if k != "status"}, _preload_content=False
+        )
+    kube.core.patch_namespaced_pod_status(
+        name,
+        namespace,
+        {"status": body["status"]},
+        _content_type="application/merge-patch+json",
+        _preload_content=False,
+    )
+
+
+def roll_out(kube: Kube, namespace: str, name: str, ready: int) -> None:
+    """What the deployment controller reports once `ready` pods of the current template are available."""
+    deployment = kube.get("apps/v1", "Deployment", namespace, name)
+    assert deployment is not None
+    generation = deployment["metadata"]["generation"]
+    status = {
+        "observedGeneration": generation,
+        "replicas": ready,
+        "updatedReplicas": ready,
+        "readyReplicas": ready,
+        "availableReplicas": ready,
+    }
+    kube.custom.patch_namespaced_custom_object_status(
+        "apps",
+        "v1",
+        namespace,
+        "deployments",
+        name,
+        {"status": status},
+        _content_type="application/merge-patch+json",
+    )
+
+
+MODEL = "hf://HuggingFaceTB/SmolLM2-135M-Instruct@main"
+DOWNLOADING = {
+    "phase": "Pending",
+    "initContainerStatuses": [{"name": "model-download", "state": {"running": {}}}],
+}
+SERVING = {
+    "phase": "Running",
+    "conditions": [{"type": "Ready", "status": "True"}],
+    "initContainerStatuses": [{"name": "model-download", "state": {"terminated": {"exitCode": 0}}}],
+    "containerStatuses": [{"name": "server", "ready": True, "state": {"running": {}}}],
+}
+
+
+def test_create_builds_owned_children_and_status_follows_the_pods(kube: Kube, namespace: str) -> None:
+    created = create(kube, namespace, "demo")
+    uid = created["metadata"]["uid"]
+    for api_version, kind, name in [
+        ("v1", "PersistentVolumeClaim", "demo-model-cache"),
+        ("v1", "Service", "demo"),
+        ("apps/v1", "Deployment", "demo"),
+        ("policy/v1", "PodDisruptionBudget", "demo"),
+    ]:
+        obj = child(kube, api_version, kind, namespace, name)
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, "demo") is None
+
+    pending = wait_condition(kube, namespace, "demo", "Progressing", "True")
+    status = llmd(kube, namespace, "demo")["status"]
+    assert status["observedGeneration"] == 1 and pending["observedGeneration"] == 1
+    assert status["endpoint"] == f"http://demo.{namespace}.svc:80/v1"
+    assert status["selector"] == "app.kubernetes.io/name=fleetlm,fleetlm.dev/llmdeployment=demo"
+    assert status["model"] == MODEL and status["phase"] == "Pending"
+    assert condition(llmd(kube, namespace, "demo"), "Ready")["status"] == "False"
+
+    set_pod(kube, namespace, pod("demo-1", "demo", MODEL, DOWNLOADING))
+    wait_condition(kube, namespace, "demo", "ModelCached", "False", "Downloading")
+    assert llmd(kube, namespace, "demo")["status"]["phase"] == "Downloading"
+
+    set_pod(kube, namespace, pod("demo-1", "demo", MODEL, SERVING))
+    roll_out(kube, namespace, "demo", ready=1)
+    ready = wait_condition(kube, namespace, "demo", "Ready", "True", "Serving")
+    assert "1/1" in ready["message"] and ready["lastTransitionTime"]
+    status = llmd(kube, namespace, "demo")["status"]
+    assert (status["phase"], status["readyReplicas"], status["replicas"]) == ("Ready", 1, 1)
+    assert condition(llmd(kube, namespace, "demo"), "ModelCached")["status"] == "True"
+    assert status["cachedModel"] == MODEL
+    assert condition(llmd(kube, namespace, "demo"), "Degraded")["status"] == "False"
+    reasons = eventually(
+        lambda: (
+            {e["reason"] for e in events(kube, namespace, "demo")} >= {"Serving", "Downloaded"}
+            and events(kube, namespace, "demo")
+        )
+    )
+    assert all(e["type"] == "Normal" for e in reasons)
+
+
+def test_spec_changes_patch_add_and_remove_children(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "upd", cache={"accessMode": "ReadWriteMany"})
+    child(kube, "apps/v1", "Deployment", namespace, "upd")
+
+    patch_spec(
+        kube,
+        namespace,
+        "upd",
+        {
+            "engine": {"maxBatchSize": 48},
+            "autoscaling": {"maxReplicas": 5, "metric": "queueSize"},
+            "replicas": 2,
+        },
+    )
+
+    def patched() -> dict[str, Any] | None:
+        dep = kube.get("apps/v1", "Deployment", namespace, "upd")
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"] if dep else []
+        return dep if "48" in args and dep["spec"]["replicas"] == 2 else None
+
+    eventually(patched, what="the Deployment to carry the new spec")
+    hpa = child(kube, "autoscaling/v2", "HorizontalPodAutoscaler", namespace, "upd")
+    assert hpa["spec"]["maxReplicas"] == 5
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "llm_queue_size"
+    eventually(
+        lambda: llmd(kube, namespace, "upd")["status"].get("observedGeneration") == 2,
+        what="observedGeneration 2",
+    )
+
+    # Turning autoscaling off removes the HPA (and only it).
+    kube.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "upd",
+        {"spec": {"autoscaling": None}},
+        _content_type="application/merge-patch+json",
+    )
+    eventually(
+        lambda: kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, "upd") is None,
+        what="the HPA to go",
+    )
+    assert kube.get("v1", "Service", namespace, "upd") is not None
+
+
+def test_scale_subresource_value_reaches_the_deployment(kube: Kube, namespace: str) -> None:
+    # `kubectl scale llmd/x` and the HPA both write spec.replicas through /scale.
+    create(kube, namespace, "scaled", cache={"accessMode": "ReadWriteMany"})
+    child(kube, "apps/v1", "Deployment", namespace, "scaled")
+    patch_spec(kube, namespace, "scaled", {"replicas": 3})
+    eventually(
+        lambda: kube.get("apps/v1", "Deployment", namespace, "scaled")["spec"]["replicas"] == 3,
+        what="3 replicas",
+    )
+
+
+def test_deleted_or_edited_children_are_restored(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "heal")
+    child(kube, "v1", "Service", namespace, "heal")
+    original = child(kube, "apps/v1", "Deployment", namespace, "heal")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+
+    kube.delete("v1", "Service", namespace, "heal")
+    restored = child(kube, "v1", "Service", namespace, "heal")
+    assert restored["spec"]["ports"][0]["port"] == 80
+
+    edit = {
+        "spec": {
+            "template": {
+                "spec": {"containers": [{"name": "server", "image": "evil:latest", "args": ["--oops"]}]}
+            }
+        }
+    }
+    kube.custom.patch_namespaced_custom_object(
+        "apps", "v1", namespace, "deployments", "heal", edit, _content_type="application/merge-patch+json"
+    )
+
+    def repaired() -> bool:
+        container = kube.get("apps/v1", "Deployment", namespace, "heal")["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        return container["args"] == original and container["image"].endswith(":test")
+
+    eventually(repaired, what="the hand edit to be undone")
+
+
+def test_invalid_spec_gets_degraded_condition_and_event_and_no_children(kube: Kube, namespace: str) -> None:
+    # Both sources: the CEL rule rejects this where it is evaluated; an API server that skips CEL stores it.
+    create(kube, namespace, "bad", model={"hf": {"repo": "a/b"}, "pvc": {"claimName": "w"}})
+    degraded = wait_condition(kube, namespace, "bad", "Degraded", "True", "InvalidSpec")
+    assert "exactly one source" in degraded["message"]
+    assert condition(llmd(kube, namespace, "bad"), "Ready")["reason"] == "InvalidSpec"
+    assert llmd(kube, namespace, "bad")["status"]["phase"] == "Degraded"
+    event = eventually(
+        lambda: [e for e in events(kube, namespace, "bad") if e["reason"] == "InvalidSpec"], what="an Event"
+    )
+    assert event[0]["type"] == "Warning" and "exactly one source" in event[0]["message"]
+    assert kube.get("apps/v1", "Deployment", namespace, "bad") is None
+    assert kube.get("v1", "Service", namespace, "bad") is None
+
+
+def test_missing_token_secret_degrades_until_it_appears(kube: Kube, namespace: str) -> None:
+    create(
+        kube,
+        namespace,
+        "gated",
+        model={"hf": {"repo": "meta-llama/Llama-3.1-8B-Instruct"}, "tokenSecretRef": {"name": "hf-token"}},
+    )
+    degraded = wait_condition(kube, namespace, "gated", "Degraded", "True", "SecretNotFound")
+    assert "hf-token" in degraded["message"]
+    assert [e["type"] for e in events(kube, namespace, "gated") if e["reason"] == "SecretNotFound"] == [
+        "Warning"
+    ]
+    assert kube.get("apps/v1", "Deployment", namespace, "gated") is None
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "gated-model-cache") is None
+
+    secret = {"metadata": {"name": "hf-token"}, "data": {"HF_TOKEN": base64.b64encode(b"hf_x").decode()}}
+    kube.core.create_namespaced_secret(namespace, secret)
+    dep = child(kube, "apps/v1", "Deployment", namespace, "gated")  # picked up by the periodic resync
+    env = dep["spec"]["template"]["spec"]["initContainers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in env
+    wait_condition(kube, namespace, "gated", "Degraded", "False")
+
+
+def test_unknown_gpu_resource_degrades_without_children(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "tpu", resources={"gpu": {"count": 1, "resourceName": "example.com/tpu"}})
+    degraded = wait_condition(kube, namespace, "tpu", "Degraded", "True", "UnknownGPUResource")
+    assert "example.com/tpu" in degraded["message"]
+    assert kube.get("apps/v1", "Deployment", namespace, "tpu") is None
+    create(
+        kube, namespace, "gpu", resources={"gpu": {"count": 2}}
+    )  # the fixture's node offers nvidia.com/gpu
+    child(kube, "apps/v1", "Deployment", namespace, "gpu")
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "reason"),
+    [(3, "ModelAccessDenied"), (4, "ModelNotFound"), (5, "DownloadNetworkError"), (6, "CacheVolumeError")],
+)
+def test_download_failures_surface_as_condition_reasons(
+    kube: Kube, namespace: str, exit_code: int, reason: str
+) -> None:
+    create(kube, namespace, "dl")
+    child(kube, "apps/v1", "Deployment", namespace, "dl")
+    failed = {
+        "phase": "Pending",
+        "initContainerStatuses": [
+            {
+                "name": "model-download",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": exit_code}},
+            }
+        ],
+    }
+    set_pod(kube, namespace, pod("dl-1", "dl", MODEL, failed))
+    degraded = wait_condition(kube, namespace, "dl", "Degraded", "True", reason)
+    assert f"exited with code {exit_code}" in degraded["message"]
+    assert condition(llmd(kube, namespace, "dl"), "ModelCached")["reason"] == reason
+    assert [e["type"] for e in events(kube, namespace, "dl") if e["reason"] == reason] == ["Warning"]
+
+
+def test_image_pull_and_scheduling_failures_surface(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "pull")
+    child(kube, "apps/v1", "Deployment", namespace, "pull")
+    pulling = {
+        "phase": "Pending",
+        "containerStatuses": [
+            {
+                "name": "server",
+                "image": "ghcr.io/fleetlm/fleetlm:nope",
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}},
+            }
+        ],
+    }
+    set_pod(kube, namespace, pod("pull-1", "pull", MODEL, pulling))
+    degraded = wait_condition(kube, namespace, "pull", "Degraded", "True", "ImagePullFailed")
+    assert "fleetlm:nope" in degraded["message"]
+
+    unschedulable = {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes: Insufficient nvidia.com/gpu",
+            }
+        ],
+    }
+    kube.delete("v1", "Pod", namespace, "pull-1")
+    set_pod(kube, namespace, pod("pull-2", "pull", MODEL, unschedulable))
+    degraded = wait_condition(kube, namespace, "pull", "Degraded", "True", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in degraded["message"]
+
+
+def test_service_monitor_skipped_with_event_until_its_crd_exists(
+    kube: Kube, namespace: str, apiserver: BackgroundApiServer
+) -> None:
+    create(kube, namespace, "mon", monitoring={"serviceMonitor": True})
+    child(kube, "apps/v1", "Deployment", namespace, "mon")
+    skipped = eventually(
+        lambda: [e for e in events(kube, namespace, "mon") if e["reason"] == "ServiceMonitorSkipped"],
+        what="an Event",
+    )
+    assert "prometheus-operator" in skipped[0]["message"]
+    assert kube.get("monitoring.coreos.com/v1", "ServiceMonitor", namespace, "mon") is None
+    apiserver.serve_service_monitors(True)
+    try:
+        monitor = child(kube, "monitoring.coreos.com/v1", "ServiceMonitor", namespace, "mon")
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    finally:
+        apiserver.serve_service_monitors(False)
+
+
+def test_children_are_written_with_server_side_apply(
+    kube: Kube, namespace: str, apiserver: BackgroundApiServer
+) -> None:
+    create(kube, namespace, "ssa")
+    child(kube, "policy/v1", "PodDisruptionBudget", namespace, "ssa")
+    writes = [
+        r
+        for r in list(apiserver.emulator)
+        if r.method == "PATCH" and r.namespace == namespace and r.resource.plural != PLURAL
+    ]
+    assert writes
+    for request in writes:
+        assert request.headers["Content-Type"] == "application/apply-patch+yaml"
+        assert (
+            request.params["fieldManager"] == "fleetlm-operator" and request.params["force"].lower() == "true"
+        )  # the API server parses bools leniently
+    assert any(r.params.get("dryRun") == "All" for r in writes), (
+        "a new spec is dry-run before anything is stored"
+    )
+
+
+def test_operator_serves_health_and_its_own_metrics(
+    operator: OperatorConfig, kube: Kube, namespace: str
+) -> None:
+    create(kube, namespace, "metered")
+    child(kube, "apps/v1", "Deployment", namespace, "metered")
+    eventually(lambda: llmd(kube, namespace, "metered").get("status"), what="a status")
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5) as response:
+        assert response.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'fleetlm_operator_reconciles_total{result="ok",trigger="spec"}' in text
+    assert "fleetlm_operator_reconcile_duration_seconds_bucket" in text
+    assert "fleetlm_operator_reconcile_errors_total" in text
+    assert RESYNC_SECONDS > 0

@@ -1,0 +1,200 @@
+"""Reconciler contracts with the API server that the handler-level flow does not pin down on its own:
+conflicts, refusals, pruning, drift. Run without kopf, against an in-memory API of their own (the running
+operator of the flow tests would otherwise reconcile these objects too)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from llm_operator import metrics
+from llm_operator.config import parse_args
+from llm_operator.drift import drifted
+from llm_operator.kube import Kube
+from llm_operator.reconciler import Reconciler, TransientError
+
+from tests.operator.apiserver import BackgroundApiServer
+from tests.operator.conftest import client, write_kubeconfig
+
+GROUP, VERSION, PLURAL = "fleetlm.dev", "v1alpha1", "llmdeployments"
+CONFIG = parse_args(["--standalone", "--default-image", "img:test"], env={})
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    with BackgroundApiServer() as apiserver:
+        yield client(write_kubeconfig(apiserver, tmp_path_factory.mktemp("kube") / "config"))
+
+
+def create(kube: Kube, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("model", {"hf": {"repo": "org/model"}})
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    return json.loads(
+        kube.custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body, _preload_content=False
+        ).data
+    )
+
+
+def condition(kube: Kube, namespace: str, name: str, kind: str) -> dict[str, Any]:
+    body = kube.get(f"{GROUP}/{VERSION}", "LLMDeployment", namespace, name)
+    assert body is not None
+    return next(c for c in body["status"]["conditions"] if c["type"] == kind)
+
+
+class RacingKube(Kube):
+    """Another writer changes the LLMDeployment between the operator's read and its status write, once."""
+
+    raced = False
+
+    def patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        if not self.raced:
+            self.raced = True
+            meta = body["metadata"]
+            patch = {"metadata": {"annotations": {"someone": "else"}}}
+            self.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                meta["namespace"],
+                PLURAL,
+                meta["name"],
+                patch,
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
+            )
+        return super().patch_status(body, status)
+
+
+def test_status_write_conflict_is_retried_on_the_fresh_object(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "race")
+    racing = RacingKube(kube.api)
+    Reconciler(racing, CONFIG).reconcile(namespace, "race", trigger="test", apply_all=True)
+    assert racing.raced
+    body = kube.get(f"{GROUP}/{VERSION}", "LLMDeployment", namespace, "race")
+    assert body is not None and body["metadata"]["annotations"] == {"someone": "else"}
+    assert body["status"]["observedGeneration"] == 1  # written after the 409, on top of the other change
+
+
+class RefusingKube(Kube):
+    """The API server refuses one kind, as admission or validation would (422 with a Status message)."""
+
+    def apply(self, manifest: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+        if manifest["kind"] == "PodDisruptionBudget":
+            error = ApiException(status=422, reason="Unprocessable Entity")
+            error.body = json.dumps(
+                {"kind": "Status", "message": 'PodDisruptionBudget.policy "x" is invalid: spec: forbidden'}
+            )
+            raise error
+        return super().apply(manifest, dry_run=dry_run)
+
+
+def test_a_refused_child_degrades_and_nothing_is_half_created(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "refused")
+    Reconciler(RefusingKube(kube.api), CONFIG).reconcile(namespace, "refused", trigger="test", apply_all=True)
+    degraded = condition(kube, namespace, "refused", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ChildRejected")
+    assert "spec: forbidden" in degraded["message"]
+    # The dry run failed first, so not even the children before the refused one were stored.
+    for api_version, kind, name in [
+        ("v1", "PersistentVolumeClaim", "refused-model-cache"),
+        ("v1", "Service", "refused"),
+        ("apps/v1", "Deployment", "refused"),
+    ]:
+        assert kube.get(api_version, kind, namespace, name) is None
+
+
+def test_prune_removes_only_what_this_resource_owns(kube: Kube, namespace: str) -> None:
+    body = create(kube, namespace, "prune", autoscaling={"maxReplicas": 3})
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "prune", trigger="test", apply_all=True)
+    assert kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, "prune") is not None
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "lookalike",
+            "namespace": namespace,
+            "labels": {"fleetlm.dev/llmdeployment": "prune"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "other"}],
+        },
+        "spec": {"ports": [{"port": 1}]},
+    }
+    kube.apply(foreign)
+    kube.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "prune",
+        {"spec": {"autoscaling": None}},
+        _content_type="application/merge-patch+json",
+        _preload_content=False,
+    )
+    reconciler.reconcile(namespace, "prune", trigger="test", apply_all=True)
+    assert kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, "prune") is None
+    assert kube.get("v1", "Service", namespace, "lookalike") is not None
+    assert (
+        kube.get("v1", "Service", namespace, "prune")["metadata"]["ownerReferences"][0]["uid"]
+        == body["metadata"]["uid"]
+    )
+
+
+class FailingKube(Kube):
+    def list(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        raise ApiException(status=503, reason="Service Unavailable")
+
+
+def test_api_outage_is_transient_and_counted(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "outage")
+    before = metrics.ERRORS.labels("test", "http_503")._value.get()
+    with pytest.raises(TransientError, match="503"):
+        Reconciler(FailingKube(kube.api), CONFIG).reconcile(
+            namespace, "outage", trigger="test", apply_all=True
+        )
+    assert metrics.ERRORS.labels("test", "http_503")._value.get() == before + 1
+
+
+def test_a_deleted_resource_is_left_to_the_garbage_collector(kube: Kube, namespace: str) -> None:
+    Reconciler(kube, CONFIG).reconcile(namespace, "never-existed", trigger="test", apply_all=True)
+    assert kube.list("v1", "Service", namespace) == []
+
+
+DESIRED = {
+    "apiVersion": "v1",
+    "kind": "PersistentVolumeClaim",
+    "metadata": {"name": "c", "labels": {"a": "b"}},
+    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1024Mi"}}},
+}
+
+
+def test_drift_ignores_server_additions_and_canonical_quantities() -> None:
+    live = json.loads(json.dumps(DESIRED))
+    live["metadata"].update(uid="u", resourceVersion="7", labels={"a": "b", "extra": "x"})
+    live["spec"]["resources"]["requests"]["storage"] = "1Gi"
+    live["spec"]["volumeMode"] = "Filesystem"
+    live["status"] = {"phase": "Bound"}
+    assert not drifted(DESIRED, live)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda o: o.update(spec={**o["spec"], "accessModes": ["ReadWriteMany"]}),
+        lambda o: o["metadata"]["labels"].pop("a"),
+        lambda o: o["spec"]["accessModes"].append("ReadOnlyMany"),
+        lambda o: o["spec"]["resources"]["requests"].update(storage="2Gi"),
+    ],
+)
+def test_drift_sees_changed_or_missing_declared_fields(edit: Any) -> None:
+    live = json.loads(json.dumps(DESIRED))
+    edit(live)
+    assert drifted(DESIRED, live)
+    assert drifted(DESIRED, None)
