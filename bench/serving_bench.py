@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", default="16-64")
     parser.add_argument("--output-len", default="16-256")
     parser.add_argument("--seed", type=int, default=0)

@@ -50,6 +50,13 @@ class Metrics:
         self.batch_size = Histogram(
             "llm_batch_size", "Sequences computed per engine step", labels, buckets=_BATCH_BUCKETS, registry=r
         )
+        self.step_duration = Histogram(
+            "llm_engine_step_seconds",
+            "Duration of one engine step (schedule, forward pass, sampling, detokenization)",
+            labels,
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model = model
         for metric in (self.requests, self.requests_success, self.requests_failed, self.tokens_generated, self.prompt_tokens):
             metric.labels(model)  # export zeros before the first request, so rate() works at once
@@ -61,6 +68,7 @@ class Metrics:
         self.kv_cache_usage.labels(m).set(stats.kv_usage)
         if stats.batch_size:
             self.batch_size.labels(m).observe(stats.batch_size)
+            self.step_duration.labels(m).observe(stats.duration)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,10 +22,10 @@ RETRY_AFTER_SECONDS = 1
 @dataclass(slots=True)
 class Prompt:
     token_ids: list[int]
-    text: str  # for echo
+    text: str  # for echo; empty for token-id prompts that are not echoed
 
 
-def encode_completion_prompt(state: AppState, prompt: str | list[int]) -> Prompt:
+def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: bool) -> Prompt:
     assert state.model is not None
     tokenizer = state.model.tokenizer
     if isinstance(prompt, str):
@@ -34,7 +34,7 @@ def encode_completion_prompt(state: AppState, prompt: str | list[int]) -> Prompt
     bad = [t for t in prompt if t >= vocab]
     if bad:
         raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {vocab})", param="prompt")
-    return Prompt(list(prompt), tokenizer.decode(prompt))
+    return Prompt(list(prompt), tokenizer.decode(prompt) if echo else "")
 
 
 def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:

@@ -161,7 +161,7 @@ async def completions():
     check_model(st, req.model)
     raw_prompts = req.prompts()
     check_n(st, req, len(raw_prompts))
-    prompts = [await st.run_blocking(encode_completion_prompt, st, p) for p in raw_prompts]
+    prompts = [await st.run_blocking(encode_completion_prompt, st, p, req.echo) for p in raw_prompts]
     explicit = "max_tokens" in req.model_fields_set
     budgets = [completion_budget(st, req, req.max_tokens, explicit, p, "prompt") for p in prompts]
     want_prompt_lp = req.echo and req.logprobs is not None
