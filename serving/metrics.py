@@ -58,8 +58,13 @@ class Metrics:
             registry=r,
         )
         self.model = model
-        for metric in (self.requests, self.requests_success, self.requests_failed, self.tokens_generated, self.prompt_tokens):
-            metric.labels(model)  # export zeros before the first request, so rate() works at once
+        every = (
+            self.requests, self.requests_success, self.requests_failed, self.request_duration, self.tokens_generated,
+            self.prompt_tokens, self.queue_size, self.active_requests, self.ttft, self.tpot, self.kv_cache_usage,
+            self.batch_size, self.step_duration,
+        )  # fmt: skip
+        for metric in every:
+            metric.labels(model)  # every series exists from the start, so dashboards and rate() work at once
 
     def observe_step(self, stats: StepStats) -> None:
         """Called from the engine thread after every step (prometheus-client is thread-safe)."""

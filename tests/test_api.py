@@ -294,18 +294,24 @@ async def test_sixteen_concurrent_streams_complete_exactly(server, aclient):
 
 def test_disconnect_frees_the_sequence_at_once(server):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": True}
+    batch_key = f'llm_batch_size_sum{{model="{MODEL}"}}'
+    before = server.metrics()
     with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         seen = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in seen)
-        assert server.metric("llm_kv_cache_usage_ratio") > 0
         assert server.metric("llm_active_requests") == 1
-    # The client is gone; its blocks must come back long before 450 tokens could have been made.
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and (server.metric("llm_kv_cache_usage_ratio") > 0 or server.metric("llm_active_requests") > 0):
         time.sleep(0.02)
+    after = server.metrics()
     assert server.metric("llm_kv_cache_usage_ratio") == 0
     assert server.metric("llm_active_requests") == 0
+    # Aborted, not finished: it counts as failed, and the engine stopped computing it long
+    # before its 450 tokens (sequences per step, summed, is the tokens the engine computed).
+    assert after[f'llm_requests_failed_total{{model="{MODEL}"}}'] == before[f'llm_requests_failed_total{{model="{MODEL}"}}'] + 1
+    assert after[f'llm_requests_success_total{{model="{MODEL}"}}'] == before[f'llm_requests_success_total{{model="{MODEL}"}}']
+    assert after[batch_key] - before[batch_key] < 300
 
 
 def test_metrics_exposes_every_documented_series(server, client):

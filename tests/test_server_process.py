@@ -33,43 +33,47 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     base = f"http://127.0.0.1:{port}"
     log_file = open(tmp_path / "server.log", "w")  # noqa: SIM115 - the process writes it until it exits
     env = {**os.environ, "LLM_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--drain-timeout", "60"],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    # One batch slot: six accepted requests run one after another, so there is work in flight
+    # well after SIGTERM however fast the machine is.
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--drain-timeout", "120"]
+    proc = subprocess.Popen([*cmd, "--max-batch-size", "1"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    streams = 6
     try:
         _wait_healthy(base, proc)
         body = {"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": True}
-        events: list[dict] = []
+        finishes: list[str | None] = []
         started = threading.Event()
 
         def consume() -> None:
+            reason = None
             with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
-                        events.append(json.loads(line[6:]))
                         started.set()
+                        reason = json.loads(line[6:])["choices"][0]["finish_reason"] or reason
+            finishes.append(reason)
 
-        reader = threading.Thread(target=consume)
-        reader.start()
+        readers = [threading.Thread(target=consume) for _ in range(streams)]
+        for reader in readers:
+            reader.start()
         assert started.wait(30)
+        time.sleep(0.1)  # let every request reach the server
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.2)
         health = httpx.get(base + "/health", timeout=5)
         assert health.status_code == 503 and health.json()["status"] == "draining"
         refused = httpx.post(base + "/v1/completions", json={"model": "stories260k", "prompt": "hi"}, timeout=5)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
-        reader.join(60)
+        for reader in readers:
+            reader.join(120)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
         log_file.close()
-    # The in-flight stream was not cut: all 450 tokens arrived, then a clean finish.
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    # No in-flight stream was cut: every one got all 450 tokens and a clean finish.
+    assert finishes == ["length"] * streams
     logs = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.startswith("{")]
     finished = [entry for entry in logs if entry["msg"] == "request finished" and entry["status"] == 200]
-    assert any(entry["completion_tokens"] == 450 for entry in finished)
+    assert sum(entry["completion_tokens"] == 450 for entry in finished) == streams
     assert any(entry["msg"] == "draining" for entry in logs)
