@@ -50,6 +50,10 @@ class Metrics:
         self.batch_size = Histogram(
             "llm_batch_size", "Sequences computed per engine step", labels, buckets=_BATCH_BUCKETS, registry=r
         )
+        self.preemptions = Counter(
+            "llm_preemptions", "Sequences preempted (blocks freed, recomputed later) because the KV cache was full",
+            labels, registry=r,
+        )
         self.step_duration = Histogram(
             "llm_engine_step_seconds",
             "Duration of one engine step (schedule, forward pass, sampling, detokenization)",
@@ -61,7 +65,7 @@ class Metrics:
         every = (
             self.requests, self.requests_success, self.requests_failed, self.request_duration, self.tokens_generated,
             self.prompt_tokens, self.queue_size, self.active_requests, self.ttft, self.tpot, self.kv_cache_usage,
-            self.batch_size, self.step_duration,
+            self.batch_size, self.step_duration, self.preemptions,
         )  # fmt: skip
         for metric in every:
             metric.labels(model)  # every series exists from the start, so dashboards and rate() work at once
@@ -71,6 +75,8 @@ class Metrics:
         m = self.model
         self.queue_size.labels(m).set(stats.num_waiting)
         self.kv_cache_usage.labels(m).set(stats.kv_usage)
+        if stats.num_preempted:
+            self.preemptions.labels(m).inc(stats.num_preempted)
         if stats.batch_size:
             self.batch_size.labels(m).observe(stats.batch_size)
             self.step_duration.labels(m).observe(stats.duration)

@@ -330,6 +330,8 @@ def test_metrics_exposes_every_documented_series(server, client):
         "llm_time_per_output_token_seconds_bucket",
         "llm_kv_cache_usage_ratio",
         "llm_batch_size_bucket",
+        "llm_engine_step_seconds_bucket",
+        "llm_preemptions_total",
     ):
         assert f'{name}{{' in text, name
     assert f'model="{MODEL}"' in text

@@ -96,7 +96,6 @@ def test_preemption_under_kv_pressure_keeps_outputs_exact(model_root, arch):
         for delta in engine.step():
             out[delta.request_id].extend(delta.token_ids)
         preempted += engine.last_stats.num_preempted
-        assert engine.blocks.num_free >= 0
     assert preempted > 0, "the test meant to exercise preemption"
     assert engine.blocks.usage == 0.0, "finished sequences must return every block"
     for i, prompt in enumerate(prompts):

@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -35,8 +35,6 @@ class ServedModel:
     @property
     def vocab_size(self) -> int:
         return self.info.vocab_size
-
-T = TypeVar("T")
 
 
 @dataclass

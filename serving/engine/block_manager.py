@@ -16,10 +16,6 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
 
     @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
 

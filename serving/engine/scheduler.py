@@ -90,7 +90,6 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         batch.items = [(s, n) for s, n in batch.items if s is not seq]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +40,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:
