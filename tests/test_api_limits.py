@@ -44,3 +44,24 @@ def test_api_key_guards_the_api_but_not_probes():
         assert httpx.post(server.base_url + "/tokenize", json={"prompt": "x"}).status_code == 401
         assert httpx.get(server.base_url + "/health").status_code == 200
         assert httpx.get(server.base_url + "/metrics").status_code == 200
+
+
+async def test_a_small_kv_cache_makes_requests_wait_not_fail():
+    # Room for about two 300-token sequences; sixteen arrive at once. They queue, some are
+    # preempted and recomputed, and every one still returns exactly what it returns alone.
+    with RunningServer(kv_cache_tokens=640, max_batch_size=16) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        prompts = [f"Once upon a time {word}" for word in ("Lily", "Ben", "a dog", "the sun")] * 4
+
+        async def run(prompt: str) -> str:
+            out = await client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=300, temperature=0, extra_body={"ignore_eos": True}
+            )
+            assert out.usage.completion_tokens == 300
+            return out.choices[0].text
+
+        alone = {p: await run(p) for p in set(prompts)}
+        together = await asyncio.gather(*(run(p) for p in prompts))
+        assert together == [alone[p] for p in prompts]
+        assert server.metric("llm_preemptions_total") > 0
+        assert server.metric("llm_kv_cache_usage_ratio") == 0
