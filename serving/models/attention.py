@@ -31,6 +31,7 @@ class AttentionBatch:
     decode_rows: torch.Tensor | None = None  # [B] rows of the decoding sequences' queries
     decode_slots: torch.Tensor | None = None  # [B, max_ctx] their cached slots, padded with 0
     decode_lens: torch.Tensor | None = None  # [B] their context lengths (query included)
+    decodes_first: bool = False  # decode rows are exactly 0..B-1 (the scheduler packs them first)
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
@@ -83,17 +84,23 @@ class PagedAttention:
     ) -> torch.Tensor:
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
-        out = torch.empty_like(q)
         gqa = self.num_heads != self.num_kv_heads
+        out = None
         if batch.decode_rows is not None:
             assert batch.decode_slots is not None
-            qd = q.index_select(0, batch.decode_rows).unsqueeze(2)  # [B, H, 1, D]
+            n = batch.decode_slots.shape[0]
+            qd = q[:n] if batch.decodes_first else q.index_select(0, batch.decode_rows)
             kd = _gather(k_cache, batch.decode_slots).transpose(1, 2)  # [B, KVH, ctx, D]
             vd = _gather(v_cache, batch.decode_slots).transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=batch.decode_mask(self.window, q.dtype), scale=self.scale, enable_gqa=gqa
-            )
-            out.index_copy_(0, batch.decode_rows, o.squeeze(2))
+                qd.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask(self.window, q.dtype), scale=self.scale, enable_gqa=gqa
+            ).squeeze(2)
+            if not batch.prefills and batch.decodes_first:
+                return o  # a pure decode step: the output is already in row order
+            out = torch.empty_like(q)
+            out.index_copy_(0, batch.decode_rows, o)
+        if out is None:
+            out = torch.empty_like(q)
         for chunk in batch.prefills:
             qp = q[chunk.rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
             length = qp.shape[2]

@@ -92,6 +92,7 @@ class NativeRunner:
         if decoding:
             batch.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
             batch.decode_slots, batch.decode_lens = self._decode_slots(decoding)
+            batch.decodes_first = decode_rows == list(range(len(decode_rows)))
         hidden = self.model(
             torch.tensor(token_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
