@@ -28,19 +28,22 @@ class AttentionBatch:
     """Per-step attention metadata, shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] cache slot for each new token
+    block_size: int = 16
     decode_rows: torch.Tensor | None = None  # [B] rows of the decoding sequences' queries
-    decode_slots: torch.Tensor | None = None  # [B, max_ctx] their cached slots, padded with 0
+    decode_blocks: torch.Tensor | None = None  # [B, max_blocks] their block tables, padded with 0
     decode_lens: torch.Tensor | None = None  # [B] their context lengths (query included)
     decodes_first: bool = False  # decode rows are exactly 0..B-1 (the scheduler packs them first)
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 1, 1, max_ctx] additive mask (0 or -inf): which padded keys each decode query sees.
-        Built once per step and window, in the activations' dtype, so no layer converts it again."""
+        """[B, 1, 1, max_blocks * block_size] additive mask (0 or -inf): which gathered keys each
+        decode query sees. Built once per step and window, in the activations' dtype, so no layer
+        converts it again."""
         if window not in self._masks:
-            assert self.decode_slots is not None and self.decode_lens is not None
-            key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device).unsqueeze(0)
+            assert self.decode_blocks is not None and self.decode_lens is not None
+            width = self.decode_blocks.shape[1] * self.block_size
+            key_pos = torch.arange(width, device=self.decode_blocks.device).unsqueeze(0)
             query_pos = (self.decode_lens - 1).unsqueeze(1)
             mask = key_pos <= query_pos
             if window is not None:
@@ -50,10 +53,13 @@ class AttentionBatch:
         return self._masks[window]
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache rows at slots [B, ctx] -> [B, ctx, KVH, D]; index_select is several times faster on
-    CPU than advanced indexing with a 2-D index."""
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Whole cache blocks [B, max_blocks] -> [B, max_blocks * block_size, KVH, D]. Copying blocks
+    rather than slots moves the same bytes in block_size times fewer, larger rows (measured 40%
+    faster on CPU), and index_select is several times faster there than 2-D advanced indexing."""
+    per_block = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])
+    gathered = per_block.index_select(0, blocks.reshape(-1))
+    return gathered.view(blocks.shape[0], blocks.shape[1] * block_size, *cache.shape[1:])
 
 
 def _prefill_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -87,14 +93,22 @@ class PagedAttention:
         gqa = self.num_heads != self.num_kv_heads
         out = None
         if batch.decode_rows is not None:
-            assert batch.decode_slots is not None
-            n = batch.decode_slots.shape[0]
+            assert batch.decode_blocks is not None
+            n = batch.decode_blocks.shape[0]
             qd = q[:n] if batch.decodes_first else q.index_select(0, batch.decode_rows)
-            kd = _gather(k_cache, batch.decode_slots).transpose(1, 2)  # [B, KVH, ctx, D]
-            vd = _gather(v_cache, batch.decode_slots).transpose(1, 2)
+            kd = _gather_blocks(k_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)  # [B, KVH, ctx, D]
+            vd = _gather_blocks(v_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)
+            # The query heads sharing a KV head ride as that head's query rows ([B, KVH, group, D]):
+            # one query per sequence, so this is exact, and it spares SDPA expanding K and V per
+            # query head (enable_gqa), measured 15% of the decode attention on CPU.
+            group = self.num_heads // self.num_kv_heads
             o = F.scaled_dot_product_attention(
-                qd.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask(self.window, q.dtype), scale=self.scale, enable_gqa=gqa
-            ).squeeze(2)
+                qd.reshape(n, self.num_kv_heads, group, self.head_dim),
+                kd,
+                vd,
+                attn_mask=batch.decode_mask(self.window, q.dtype),
+                scale=self.scale,
+            ).reshape(n, self.num_heads, self.head_dim)
             if not batch.prefills and batch.decodes_first:
                 return o  # a pure decode step: the output is already in row order
             out = torch.empty_like(q)

@@ -57,15 +57,16 @@ class NativeRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _decode_slots(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, max_ctx] cache slots of each decoding sequence (padding points at slot 0, masked
-        out by length) and [B] context lengths, computed from the block tables as tensors."""
+    def _decode_blocks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, max_blocks] block tables of the decoding sequences (padding points at block 0,
+        masked out by length) and [B] context lengths."""
         lengths = [s.num_cached + 1 for s in seqs]
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
-        positions = torch.arange(max(lengths))
-        slots = tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
-        return slots.to(self.device), torch.tensor(lengths, dtype=torch.long, device=self.device)
+        width = max(-(-n // self.block_size) for n in lengths)
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
+        return (
+            torch.tensor(tables, dtype=torch.long, device=self.device),
+            torch.tensor(lengths, dtype=torch.long, device=self.device),
+        )
 
     @torch.inference_mode()
     def execute(self, items: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
@@ -88,10 +89,12 @@ class NativeRunner:
                 slots = torch.tensor(self._slots(seq, 0, end), dtype=torch.long, device=self.device)
                 prefills.append(PrefillChunk(slice(row, row + n), start, slots))
         dev = self.device
-        batch = AttentionBatch(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev), prefills=prefills)
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev), block_size=self.block_size, prefills=prefills
+        )
         if decoding:
             batch.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            batch.decode_slots, batch.decode_lens = self._decode_slots(decoding)
+            batch.decode_blocks, batch.decode_lens = self._decode_blocks(decoding)
             batch.decodes_first = decode_rows == list(range(len(decode_rows)))
         hidden = self.model(
             torch.tensor(token_ids, dtype=torch.long, device=dev),
