@@ -2,6 +2,9 @@
 
 Starts `python -m serving` on a free port (or uses --base-url), sweeps concurrency with the
 load generator, then runs the transformers peer one request at a time and in static batches.
+Then --rounds more times, alternately, FleetLM at the top concurrency and the peer's best static
+batch: on a shared machine whose speed drifts over minutes, ratios of measurements taken seconds
+apart are what to trust, and their spread says how much.
 
     python -m bench.serving_bench                      # the embedded demo model, CPU
     python -m bench.serving_bench --model-path DIR --vocab-size 49152 --device cuda
@@ -16,6 +19,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -77,6 +81,7 @@ def main() -> None:
         "--peer-threads", default=f"1,{os.cpu_count()}", help="torch thread counts to run the peer with; its best counts"
     )
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--rounds", type=int, default=4, help="extra paired rounds of the top-concurrency comparison")
     parser.add_argument("--json", default="bench/results/serving_bench.json")
     args = parser.parse_args()
 
@@ -89,39 +94,55 @@ def main() -> None:
         model = httpx.get(base_url + "/models").json()["data"][0]["id"]
     else:
         proc, base_url, model = start_server(args)
+    top = max(sweep)
+    rounds: list[dict[str, float]] = []
     try:
         asyncio.run(run_load(base_url, model, workload[:4], 4))  # warm-up
         for c in sweep:
             rows.append(asyncio.run(run_load(base_url, model, workload, c)))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+
+        # The idle server uses no CPU while the peer runs in this process.
+        if not args.no_peer:
+            from serving.models.loader import demo_model_dir
+
+            peer = load_peer(args.model_path or str(demo_model_dir()))
+            static_threads: dict[str, int] = {}
+            for threads in sorted({int(t) for t in args.peer_threads.split(",")}):
+                torch.set_num_threads(threads)
+                run_one_at_a_time(peer, workload[:2])  # warm-up
+                for summary in (run_one_at_a_time(peer, workload), run_static_batches(peer, workload, top)):
+                    summary.system += f", {threads} thread{'s' if threads > 1 else ''}"
+                    if "static" in summary.system:
+                        static_threads[summary.system] = threads
+                    rows.append(summary)
+                    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+            best = max((r for r in rows if r.system in static_threads), key=lambda r: r.output_tok_s)
+            torch.set_num_threads(static_threads[best.system])
+            for _ in range(args.rounds):
+                fleet = asyncio.run(run_load(base_url, model, workload, top)).output_tok_s
+                static = run_static_batches(peer, workload, top).output_tok_s
+                rounds.append({"fleetlm": fleet, "peer": static})
+                print(f"round {len(rounds)}: fleetlm c{top} {fleet:.0f} tok/s, {best.system} {static:.0f} tok/s", flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
 
-    if not args.no_peer:
-        from serving.models.loader import demo_model_dir
-
-        peer = load_peer(args.model_path or str(demo_model_dir()))
-        for threads in sorted({int(t) for t in args.peer_threads.split(",")}):
-            torch.set_num_threads(threads)
-            run_one_at_a_time(peer, workload[:2])  # warm-up
-            for summary in (run_one_at_a_time(peer, workload), run_static_batches(peer, workload, max(sweep))):
-                summary.system += f", {threads} thread{'s' if threads > 1 else ''}"
-                rows.append(summary)
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-
     print()
     print(format_table(rows))
     ours = {r.concurrency: r.output_tok_s for r in rows if r.system == "fleetlm"}
     ratios = {}
-    top = max(sweep)
     if 1 in ours and top in ours:
         ratios[f"fleetlm c{top} / fleetlm c1"] = ours[top] / ours[1]
+    name = f"fleetlm c{top} / best transformers static batch {top}"
     static = [r for r in rows if r.system.startswith("transformers, static")]
-    if static and top in ours:
-        best = max(static, key=lambda r: r.output_tok_s)
-        ratios[f"fleetlm c{top} / best transformers static batch {top}"] = ours[top] / best.output_tok_s
+    if rounds:
+        paired = sorted(r["fleetlm"] / r["peer"] for r in rounds)
+        ratios[f"{name}, median of {len(paired)} paired rounds"] = statistics.median(paired)
+        ratios[f"{name}, min"], ratios[f"{name}, max"] = paired[0], paired[-1]
+    elif static and top in ours:  # minutes apart: read with the machine's drift in mind
+        ratios[f"{name}, sweep"] = ours[top] / max(r.output_tok_s for r in static)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +152,7 @@ def main() -> None:
                 "args": vars(args),
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                 "rows": [asdict(r) for r in rows],
+                "rounds": rounds,
                 "ratios": ratios,
             },
             f,
