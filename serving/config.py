@@ -65,7 +65,12 @@ class ServeConfig(BaseModel):
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
     kv_cache_tokens: int | None = Field(None, ge=16, description="KV cache capacity in tokens (default: from memory)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory FleetLM may use")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: cores - 1, at least 1)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine (default: usable cores - 1, at least 1; a container CPU limit counts)")
+    cpu_affinity: Literal["auto", "none"] = Field(
+        "auto",
+        description="auto: on CPU, the engine's threads get cores of their own and the API process the rest "
+        "(when there are more cores than engine threads); none: the OS schedules both",
+    )
     download_dir: str | None = Field(None, description="where Hub models are stored (default: ~/.cache/fleetlm)")
     cors_origins: str = Field("*", description="comma-separated origins allowed by CORS ('' disables CORS)")
 

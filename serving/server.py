@@ -17,17 +17,12 @@ from hypercorn.config import Config as HypercornConfig
 from serving.api.app import create_app
 from serving.api.state import AppState, ServedModel
 from serving.config import ServeConfig
+from serving.cpus import default_threads, pin_process
 from serving.engine.async_engine import AsyncEngine
 from serving.metrics import Metrics
 from serving.models.loader import load_tokenizer, served_name
 
 log = logging.getLogger("fleetlm.server")
-
-
-def default_threads() -> int:
-    """Leave a core to the API process. Measured with `bench.serving_bench --threads` on 2 cores:
-    2 engine threads ran 3-6x slower than 1, fighting the API process for the cores."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 async def _start_engine(state: AppState, threads: int) -> None:
@@ -36,6 +31,10 @@ async def _start_engine(state: AppState, threads: int) -> None:
     engine = AsyncEngine(cfg, threads, on_step=state.metrics.observe_step)
     try:
         info = await engine.start()
+        if info.engine_cpus:
+            api_cpus = os.sched_getaffinity(0) - set(info.engine_cpus)
+            pin_process(api_cpus)
+            log.info("CPU cores split", extra={"engine_cpus": list(info.engine_cpus), "api_cpus": sorted(api_cpus)})
         gguf_file = Path(info.gguf_file) if info.gguf_file else None
         tokenizer = await asyncio.get_running_loop().run_in_executor(
             state.executor, load_tokenizer, cfg, Path(info.directory), gguf_file

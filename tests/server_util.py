@@ -32,6 +32,8 @@ class RunningServer:
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("device", "cpu")
         settings.setdefault("num_threads", 1)
+        # serve() runs inside the test process here: pinning it would pin pytest and every later test.
+        settings.setdefault("cpu_affinity", "none")
         self.config = ServeConfig(**settings)
         self.base_url = f"http://127.0.0.1:{self.config.port}"
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -18,6 +18,7 @@ engine a fifth of its time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import select
 import signal
@@ -27,6 +28,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from serving.config import ServeConfig
+from serving.cpus import engine_cpus, pin_process
 from serving.engine.llm_engine import SequenceDelta, coalesce
 from serving.logs import setup_logging
 
@@ -48,6 +50,7 @@ class ModelInfo:
     dtype: str
     directory: str  # where config and tokenizer files are (after any download)
     gguf_file: str | None
+    engine_cpus: tuple[int, ...] = ()  # cores the engine pinned itself to (serving/cpus.py); () if none
 
 
 def run_engine(cfg: ServeConfig, threads: int, commands: Connection, outputs: Connection) -> None:
@@ -65,7 +68,13 @@ def run_engine(cfg: ServeConfig, threads: int, commands: Connection, outputs: Co
         log.exception("model failed to load")
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    outputs.send(("ready", loaded.info))
+    info = loaded.info
+    if cfg.cpu_affinity == "auto" and info.device == "cpu":
+        cpus = engine_cpus(threads)
+        if cpus:
+            pin_process(cpus)  # torch's worker threads, started while loading, included
+            info = dataclasses.replace(info, engine_cpus=cpus)
+    outputs.send(("ready", info))
     engine = loaded.engine
     received = 0
     held: list[SequenceDelta] = []

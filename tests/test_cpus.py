@@ -1,0 +1,84 @@
+"""The engine/API core split and the container CPU limit behind the default thread count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving.cpus import engine_cpus, usable_cpus
+from tests.server_util import free_port
+from tests.test_server_process import _wait_healthy
+
+
+def test_a_container_cpu_limit_caps_the_usable_cores(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == cores  # no cgroup files: the affinity set
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == cores
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # limits.cpu: 1500m
+    assert usable_cpus(tmp_path) == min(cores, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").unlink()
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == cores
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == 1
+
+
+def test_engine_cores_leave_at_least_one_to_the_api():
+    allowed = sorted(os.sched_getaffinity(0))
+    assert engine_cpus(len(allowed)) == ()
+    if len(allowed) > 1:
+        assert engine_cpus(1) == (allowed[-1],)
+        assert engine_cpus(len(allowed) - 1) == tuple(allowed[1:])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _thread_affinities(pid: int) -> set[frozenset[int]]:
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split")
+@pytest.mark.parametrize("affinity", ["auto", "none"])
+def test_the_server_splits_the_cores_between_engine_and_api(affinity, tmp_path):
+    allowed = frozenset(os.sched_getaffinity(0))
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "LLM_NUM_THREADS": "1", "LLM_CPU_AFFINITY": affinity}
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_healthy(f"http://127.0.0.1:{port}", proc)
+            engines = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+            assert len(engines) == 1
+            api_threads, engine_threads = _thread_affinities(proc.pid), _thread_affinities(engines[0])
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    if affinity == "none":
+        assert api_threads == engine_threads == {allowed}
+    else:
+        engine_set = frozenset({max(allowed)})
+        assert engine_threads == {engine_set}, "every engine thread, torch's included, on its own core"
+        assert api_threads == {allowed - engine_set}
+        assert "CPU cores split" in (tmp_path / "server.log").read_text()
