@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 from llm_operator import naming
 from llm_operator.naming import Owner
 from llm_operator.spec import LLMDeploymentSpec
@@ -116,6 +117,12 @@ def _server(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
     ]  # fmt: skip
     if spec.model.tokenizer:
         args += ["--tokenizer-path", spec.model.tokenizer]
+    # A pod shares its node's cores: pinning the engine to "its own" core would put every pod's
+    # engine on the same one. And without a CPU limit the server would count the node's cores, so
+    # a CPU pod sizes its engine threads from its request, keeping one core for the API process.
+    args += ["--cpu-affinity", "none"]
+    if _device(spec) == "cpu" and spec.resources.cpu is not None:
+        args += ["--num-threads", str(max(1, math.ceil(parse_quantity(str(spec.resources.cpu))) - 1))]
     args += list(engine.extra_args)
 
     env = list(BASE_ENV)

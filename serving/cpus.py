@@ -46,13 +46,17 @@ def default_threads() -> int:
     return max(1, usable_cpus() - 1)
 
 
-def engine_cpus(threads: int) -> tuple[int, ...]:
-    """The cores the engine keeps to itself: the last `threads` of those this process may use, or
-    none when there are no more cores than engine threads (nothing left for the API)."""
+def engine_cpus(threads: int, cgroup_root: Path = CGROUP_ROOT) -> tuple[int, ...]:
+    """The cores the engine keeps to itself: the last `threads` of those this process may use. None
+    when there are no more cores than engine threads (nothing left for the API), or when a CPU
+    limit grants less time than those cores: then the cores are shared with other containers, and
+    every FleetLM container would pin its engine to the same one."""
     if not hasattr(os, "sched_getaffinity"):
         return ()
     allowed = sorted(os.sched_getaffinity(0))
-    return tuple(allowed[-threads:]) if len(allowed) > threads else ()
+    if len(allowed) <= threads or usable_cpus(cgroup_root) < len(allowed):
+        return ()
+    return tuple(allowed[-threads:])
 
 
 def pin_process(cpus: set[int] | tuple[int, ...]) -> None:

@@ -33,12 +33,15 @@ def test_a_container_cpu_limit_caps_the_usable_cores(tmp_path):
     assert usable_cpus(tmp_path) == 1
 
 
-def test_engine_cores_leave_at_least_one_to_the_api():
+def test_engine_cores_leave_at_least_one_to_the_api_and_are_never_shared_cores(tmp_path):
     allowed = sorted(os.sched_getaffinity(0))
-    assert engine_cpus(len(allowed)) == ()
+    assert engine_cpus(len(allowed), tmp_path) == ()
     if len(allowed) > 1:
-        assert engine_cpus(1) == (allowed[-1],)
-        assert engine_cpus(len(allowed) - 1) == tuple(allowed[1:])
+        assert engine_cpus(1, tmp_path) == (allowed[-1],)
+        assert engine_cpus(len(allowed) - 1, tmp_path) == tuple(allowed[1:])
+        # A CPU limit below the cores this container sees: they are shared, so no pinning.
+        (tmp_path / "cpu.max").write_text(f"{(len(allowed) - 1) * 100000} 100000\n")
+        assert engine_cpus(1, tmp_path) == ()
 
 
 def _children(pid: int) -> list[int]:

@@ -302,3 +302,13 @@ def test_service_and_budget_select_the_serving_pods() -> None:
 def test_image_defaults_to_the_operators_and_spec_overrides_it() -> None:
     assert container(build(llmd()))["image"] == IMAGE
     assert container(build(llmd(image="registry.local/fleetlm:dev")))["image"] == "registry.local/fleetlm:dev"
+
+
+@pytest.mark.parametrize(
+    ("resources", "threads"),
+    [({"cpu": "2"}, "1"), ({"cpu": "4500m"}, "4"), ({"cpu": "500m"}, "1"), ({"cpu": 8, "gpu": {"count": 1}}, None), ({}, None)],
+)
+def test_cpu_pods_size_engine_threads_from_their_request_and_never_pin_cores(resources, threads) -> None:
+    flags = args(container(build(llmd(resources=resources))))
+    assert flags["--cpu-affinity"] == "none"  # a node's cores are shared with other pods
+    assert flags.get("--num-threads") == threads
