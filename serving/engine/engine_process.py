@@ -2,7 +2,7 @@
 
 Running the step loop in a separate process rather than a thread keeps the model's Python work
 and the HTTP layer's off each other's GIL: measured on the 2-core CPU, the thread version lost
-most of its batching gain to GIL hand-offs between the two (bench/README.md).
+most of its batching gain to GIL hand-offs between the two (README.md, Benchmarks).
 
 Messages to the engine: ("add", request_id, prompt_token_ids, params, n), ("abort", request_id),
 ("stop",). From the engine: ("ready", ModelInfo) or ("failed", message) once, then
