@@ -95,6 +95,7 @@ def main() -> None:
     else:
         proc, base_url, model = start_server(args)
     top = max(sweep)
+    static_threads: dict[str, int] = {}  # the peer's static-batch rows (by system name) -> its thread count
     rounds: list[dict[str, float]] = []
     try:
         asyncio.run(run_load(base_url, model, workload[:4], 4))  # warm-up
@@ -107,23 +108,22 @@ def main() -> None:
             from serving.models.loader import demo_model_dir
 
             peer = load_peer(args.model_path or str(demo_model_dir()))
-            static_threads: dict[str, int] = {}
             for threads in sorted({int(t) for t in args.peer_threads.split(",")}):
                 torch.set_num_threads(threads)
                 run_one_at_a_time(peer, workload[:2])  # warm-up
-                for summary in (run_one_at_a_time(peer, workload), run_static_batches(peer, workload, top)):
+                one, batched = run_one_at_a_time(peer, workload), run_static_batches(peer, workload, top)
+                for summary in (one, batched):
                     summary.system += f", {threads} thread{'s' if threads > 1 else ''}"
-                    if "static" in summary.system:
-                        static_threads[summary.system] = threads
                     rows.append(summary)
                     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+                static_threads[batched.system] = threads
             best = max((r for r in rows if r.system in static_threads), key=lambda r: r.output_tok_s)
             torch.set_num_threads(static_threads[best.system])
             for _ in range(args.rounds):
                 fleet = asyncio.run(run_load(base_url, model, workload, top)).output_tok_s
-                static = run_static_batches(peer, workload, top).output_tok_s
-                rounds.append({"fleetlm": fleet, "peer": static})
-                print(f"round {len(rounds)}: fleetlm c{top} {fleet:.0f} tok/s, {best.system} {static:.0f} tok/s", flush=True)
+                peer_tok_s = run_static_batches(peer, workload, top).output_tok_s
+                rounds.append({"fleetlm": fleet, "peer": peer_tok_s})
+                print(f"round {len(rounds)}: fleetlm c{top} {fleet:.0f} tok/s, {best.system} {peer_tok_s:.0f} tok/s", flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -136,7 +136,7 @@ def main() -> None:
     if 1 in ours and top in ours:
         ratios[f"fleetlm c{top} / fleetlm c1"] = ours[top] / ours[1]
     name = f"fleetlm c{top} / best transformers static batch {top}"
-    static = [r for r in rows if r.system.startswith("transformers, static")]
+    static = [r for r in rows if r.system in static_threads]
     if rounds:
         paired = sorted(r["fleetlm"] / r["peer"] for r in rounds)
         ratios[f"{name}, median of {len(paired)} paired rounds"] = statistics.median(paired)

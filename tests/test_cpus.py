@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from serving.cpus import engine_cpus, usable_cpus
-from tests.server_util import free_port
-from tests.test_server_process import _wait_healthy
+from tests.server_util import free_port, wait_healthy
 
 
 def test_a_container_cpu_limit_caps_the_usable_cores(tmp_path):
@@ -71,7 +70,7 @@ def test_the_server_splits_the_cores_between_engine_and_api(affinity, tmp_path):
     with open(tmp_path / "server.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            _wait_healthy(f"http://127.0.0.1:{port}", proc)
+            wait_healthy(f"http://127.0.0.1:{port}", proc)
             engines = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
             assert len(engines) == 1
             api_threads, engine_threads = _thread_affinities(proc.pid), _thread_affinities(engines[0])

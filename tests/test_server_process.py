@@ -12,20 +12,7 @@ import time
 
 import httpx
 
-from tests.server_util import free_port
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server never became healthy")
+from tests.server_util import free_port, wait_healthy
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
@@ -39,7 +26,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     proc = subprocess.Popen([*cmd, "--max-batch-size", "1"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
     streams = 6
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, proc)
         body = {"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": True}
         finishes: list[str | None] = []
         started = threading.Event()

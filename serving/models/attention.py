@@ -28,7 +28,7 @@ class AttentionBatch:
     """Per-step attention metadata, shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] cache slot for each new token
-    block_size: int = 16
+    block_size: int  # tokens per cache block (the runner's)
     decode_rows: torch.Tensor | None = None  # [B] rows of the decoding sequences' queries
     decode_blocks: torch.Tensor | None = None  # [B, max_blocks] their block tables, padded with 0
     decode_lens: torch.Tensor | None = None  # [B] their context lengths (query included)
@@ -90,31 +90,13 @@ class PagedAttention:
     ) -> torch.Tensor:
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
+        decoded = self._decode(q, k_cache, v_cache, batch) if batch.decode_rows is not None else None
+        if decoded is not None and batch.decodes_first and not batch.prefills:
+            return decoded  # a pure decode step: the output is already in row order
+        out = torch.empty_like(q)
+        if decoded is not None:
+            out.index_copy_(0, batch.decode_rows, decoded)
         gqa = self.num_heads != self.num_kv_heads
-        out = None
-        if batch.decode_rows is not None:
-            assert batch.decode_blocks is not None
-            n = batch.decode_blocks.shape[0]
-            qd = q[:n] if batch.decodes_first else q.index_select(0, batch.decode_rows)
-            kd = _gather_blocks(k_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)  # [B, KVH, ctx, D]
-            vd = _gather_blocks(v_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)
-            # The query heads sharing a KV head ride as that head's query rows ([B, KVH, group, D]):
-            # one query per sequence, so this is exact, and it spares SDPA expanding K and V per
-            # query head (enable_gqa), measured 15% of the decode attention on CPU.
-            group = self.num_heads // self.num_kv_heads
-            o = F.scaled_dot_product_attention(
-                qd.reshape(n, self.num_kv_heads, group, self.head_dim),
-                kd,
-                vd,
-                attn_mask=batch.decode_mask(self.window, q.dtype),
-                scale=self.scale,
-            ).reshape(n, self.num_heads, self.head_dim)
-            if not batch.prefills and batch.decodes_first:
-                return o  # a pure decode step: the output is already in row order
-            out = torch.empty_like(q)
-            out.index_copy_(0, batch.decode_rows, o)
-        if out is None:
-            out = torch.empty_like(q)
         for chunk in batch.prefills:
             qp = q[chunk.rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
             length = qp.shape[2]
@@ -130,3 +112,22 @@ class PagedAttention:
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             out[chunk.rows] = o.squeeze(0).transpose(0, 1)
         return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """[B, H, D] attention outputs of the decoding sequences' single queries, in their order."""
+        assert batch.decode_rows is not None and batch.decode_blocks is not None
+        n = batch.decode_blocks.shape[0]
+        qd = q[:n] if batch.decodes_first else q.index_select(0, batch.decode_rows)
+        kd = _gather_blocks(k_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)  # [B, KVH, ctx, D]
+        vd = _gather_blocks(v_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)
+        # The query heads sharing a KV head ride as that head's query rows ([B, KVH, group, D]):
+        # one query per sequence, so this is exact, and it spares SDPA expanding K and V per
+        # query head (enable_gqa), measured 15% of the decode attention on CPU.
+        group = self.num_heads // self.num_kv_heads
+        return F.scaled_dot_product_attention(
+            qd.reshape(n, self.num_kv_heads, group, self.head_dim),
+            kd,
+            vd,
+            attn_mask=batch.decode_mask(self.window, q.dtype),
+            scale=self.scale,
+        ).reshape(n, self.num_heads, self.head_dim)

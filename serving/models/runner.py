@@ -62,7 +62,7 @@ class NativeRunner:
         masked out by length) and [B] context lengths."""
         lengths = [s.num_cached + 1 for s in seqs]
         width = max(-(-n // self.block_size) for n in lengths)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
+        tables = [table + [0] * (width - len(table)) for table in (s.block_table[:width] for s in seqs)]
         return (
             torch.tensor(tables, dtype=torch.long, device=self.device),
             torch.tensor(lengths, dtype=torch.long, device=self.device),
