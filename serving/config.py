@@ -71,6 +71,11 @@ class ServeConfig(BaseModel):
         description="auto: on CPU, the engine's threads get cores of their own and the API process the rest "
         "(when there are more cores than engine threads); none: the OS schedules both",
     )
+    prefix_caching: bool = Field(
+        True,
+        description="reuse the KV cache of prompt prefixes earlier requests computed "
+        "(--no-prefix-caching turns it off)",
+    )
     download_dir: str | None = Field(None, description="where Hub models are stored (default: ~/.cache/fleetlm)")
     cors_origins: str = Field("*", description="comma-separated origins allowed by CORS ('' disables CORS)")
 
@@ -97,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in ServeConfig.model_fields.items():
         default = field.default
         help_text = f"{field.description} (default: {default}; env {ENV_PREFIX}{name.upper()})"
-        parser.add_argument(_flag(name), dest=name, help=help_text, metavar=name.upper())
+        if field.annotation is bool:  # --prefix-caching / --no-prefix-caching
+            parser.add_argument(_flag(name), dest=name, help=help_text, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(_flag(name), dest=name, help=help_text, metavar=name.upper())
     return parser
 
 

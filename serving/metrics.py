@@ -11,7 +11,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from serving.engine.llm_engine import StepStats
+from serving.engine.protocol import StepStats
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -54,29 +54,43 @@ class Metrics:
             "llm_preemptions", "Sequences preempted (blocks freed, recomputed later) because the KV cache was full",
             labels, registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            "llm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels, registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "llm_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache", labels, registry=r
+        )
         self.step_duration = Histogram(
             "llm_engine_step_seconds",
-            "Duration of one engine step (schedule, forward pass, sampling, detokenization)",
+            "Duration of one engine step (schedule, forward pass, sampling)",
             labels,
             buckets=_TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
         self.model = model
+        self._totals: dict[str, int] = {}  # the engine's running totals already counted
         every = (
             self.requests, self.requests_success, self.requests_failed, self.request_duration, self.tokens_generated,
             self.prompt_tokens, self.queue_size, self.active_requests, self.ttft, self.tpot, self.kv_cache_usage,
-            self.batch_size, self.step_duration, self.preemptions,
+            self.batch_size, self.step_duration, self.preemptions, self.prefix_cache_queries, self.prefix_cache_hits,
         )  # fmt: skip
         for metric in every:
             metric.labels(model)  # every series exists from the start, so dashboards and rate() work at once
 
     def observe_step(self, stats: StepStats) -> None:
-        """Called from the engine thread after every step (prometheus-client is thread-safe)."""
+        """Called by the engine client with the stats of every message from the engine process."""
         m = self.model
         self.queue_size.labels(m).set(stats.num_waiting)
         self.kv_cache_usage.labels(m).set(stats.kv_usage)
-        if stats.num_preempted:
-            self.preemptions.labels(m).inc(stats.num_preempted)
+        for key, counter, total in (
+            ("preempted", self.preemptions, stats.preempted_total),
+            ("prefix_queries", self.prefix_cache_queries, stats.prefix_queries_total),
+            ("prefix_hits", self.prefix_cache_hits, stats.prefix_hits_total),
+        ):
+            seen = self._totals.get(key, 0)
+            if total > seen:
+                counter.labels(m).inc(total - seen)
+                self._totals[key] = total
         if stats.batch_size:
             self.batch_size.labels(m).observe(stats.batch_size)
             self.step_duration.labels(m).observe(stats.duration)

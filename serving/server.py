@@ -20,7 +20,8 @@ from serving.config import ServeConfig
 from serving.cpus import default_threads, pin_process
 from serving.engine.async_engine import AsyncEngine
 from serving.metrics import Metrics
-from serving.models.loader import load_tokenizer, served_name
+from serving.models.loader import load_tokenizer
+from serving.models.source import served_name
 
 log = logging.getLogger("fleetlm.server")
 
@@ -44,6 +45,7 @@ async def _start_engine(state: AppState, threads: int) -> None:
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.error("model failed to load", extra={"error": state.load_error})
         return
+    engine.set_tokenizer(tokenizer)
     state.engine = engine
     state.model = ServedModel(info, tokenizer)
 

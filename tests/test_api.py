@@ -102,6 +102,40 @@ def test_stop_string_cuts_the_text(client):
     assert "".join(c.choices[0].text for c in streamed) == ", there was a little"
 
 
+def test_a_stop_string_ends_the_sequence_in_the_engine_and_counts_tokens_up_to_it(client, server):
+    """Stop strings are matched in the API process; the engine must then stop computing the sequence
+    (not run on to max_tokens), and usage counts exactly the tokens up to the one that completed it."""
+    batch_key = f'llm_batch_size_sum{{model="{MODEL}"}}'
+    before = server.metrics()
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=400, temperature=0, stop=" girl", extra_body={"ignore_eos": True}
+    )
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (", there was a little", "stop")
+    tokens = httpx.post(server.base_url + "/tokenize", json={"prompt": PROMPT + ", there was a little girl"}).json()
+    assert out.usage.completion_tokens == tokens["count"] - out.usage.prompt_tokens
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and server.metric("llm_kv_cache_usage_ratio") > 0:
+        time.sleep(0.02)
+    assert server.metric("llm_kv_cache_usage_ratio") == 0
+    assert server.metrics()[batch_key] - before[batch_key] < 100, "the engine ran on after the stop string"
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(client, server):
+    prompt = "Once upon a time there was a big dog. " * 8  # about ninety tokens: several full blocks
+    queries, hits = "llm_prefix_cache_queries_total", "llm_prefix_cache_hits_total"
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    hits_before = server.metric(hits)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert second.choices[0].text == first.choices[0].text
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 64 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert server.metric(hits) - hits_before == cached
+    assert server.metric(queries) >= server.metric(hits) > 0
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4)
+    again = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4)
+    assert chat.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens_details.cached_tokens
+
+
 def test_seeded_sampling_is_reproducible_over_http(client):
     def run(seed):
         return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=seed).choices[0].text
@@ -332,6 +366,8 @@ def test_metrics_exposes_every_documented_series(server, client):
         "llm_batch_size_bucket",
         "llm_engine_step_seconds_bucket",
         "llm_preemptions_total",
+        "llm_prefix_cache_queries_total",
+        "llm_prefix_cache_hits_total",
     ):
         assert f'{name}{{' in text, name
     assert f'model="{MODEL}"' in text

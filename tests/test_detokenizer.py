@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from serving.engine.detokenizer import IncrementalDetokenizer
-from serving.models.loader import demo_model_dir
+from serving.models.source import demo_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,18 @@
 """Greedy token ids equal transformers' greedy generate, for every supported architecture, alone
-and in mixed continuous batches (different prompt lengths, staggered arrivals, chunked prefill,
-preemption under KV pressure)."""
+and in mixed continuous batches (different prompt lengths, staggered arrivals, chunked prefill at
+every awkward token budget, preemption under KV pressure), with and without the prefix cache."""
 
 from __future__ import annotations
 
+import functools
 import random
+from pathlib import Path
 
 import pytest
 
 from serving.config import ServeConfig
+from serving.engine.builder import BLOCK_SIZE, build_engine
 from serving.engine.sampling_params import SamplingParams
-from serving.models.loader import load
 from tests.tiny_models import hf_greedy, make_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"]
@@ -22,9 +24,18 @@ def model_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")
 
 
-def _prompts(seed: int, count: int) -> list[list[int]]:
+def _model(root: Path, arch: str) -> Path:
+    return root / arch if (root / arch).exists() else make_tiny_model(root, arch)
+
+
+@functools.cache
+def _reference(model_dir: Path, prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    return hf_greedy(model_dir, list(prompt), max_tokens)
+
+
+def _prompts(seed: int, count: int, lengths: tuple[int, int] = (3, 40)) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[1] + [rng.randrange(3, 512) for _ in range(rng.randrange(3, 40))] for _ in range(count)]
+    return [[1] + [rng.randrange(3, 512) for _ in range(rng.randrange(*lengths))] for _ in range(count)]
 
 
 def _greedy(max_tokens: int) -> SamplingParams:
@@ -40,66 +51,138 @@ def _run_staggered(engine, prompts: list[list[int]], arrivals: list[int], max_to
         for i, at in enumerate(arrivals):
             if at == step:
                 engine.add_request(f"r{i}", prompts[i], _greedy(max_tokens[i]))
-        for delta in engine.step():
-            out[delta.request_id].extend(delta.token_ids)
+        for output in engine.step():
+            out[output.request_id].extend(output.token_ids)
         max_batch = max(max_batch, engine.last_stats.batch_size if engine.last_stats else 0)
         step += 1
     assert max_batch > 1, "requests never shared a batch"
     return out
 
 
+def _assert_matches(model_dir: Path, prompts: list[list[int]], max_tokens: list[int], got: dict[str, list[int]]) -> None:
+    for i, prompt in enumerate(prompts):
+        assert got[f"r{i}"] == _reference(model_dir, tuple(prompt), max_tokens[i]), f"request {i} diverged"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_single_request_matches_transformers(model_root, arch):
-    model_dir = make_tiny_model(model_root, arch)
-    loaded = load(ServeConfig(model_path=str(model_dir), device="cpu"))
-    expected_arch = "transformers" if arch == "gpt2" else arch
-    assert loaded.architecture == expected_arch
+    model_dir = _model(model_root, arch)
+    built = build_engine(ServeConfig(model_path=str(model_dir), device="cpu"))
+    assert built.info.architecture == ("transformers" if arch == "gpt2" else arch)
     prompt = _prompts(1, 1)[0]
-    engine = loaded.engine
+    engine = built.engine
     engine.add_request("one", prompt, _greedy(NEW_TOKENS))
     got: list[int] = []
     while engine.has_work:
-        for delta in engine.step():
-            got.extend(delta.token_ids)
-    assert got == hf_greedy(model_dir, prompt, NEW_TOKENS)
+        for output in engine.step():
+            got.extend(output.token_ids)
+    assert got == _reference(model_dir, tuple(prompt), NEW_TOKENS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_staggered_batch_matches_transformers(model_root, arch):
-    model_dir = model_root / arch
-    if not model_dir.exists():
-        make_tiny_model(model_root, arch)
+    model_dir = _model(model_root, arch)
     prompts = _prompts(2, 5)
     max_tokens = [NEW_TOKENS, 7, 19, 30, 12]
     # A small per-step token budget forces chunked prefill of the longer prompts.
-    loaded = load(ServeConfig(model_path=str(model_dir), device="cpu", max_num_batched_tokens=24, max_batch_size=8))
-    got = _run_staggered(loaded.engine, prompts, arrivals=[0, 0, 3, 5, 9], max_tokens=max_tokens)
-    for i, prompt in enumerate(prompts):
-        assert got[f"r{i}"] == hf_greedy(model_dir, prompt, max_tokens[i]), f"request {i} diverged"
+    built = build_engine(ServeConfig(model_path=str(model_dir), device="cpu", max_num_batched_tokens=24, max_batch_size=8))
+    got = _run_staggered(built.engine, prompts, arrivals=[0, 0, 3, 5, 9], max_tokens=max_tokens)
+    _assert_matches(model_dir, prompts, max_tokens, got)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("left", [1, 2, BLOCK_SIZE - 1, BLOCK_SIZE + 1])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_budgets_that_leave_a_sliver_for_the_next_prompt(model_root, arch, left):
+    """A 7-token prompt takes its share of the step's budget and leaves `left` tokens for a 40-token
+    prompt, whose first chunk is then that short (one token: the case that once fed the wrong token)."""
+    model_dir = _model(model_root, arch)
+    first, second = _prompts(5, 2, lengths=(6, 7))[0], _prompts(6, 1, lengths=(39, 40))[0]
+    budget = len(first) + left
+    cfg = ServeConfig(model_path=str(model_dir), device="cpu", max_num_batched_tokens=budget, max_batch_size=min(4, budget))
+    engine = build_engine(cfg).engine
+    engine.add_request("r0", first, _greedy(12))
+    engine.add_request("r1", second, _greedy(12))
+    got: dict[str, list[int]] = {"r0": [], "r1": []}
+    steps = 0
+    while engine.has_work:
+        for output in engine.step():
+            got[output.request_id].extend(output.token_ids)
+        if steps == 0:
+            assert (engine.last_stats.batch_size, engine.last_stats.num_tokens) == (2, budget), "not the sliver meant"
+        steps += 1
+    _assert_matches(model_dir, [first, second], [12, 12], got)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_preemption_under_kv_pressure_keeps_outputs_exact(model_root, arch):
-    model_dir = model_root / arch
-    if not model_dir.exists():
-        make_tiny_model(model_root, arch)
+    model_dir = _model(model_root, arch)
     prompts = _prompts(3, 6)
     max_tokens = [40] * 6
-    # Room for about two full sequences: the rest must wait or be preempted and recomputed.
-    loaded = load(ServeConfig(model_path=str(model_dir), device="cpu", kv_cache_tokens=128, max_seq_len=96))
-    engine = loaded.engine
+    # Room for about two full sequences: the rest must wait or be preempted and recomputed, and a
+    # small budget makes the recomputes prefill in chunks too.
+    built = build_engine(
+        ServeConfig(model_path=str(model_dir), device="cpu", kv_cache_tokens=128, max_seq_len=96, max_num_batched_tokens=17)
+    )
+    engine = built.engine
     preempted = 0
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, _greedy(max_tokens[i]))
     while engine.has_work:
-        for delta in engine.step():
-            out[delta.request_id].extend(delta.token_ids)
+        for output in engine.step():
+            out[output.request_id].extend(output.token_ids)
         preempted += engine.last_stats.num_preempted
     assert preempted > 0, "the test meant to exercise preemption"
     assert engine.blocks.usage == 0.0, "finished sequences must return every block"
-    for i, prompt in enumerate(prompts):
-        assert out[f"r{i}"] == hf_greedy(model_dir, prompt, max_tokens[i])
+    _assert_matches(model_dir, prompts, max_tokens, out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "phi3"])
+@pytest.mark.parametrize("kv_tokens", [None, 160], ids=["roomy", "preempting"])
+def test_prefix_cache_hits_keep_outputs_token_identical(model_root, arch, kv_tokens):
+    """Requests sharing a 37-token prefix (two full blocks and five tokens into the third) with
+    different continuations: later ones reuse the cached blocks, outputs stay exactly transformers'."""
+    model_dir = _model(model_root, arch)
+    rng = random.Random(11)
+    shared = [1] + [rng.randrange(3, 512) for _ in range(36)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 20))] for _ in range(5)]
+    prompts.append(list(shared[:32]))  # the whole prompt is two cached blocks: its last one is recomputed
+    max_tokens = [20, 9, 30, 14, 25, 10]
+    outputs = {}
+    for caching in (True, False):
+        cfg = ServeConfig(
+            model_path=str(model_dir), device="cpu", kv_cache_tokens=kv_tokens, max_seq_len=96, prefix_caching=caching
+        )
+        engine = build_engine(cfg).engine
+        got = _run_staggered(engine, prompts, arrivals=[0, 3, 3, 4, 8, 9], max_tokens=max_tokens)
+        outputs[caching] = got
+        stats = engine.idle_stats()
+        if caching:
+            assert stats.prefix_hits_total >= 4 * 32, "later requests must reuse the shared blocks"
+            if kv_tokens is not None:
+                assert stats.preempted_total > 0, "the test meant to exercise preemption"
+        else:
+            assert stats.prefix_hits_total == 0
+        assert engine.blocks.usage == 0.0
+    assert outputs[True] == outputs[False]
+    _assert_matches(model_dir, prompts, max_tokens, outputs[True])
+
+
+def test_the_n_choices_of_one_request_share_their_prompt_blocks(model_root):
+    model_dir = _model(model_root, "llama")
+    prompt = _prompts(8, 1, lengths=(50, 51))[0]
+    engine = build_engine(ServeConfig(model_path=str(model_dir), device="cpu")).engine
+    engine.add_request("n3", prompt, _greedy(10), n=3)
+    got: dict[int, list[int]] = {i: [] for i in range(3)}
+    for output in engine.step():
+        got[output.index].extend(output.token_ids)
+    held = {b for seq in engine._requests["n3"] for b in seq.block_table}
+    assert len(held) == 4 + 2, "three full prompt blocks held once, plus each choice's own last block"
+    assert engine.last_stats.prefix_hits == 2 * 48
+    while engine.has_work:
+        for output in engine.step():
+            got[output.index].extend(output.token_ids)
+    assert got[0] == got[1] == got[2] == _reference(model_dir, tuple(prompt), 10)
 
 
 ROPE_VARIANTS = {
@@ -115,9 +198,8 @@ ROPE_VARIANTS = {
 def test_rope_scaling_variants_match_transformers(tmp_path, rope):
     params = {"rope_theta": 50000.0, **ROPE_VARIANTS[rope]}
     model_dir = make_tiny_model(tmp_path, "llama", rope_parameters=params)
-    loaded = load(ServeConfig(model_path=str(model_dir), device="cpu"))
-    assert loaded.architecture == "llama"
+    built = build_engine(ServeConfig(model_path=str(model_dir), device="cpu"))
+    assert built.info.architecture == "llama"
     prompts = _prompts(4, 3)
-    got = _run_staggered(loaded.engine, prompts, arrivals=[0, 1, 2], max_tokens=[20, 20, 20])
-    for i, prompt in enumerate(prompts):
-        assert got[f"r{i}"] == hf_greedy(model_dir, prompt, 20)
+    got = _run_staggered(built.engine, prompts, arrivals=[0, 1, 2], max_tokens=[20, 20, 20])
+    _assert_matches(model_dir, prompts, [20] * 3, got)

@@ -474,20 +474,21 @@ def test_smollm2_tokenizer_from_metadata_matches_tokenizer_json(smollm2_dir, tmp
 @pytest.mark.parametrize("kind", [Q.F32, Q.Q8_0], ids=lambda kind: kind.name)
 def test_serving_a_gguf_file_natively_and_through_the_fallback_runner_agree(kind, tmp_path):
     from serving.config import ServeConfig
+    from serving.engine.builder import build_engine
     from serving.engine.sampling_params import SamplingParams
-    from serving.models.loader import demo_model_dir, load
+    from serving.models.source import demo_model_dir
 
     path = write_gguf(tmp_path / "tiny.gguf", tiny_model(), kind)
     prompt = [1, 17, 42, 5, 88, 9, 63]
 
     def served_tokens(model_arch: str) -> tuple[str, list[int]]:
         cfg = ServeConfig(model_path=str(path), tokenizer_path=str(demo_model_dir()), model_arch=model_arch, device="cpu")
-        loaded = load(cfg)
-        loaded.engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+        built = build_engine(cfg)
+        built.engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
         tokens: list[int] = []
-        while loaded.engine.has_work:
-            tokens += [t for delta in loaded.engine.step() for t in delta.token_ids]
-        return loaded.architecture, tokens
+        while built.engine.has_work:
+            tokens += [t for out in built.engine.step() for t in out.token_ids]
+        return built.info.architecture, tokens
 
     native_arch, native = served_tokens("auto")
     fallback_arch, fallback = served_tokens("transformers")

@@ -1,25 +1,28 @@
 import pytest
 
 from serving.config import ConfigError, ServeConfig
+from serving.engine.builder import build_engine
 from serving.engine.sampling_params import SamplingParams
-from serving.models.loader import load
+from serving.models.loader import load_tokenizer
 from serving.models.quant import weight_bytes
+from serving.models.source import demo_model_dir
 from tests.tiny_models import make_tiny_model
 
 
-def _greedy_text(loaded, prompt: str, n: int) -> str:
-    engine = loaded.engine
-    engine.add_request("q", loaded.tokenizer(prompt).input_ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+def _greedy_text(built, prompt: str, n: int) -> str:
+    tokenizer = load_tokenizer(ServeConfig(), demo_model_dir(), None)
+    engine = built.engine
+    engine.add_request("q", tokenizer(prompt).input_ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
     tokens: list[int] = []
     while engine.has_work:
         tokens += [t for d in engine.step() for t in d.token_ids]
-    return loaded.tokenizer.decode(tokens)
+    return tokenizer.decode(tokens)
 
 
 def test_quantization_shrinks_weights_and_q8_keeps_greedy_text():
-    plain = load(ServeConfig(device="cpu"))
-    q8 = load(ServeConfig(device="cpu", quantization="q8_0"))
-    q4 = load(ServeConfig(device="cpu", quantization="q4_0"))
+    plain = build_engine(ServeConfig(device="cpu"))
+    q8 = build_engine(ServeConfig(device="cpu", quantization="q8_0"))
+    q4 = build_engine(ServeConfig(device="cpu", quantization="q4_0"))
     sizes = [weight_bytes(m.engine.runner.model) for m in (plain, q8, q4)]
     assert sizes[0] > sizes[1] > sizes[2]
     reference = _greedy_text(plain, "Once upon a time", 40)
@@ -30,34 +33,34 @@ def test_quantization_shrinks_weights_and_q8_keeps_greedy_text():
 def test_model_arch_contradicting_config_is_an_error(tmp_path):
     model_dir = make_tiny_model(tmp_path, "qwen2")
     with pytest.raises(ConfigError, match="contradicts"):
-        load(ServeConfig(model_path=str(model_dir), model_arch="llama", device="cpu"))
-    assert load(ServeConfig(model_path=str(model_dir), model_arch="qwen2", device="cpu")).architecture == "qwen2"
-    forced = load(ServeConfig(model_path=str(model_dir), model_arch="transformers", device="cpu"))
-    assert forced.architecture == "transformers"
+        build_engine(ServeConfig(model_path=str(model_dir), model_arch="llama", device="cpu"))
+    assert build_engine(ServeConfig(model_path=str(model_dir), model_arch="qwen2", device="cpu")).info.architecture == "qwen2"
+    forced = build_engine(ServeConfig(model_path=str(model_dir), model_arch="transformers", device="cpu"))
+    assert forced.info.architecture == "transformers"
 
 
 def test_a_kv_cache_smaller_than_one_sequence_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="KV cache holds"):
-        load(ServeConfig(device="cpu", kv_cache_tokens=64, max_seq_len=512))
+        build_engine(ServeConfig(device="cpu", kv_cache_tokens=64, max_seq_len=512))
 
 
 def test_max_seq_len_is_capped_by_the_model_and_names_follow_the_path(tmp_path):
     model_dir = make_tiny_model(tmp_path, "llama")
-    loaded = load(ServeConfig(model_path=str(model_dir), device="cpu", max_seq_len=4096))
+    loaded = build_engine(ServeConfig(model_path=str(model_dir), device="cpu", max_seq_len=4096))
     assert loaded.info.max_model_len == 256  # the tiny model's max_position_embeddings
-    assert loaded.name == "llama"
-    renamed = load(ServeConfig(model_path=str(model_dir), device="cpu", served_model_name="my-model"))
-    assert renamed.name == "my-model"
+    assert loaded.info.name == "llama"
+    renamed = build_engine(ServeConfig(model_path=str(model_dir), device="cpu", served_model_name="my-model"))
+    assert renamed.info.name == "my-model"
 
 
 def test_a_directory_without_a_model_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ConfigError, match="not a model directory"):
-        load(ServeConfig(model_path=str(tmp_path), device="cpu"))
+        build_engine(ServeConfig(model_path=str(tmp_path), device="cpu"))
 
 
 def test_a_directory_with_several_gguf_files_asks_for_one(tmp_path):
     for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
         (tmp_path / name).write_bytes(b"GGUF")
     with pytest.raises(ConfigError, match="a.Q4_0.gguf"):
-        load(ServeConfig(model_path=str(tmp_path), device="cpu"))
+        build_engine(ServeConfig(model_path=str(tmp_path), device="cpu"))

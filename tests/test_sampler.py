@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.sampler import sample
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
@@ -12,18 +11,11 @@ from serving.engine.sequence import Sequence
 VOCAB = 64
 
 
-class _NullTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
 def _seq(seq_id=0, prompt=(1, 2, 3), output=(), **params) -> Sequence:
     params.setdefault("max_tokens", 16)
     p = SamplingParams(**params)
     gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-    s = Sequence(seq_id, f"r{seq_id}", 0, list(prompt), p, IncrementalDetokenizer(_NullTokenizer(), list(prompt)), gen)
-    s.output_token_ids = list(output)
-    return s
+    return Sequence(seq_id, f"r{seq_id}", 0, [*prompt, *output], len(prompt), p, gen)
 
 
 def _logits(rows: int, seed: int = 0) -> torch.Tensor:
@@ -109,7 +101,7 @@ def test_min_tokens_blocks_end_of_sequence():
     seq = _seq(0, temperature=0.0, min_tokens=2)
     seq.params = replace(seq.params, extra_eos_ids=(2,))
     assert sample(logits, [seq]).token_ids[0] != 2
-    seq.output_token_ids = [5, 6]
+    seq.token_ids += [5, 6]
     assert sample(logits, [seq]).token_ids[0] == 2
 
 

@@ -12,8 +12,9 @@ from jinja2 import TemplateError
 from serving.api.errors import APIError, bad_request
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, _Request
 from serving.api.state import AppState
-from serving.engine.async_engine import EngineStoppedError, QueueFullError
-from serving.engine.llm_engine import SequenceDelta
+from serving.engine.async_engine import EngineInternalError, EngineStoppedError, QueueFullError
+from serving.engine.output_processor import ChoiceDelta
+from serving.engine.protocol import RequestRejected
 from serving.engine.sampling_params import SamplingParams
 
 RETRY_AFTER_SECONDS = 1
@@ -138,7 +139,7 @@ def admit(state: AppState, sequences: int) -> None:
 
 async def stream_choices(
     state: AppState, request_id: str, prompts: list[Prompt], params: SamplingParams, n: int
-) -> AsyncIterator[tuple[int, SequenceDelta]]:
+) -> AsyncIterator[tuple[int, ChoiceDelta]]:
     """(choice index, delta) for every choice of every prompt; choice = prompt_index * n + i."""
     engine = state.engine
     assert engine is not None
@@ -156,8 +157,10 @@ async def stream_choices(
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers=headers) from exc
     except EngineStoppedError as exc:
         raise APIError(503, str(exc), type="service_unavailable", code="engine_stopped") from exc
-    except ValueError as exc:  # the engine refused the request itself
+    except RequestRejected as exc:  # the engine refused the request itself
         raise bad_request(str(exc)) from exc
+    except EngineInternalError as exc:
+        raise APIError(500, "the engine failed to take the request", type="internal_error", code="engine_error") from exc
 
 
 async def _merged(engine, request_id, prompts, params, n):

@@ -28,8 +28,8 @@ from serving.api.generation import (
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from serving.api.state import AppState
 from serving.api.tracking import RequestTracker
-from serving.engine.llm_engine import SequenceDelta
-from serving.engine.sequence import TokenLogprob
+from serving.engine.output_processor import ChoiceDelta
+from serving.engine.protocol import TokenLogprob
 
 bp = Blueprint("openai", __name__)
 M = TypeVar("M", bound=BaseModel)
@@ -72,23 +72,32 @@ class Choice:
     finish_reason: str | None = None
 
 
-def raise_if_failed(delta: SequenceDelta) -> None:
+def raise_if_failed(delta: ChoiceDelta) -> None:
     if delta.error is not None:
         raise APIError(500, f"generation failed: {delta.error}", type="internal_error", code="engine_error")
 
 
-def usage(prompts: list[Prompt], completion_tokens: int) -> dict[str, int]:
+def usage(prompts: list[Prompt], tracker: RequestTracker, n: int) -> dict[str, Any]:
+    """OpenAI's usage object. Each prompt counts once, however many choices it has; so do its cached
+    tokens, which are its first choice's (the others share that choice's blocks)."""
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    cached = sum(tracker.cached_tokens.get(i * n, 0) for i in range(len(prompts)))
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": tracker.completion_tokens,
+        "total_tokens": prompt_tokens + tracker.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 async def run_tracked(
-    tracker: RequestTracker, stream: AsyncIterator[tuple[int, SequenceDelta]]
-) -> AsyncIterator[tuple[int, SequenceDelta]]:
+    tracker: RequestTracker, stream: AsyncIterator[tuple[int, ChoiceDelta]]
+) -> AsyncIterator[tuple[int, ChoiceDelta]]:
     """Pass deltas through, recording tokens and finish reasons on the tracker."""
     async with aclosing(stream):
         async for index, delta in stream:
             raise_if_failed(delta)
+            tracker.cached_tokens.setdefault(index, delta.cached_tokens)
             if delta.token_ids:
                 tracker.token_arrived()
                 tracker.completion_tokens += len(delta.token_ids)
@@ -204,7 +213,7 @@ async def completions():
                     if text or lp or delta.finish_reason:
                         yield sse(chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]))
             if req.stream_options and req.stream_options.include_usage:
-                yield sse(chunk([], usage(prompts, tracker.completion_tokens)))
+                yield sse(chunk([], usage(prompts, tracker, req.n)))
 
         return streaming_response(tracker, events())
 
@@ -238,7 +247,7 @@ async def completions():
             "created": created,
             "model": model_name,
             "choices": out,
-            "usage": usage(prompts, tracker.completion_tokens),
+            "usage": usage(prompts, tracker, req.n),
         }
 
     return await tracked_json(tracker, build())
@@ -301,7 +310,7 @@ async def chat_completions():
                     if delta.finish_reason:
                         yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}])
             if include_usage:
-                yield chunk([], usage([prompt], tracker.completion_tokens))
+                yield chunk([], usage([prompt], tracker, req.n))
 
         return streaming_response(tracker, events())
 
@@ -327,7 +336,7 @@ async def chat_completions():
                 }
                 for i, c in choices.items()
             ],
-            "usage": usage([prompt], tracker.completion_tokens),
+            "usage": usage([prompt], tracker, req.n),
         }
 
     return await tracked_json(tracker, build())

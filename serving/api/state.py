@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from serving.config import ServeConfig
 from serving.engine.async_engine import AsyncEngine
-from serving.engine.engine_process import ModelInfo
+from serving.engine.protocol import ModelInfo
 from serving.metrics import Metrics
 
 

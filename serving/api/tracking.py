@@ -24,6 +24,7 @@ class RequestTracker:
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens: dict[int, int] = {}  # choice index -> prompt tokens served from the prefix cache
         self.finish_reasons: list[str] = []
         self._closed = False
         m = state.metrics

@@ -1,10 +1,11 @@
 """The asyncio face of the engine: a client of the engine process, streams per request.
 
-Requests and aborts go to the engine process over one pipe; each step's deltas come back over
-another, read by the event loop itself (add_reader, no thread). A client that goes away aborts
-its request, which frees its KV blocks before the engine's next step. Deltas that pile up behind
-a slow consumer are merged, so a busy event loop sends fewer, larger SSE chunks instead of
-falling further behind.
+Requests and aborts go to the engine process over one pipe; each step's token outputs come back
+over another, read by the event loop itself (add_reader, no thread), and become text here
+(output_processor.py), off the engine's step loop. A client that goes away aborts its request,
+which frees its KV blocks before the engine's next step. Outputs that pile up behind a slow
+consumer are merged, so a busy event loop sends fewer, larger SSE chunks instead of falling
+further behind.
 """
 
 from __future__ import annotations
@@ -16,8 +17,24 @@ import multiprocessing as mp
 from collections.abc import AsyncIterator, Callable
 
 from serving.config import ServeConfig
-from serving.engine.engine_process import ModelInfo, run_engine
-from serving.engine.llm_engine import SequenceDelta, StepStats, merge_deltas
+from serving.engine.detokenizer import Decoder
+from serving.engine.engine_process import run_engine
+from serving.engine.output_processor import ChoiceDelta, ChoiceText
+from serving.engine.protocol import (
+    AbortRequest,
+    AddRequest,
+    Idle,
+    LoadFailed,
+    ModelInfo,
+    Ready,
+    Rejected,
+    RequestRejected,
+    SequenceOutput,
+    Shutdown,
+    StepOutputs,
+    StepStats,
+    merge_outputs,
+)
 from serving.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("fleetlm.engine")
@@ -29,6 +46,10 @@ class QueueFullError(Exception):
 
 class EngineStoppedError(Exception):
     """The engine is shut down (or died) and takes no more requests."""
+
+
+class EngineInternalError(Exception):
+    """The engine failed to take a request through no fault of the request's."""
 
 
 class ModelLoadError(Exception):
@@ -47,7 +68,8 @@ class AsyncEngine:
             target=run_engine, args=(cfg, threads, self._commands_recv, outputs_send), name="fleetlm-engine", daemon=True
         )
         self._outputs_send = outputs_send
-        self._streams: dict[str, asyncio.Queue[SequenceDelta | Exception]] = {}
+        self._streams: dict[str, asyncio.Queue[SequenceOutput | Exception]] = {}
+        self._tokenizer: Decoder | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sent = 0  # sequences sent to the engine
         self._received = 0  # ... and taken in by it, as of its last message
@@ -67,10 +89,15 @@ class AsyncEngine:
             msg = await self._loop.run_in_executor(None, self._outputs.recv)
         except EOFError as exc:
             raise ModelLoadError(f"the engine process exited (code {self._process.exitcode})") from exc
-        if msg[0] == "failed":
-            raise ModelLoadError(msg[1])
+        if isinstance(msg, LoadFailed):
+            raise ModelLoadError(msg.message)
+        assert isinstance(msg, Ready)
         self._loop.add_reader(self._outputs.fileno(), self._on_readable)
-        return msg[1]
+        return msg.info
+
+    def set_tokenizer(self, tokenizer: Decoder) -> None:
+        """The tokenizer that turns this engine's tokens into text (loaded once the model is known)."""
+        self._tokenizer = tokenizer
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -78,7 +105,7 @@ class AsyncEngine:
             self._loop.remove_reader(self._outputs.fileno())
         if self._process.is_alive():
             with contextlib.suppress(OSError):  # already gone
-                self._commands.send(("stop",))
+                self._commands.send(Shutdown())
             self._process.join(timeout)
             if self._process.is_alive():
                 self._process.kill()
@@ -106,36 +133,54 @@ class AsyncEngine:
     # -- requests --------------------------------------------------------------------------
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
-    ) -> AsyncIterator[SequenceDelta]:
-        """Yield deltas of all n choices until every choice has finished."""
+    ) -> AsyncIterator[ChoiceDelta]:
+        """Yield text deltas of all n choices until every choice has finished."""
         if not self.healthy:
             raise EngineStoppedError(self._dead or "the engine is not running")
         if self.would_wait(n) > self.queue_capacity:
             raise QueueFullError(f"{self.num_waiting} sequences are already waiting (capacity {self.queue_capacity})")
-        queue: asyncio.Queue[SequenceDelta | Exception] = asyncio.Queue()
+        assert self._tokenizer is not None, "set_tokenizer() before generate()"
+        queue: asyncio.Queue[SequenceOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = queue
         self._sent += n
-        self._commands.send(("add", request_id, prompt_token_ids, params, n))
+        self._commands.send(AddRequest(request_id, list(prompt_token_ids), params, n))
+        choices = [ChoiceText(self._tokenizer, prompt_token_ids, params.stop) for _ in range(n)]
+        done_in_engine: set[int] = set()  # finished there, or told to abort
         finished = 0
         try:
             while finished < n:
-                pending: dict[int, SequenceDelta] = {}
+                pending: dict[int, SequenceOutput] = {}
                 item = await queue.get()
                 while True:
                     if isinstance(item, Exception):
                         raise item
-                    pending[item.index] = merge_deltas(pending[item.index], item) if item.index in pending else item
+                    pending[item.index] = merge_outputs(pending[item.index], item) if item.index in pending else item
                     if queue.empty():
                         break
                     item = queue.get_nowait()
-                for delta in pending.values():
+                deltas: list[ChoiceDelta] = []
+                aborts: list[int] = []
+                for out in pending.values():
+                    choice = choices[out.index]
+                    delta = choice.process(out)
+                    if out.finished:
+                        done_in_engine.add(out.index)
+                    if delta is None:
+                        continue
+                    if choice.needs_abort and out.index not in done_in_engine:
+                        aborts.append(out.index)
+                        done_in_engine.add(out.index)
+                    deltas.append(delta)
+                if aborts:  # before yielding: the client may take its time with the deltas
+                    self._commands.send(AbortRequest(request_id, tuple(aborts)))
+                for delta in deltas:
                     if delta.finished:
                         finished += 1
                     yield delta
         finally:
             self._streams.pop(request_id, None)
-            if finished < n and self.healthy:  # client went away, or an error: free its sequences now
-                self._commands.send(("abort", request_id))
+            if len(done_in_engine) < n and self.healthy:  # client went away, or an error: free its sequences now
+                self._commands.send(AbortRequest(request_id))
 
     # -- engine messages -------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -147,27 +192,22 @@ class AsyncEngine:
         except (EOFError, OSError):
             self._engine_died()
 
-    def _handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "step":
-            _, deltas, stats, received = msg
-            for delta in deltas:
-                queue = self._streams.get(delta.request_id)
-                if queue is not None:
-                    queue.put_nowait(delta)
-        elif kind == "idle":
-            _, stats, received = msg
-        elif kind == "rejected":
-            queue = self._streams.get(msg[1])
+    def _handle(self, msg: StepOutputs | Idle | Rejected) -> None:
+        if isinstance(msg, Rejected):
+            queue = self._streams.get(msg.request_id)
             if queue is not None:
-                queue.put_nowait(ValueError(msg[2]))
+                error = RequestRejected(msg.message) if msg.client_error else EngineInternalError(msg.message)
+                queue.put_nowait(error)
             return
-        else:
-            return
-        self._received = received
-        self._waiting, self._running = stats.num_waiting, stats.num_running
+        if isinstance(msg, StepOutputs):
+            for out in msg.outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+        self._received = msg.received
+        self._waiting, self._running = msg.stats.num_waiting, msg.stats.num_running
         if self._on_step is not None:
-            self._on_step(stats)
+            self._on_step(msg.stats)
 
     def _engine_died(self) -> None:
         assert self._loop is not None

@@ -1,81 +1,34 @@
-"""The engine core: one synchronous `step()` = schedule, run the model once, sample, detokenize."""
+"""The engine core: one synchronous `step()` = schedule, run the model once, sample, token-level stops.
+
+The engine works in token ids only. It stops a sequence on EOS, a stop token id, max_tokens or the
+context length; text, and with it stop strings, is the API process's business (output_processor.py),
+which aborts a sequence whose text hit a stop string.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from serving.engine.block_manager import BlockManager
-from serving.engine.detokenizer import Decoder, IncrementalDetokenizer
-from serving.engine.sampler import prompt_logprobs, sample
+from serving.engine.protocol import FinishReason, RequestRejected, SequenceOutput, StepStats, TokenLogprob
+from serving.engine.sampler import SampleResult, prompt_logprobs, sample
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.scheduler import Scheduler
-from serving.engine.sequence import Sequence, SequenceStatus, TokenLogprob
-from serving.models.runner import ModelRunner
+from serving.engine.scheduler import ScheduledBatch, ScheduledChunk, Scheduler
+from serving.engine.sequence import Sequence, SequenceStatus
+from serving.models.runner import ForwardChunk, ModelRunner
 
 log = logging.getLogger("fleetlm.engine")
-
-
-@dataclass(slots=True)
-class SequenceDelta:
-    """What one sequence produced in one step: the unit streamed to the client."""
-
-    request_id: str
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None  # stop | length | error
-    prompt_tokens: int
-    completion_tokens: int
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first delta
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-def merge_deltas(a: SequenceDelta, b: SequenceDelta) -> SequenceDelta:
-    """Two consecutive deltas of one sequence as one."""
-    return replace(
-        b,
-        text=a.text + b.text,
-        token_ids=a.token_ids + b.token_ids,
-        logprobs=a.logprobs + b.logprobs,
-        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-    )
-
-
-def coalesce(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
-    """Merge deltas of the same sequence, keeping each sequence's order."""
-    merged: dict[tuple[str, int], SequenceDelta] = {}
-    for d in deltas:
-        key = (d.request_id, d.index)
-        merged[key] = merge_deltas(merged[key], d) if key in merged else d
-    return list(merged.values())
-
-
-@dataclass(slots=True)
-class StepStats:
-    batch_size: int
-    num_tokens: int
-    num_waiting: int
-    num_running: int
-    kv_usage: float
-    num_preempted: int
-    duration: float
 
 
 class LLMEngine:
     def __init__(
         self,
         runner: ModelRunner,
-        tokenizer: Decoder,
         blocks: BlockManager,
         max_batch_size: int,
         max_batched_tokens: int,
@@ -83,7 +36,6 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...],
     ):
         self.runner = runner
-        self.tokenizer = tokenizer
         self.blocks = blocks
         self.scheduler = Scheduler(blocks, max_batch_size, max_batched_tokens)
         self.max_model_len = max_model_len
@@ -91,6 +43,7 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self.last_stats: StepStats | None = None
+        self._totals = [0, 0, 0]  # preempted, prefix queries, prefix hits
 
     @property
     def has_work(self) -> bool:
@@ -105,152 +58,208 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def idle_stats(self) -> StepStats:
-        return StepStats(0, 0, self.num_waiting, self.num_running, self.blocks.usage, 0, 0.0)
+        preempted, queries, hits = self._totals
+        return StepStats(
+            0, 0, self.num_waiting, self.num_running, self.blocks.usage, 0, 0.0,
+            preempted_total=preempted, prefix_queries_total=queries, prefix_hits_total=hits,
+        )  # fmt: skip
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> None:
+        """Queue n sequences for the prompt, or none of them (RequestRejected)."""
         if request_id in self._requests:
-            raise ValueError(f"duplicate request id {request_id}")
+            raise RequestRejected(f"duplicate request id {request_id}")
         if not prompt_token_ids:
-            raise ValueError("the prompt must contain at least one token")
+            raise RequestRejected("the prompt must contain at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context length is {self.max_model_len}"
+            )
+        if n < 1:
+            raise RequestRejected("n must be at least 1")
         params = replace(params, extra_eos_ids=self.eos_token_ids)
-        seqs = []
-        for index in range(n):
-            generator = None
-            if params.seed is not None:
-                # Each choice of a seeded request gets its own reproducible stream.
-                generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
-            seq = Sequence(
+        seqs = [
+            Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=request_id,
                 index=index,
-                prompt_token_ids=list(prompt_token_ids),
+                token_ids=list(prompt_token_ids),
+                prompt_len=len(prompt_token_ids),
                 params=params,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop),
-                generator=generator,
+                generator=self._generator(params, index),
                 prompt_logprobs=[None] if params.prompt_logprobs else None,
             )
-            seqs.append(seq)
-            self.scheduler.add(seq)
+            for index in range(n)
+        ]
         self._requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> None:
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        # Each choice of a seeded request gets its own reproducible stream.
+        try:
+            return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+        except (RuntimeError, OverflowError) as exc:
+            raise RequestRejected(f"seed {params.seed} (+{index} for choice {index}) is out of range") from exc
+
+    def abort_request(self, request_id: str, indices: tuple[int, ...] | None = None) -> None:
+        """Stop the request's sequences (those with the given choice indices) and free their blocks."""
         for seq in list(self._requests.get(request_id, [])):
-            if not seq.is_finished:
+            if not seq.is_finished and (indices is None or seq.index in indices):
                 self._retire(seq, "abort")
 
-    def _retire(self, seq: Sequence, reason: str) -> None:
+    def _retire(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
-        self.runner.release(seq)
+        self.runner.release(seq.seq_id)
         siblings = self._requests.get(seq.request_id, [])
         if all(s.is_finished for s in siblings):
             self._requests.pop(seq.request_id, None)
 
-    def step(self) -> list[SequenceDelta]:
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[SequenceOutput]:
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         for seq in batch.preempted:
-            self.runner.release(seq)
+            self.runner.release(seq.seq_id)
         if batch.preempted:
             log.info("preempted sequences: KV cache full", extra={"preempted": len(batch.preempted)})
-        deltas: list[SequenceDelta] = []
-        if batch.items:
+        outputs: list[SequenceOutput] = []
+        if batch.chunks:
             try:
-                deltas = self._run(batch.items)
-            except Exception as exc:  # a failed forward pass fails its requests, not the server
+                logits, score_rows, samplers = self._forward(batch.chunks)
+            except Exception as exc:  # the shared forward pass failed: its sequences fail, the server lives
                 log.exception("model step failed")
-                deltas = [self._fail(seq, exc) for seq, _ in batch.items]
-        self.last_stats = StepStats(
-            batch_size=len(batch.items),
+                self.blocks.discard_step()
+                outputs = [self._fail(c.seq, exc) for c in batch.chunks]
+            else:
+                self.blocks.confirm_step()
+                outputs = self._outputs(logits, score_rows, samplers)
+        self.last_stats = self._stats(batch, time.perf_counter() - started)
+        return outputs
+
+    def _stats(self, batch: ScheduledBatch, duration: float) -> StepStats:
+        totals = self._totals
+        totals[0] += len(batch.preempted)
+        totals[1] += batch.prefix_queries
+        totals[2] += batch.prefix_hits
+        return StepStats(
+            batch_size=len(batch.chunks),
             num_tokens=batch.num_tokens,
             num_waiting=self.num_waiting,
             num_running=self.num_running,
             kv_usage=self.blocks.usage,
             num_preempted=len(batch.preempted),
-            duration=time.perf_counter() - started,
+            duration=duration,
+            prefix_queries=batch.prefix_queries,
+            prefix_hits=batch.prefix_hits,
+            preempted_total=totals[0],
+            prefix_queries_total=totals[1],
+            prefix_hits_total=totals[2],
         )
-        return deltas
 
-    def _run(self, items: list[tuple[Sequence, int]]) -> list[SequenceDelta]:
-        score_rows: list[tuple[Sequence, list[int], list[int]]] = []  # (seq, rows, target ids)
+    def _forward(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, int, list[int]]], list[Sequence]]:
+        """One forward pass. Returns the logits of the rows asked for: first the prompt rows scored
+        for echo+logprobs ((seq, row count, target ids) each), then one row per sampling sequence."""
+        score_rows: list[tuple[Sequence, list[int], list[int]]] = []
         sample_rows: list[int] = []
         samplers: list[Sequence] = []
+        forward: list[ForwardChunk] = []
         row = 0
-        for seq, n in items:
+        for c in chunks:
+            seq, n = c.seq, c.num_tokens
             start, end = seq.num_cached, seq.num_cached + n
+            forward.append(ForwardChunk(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, c.decode))
             if seq.prompt_logprobs is not None:
                 first = max(start, len(seq.prompt_logprobs) - 1)
-                last = min(end, len(seq.prompt_token_ids) - 1)
+                last = min(end, seq.prompt_len - 1)
                 if first < last:
-                    targets = seq.prompt_token_ids[first + 1 : last + 1]
+                    targets = seq.token_ids[first + 1 : last + 1]
                     score_rows.append((seq, list(range(row + first - start, row + last - start)), targets))
             if end == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
             row += n
         all_score_rows = [r for _, rows, _ in score_rows for r in rows]
-        logits = self.runner.execute(items, all_score_rows + sample_rows)
-        for seq, n in items:
-            seq.num_cached += n
+        logits = self.runner.execute(forward, all_score_rows + sample_rows)
+        for c in chunks:
+            c.seq.num_cached += c.num_tokens
+        return logits, [(seq, len(rows), targets) for seq, rows, targets in score_rows], samplers
+
+    def _outputs(
+        self, logits: torch.Tensor, score_rows: list[tuple[Sequence, int, list[int]]], samplers: list[Sequence]
+    ) -> list[SequenceOutput]:
         offset = 0
-        for seq, rows, targets in score_rows:
-            k = seq.params.logprobs or 0
+        for seq, count, targets in score_rows:
             assert seq.prompt_logprobs is not None
-            seq.prompt_logprobs.extend(prompt_logprobs(logits[offset : offset + len(rows)], targets, k))
-            offset += len(rows)
+            seq.prompt_logprobs.extend(prompt_logprobs(logits[offset : offset + count], targets, seq.params.logprobs or 0))
+            offset += count
         if not samplers:
             return []
-        result = sample(logits[offset:], samplers)
-        now = time.monotonic()
-        return [
-            self._append(seq, token, lp, now)
-            for seq, token, lp in zip(samplers, result.token_ids, result.logprobs, strict=True)
-        ]
+        results = self._sample(logits[offset:], samplers)
+        outputs = []
+        for seq, result in zip(samplers, results, strict=True):
+            if isinstance(result, Exception):
+                outputs.append(self._fail(seq, result))
+            else:
+                outputs.append(self._append(seq, *result))
+        return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> SequenceDelta:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> list[tuple[int, TokenLogprob | None] | Exception]:
+        """Sample every row in one batched call. Should that fail, a sequence's own parameters are
+        to blame: each row is sampled alone, and only the rows that fail again fail their sequence."""
+        try:
+            batched: SampleResult = sample(logits, seqs)
+            return list(zip(batched.token_ids, batched.logprobs, strict=True))
+        except Exception:
+            log.warning("batched sampling failed: sampling each sequence alone", exc_info=True)
+        results: list[tuple[int, TokenLogprob | None] | Exception] = []
+        for i, seq in enumerate(seqs):
+            try:
+                alone = sample(logits[i : i + 1], [seq])
+                results.append((alone.token_ids[0], alone.logprobs[0]))
+            except Exception as exc:
+                log.exception("sampling failed", extra={"request_id": seq.request_id})
+                results.append(exc)
+        return results
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> SequenceOutput:
         params = seq.params
-        first = seq.first_token_time is None
-        if first:
-            seq.first_token_time = now
-        seq.output_token_ids.append(token)
-        if logprob is not None:
-            seq.output_logprobs.append(logprob)
-        reason = None
-        text = ""
+        first = seq.num_output_tokens == 0
+        seq.token_ids.append(token)
+        reason: FinishReason | None = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
-        else:
-            text = seq.detokenizer.add_token(token)
-            if seq.detokenizer.stopped:
-                reason = "stop"
-        if reason is None and (len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
-        if reason is not None:
-            text += seq.detokenizer.flush()
-            self._retire(seq, reason)
-        return SequenceDelta(
+        out = SequenceOutput(
             request_id=seq.request_id,
             index=seq.index,
-            text=text,
             token_ids=[token],
             logprobs=[logprob] if logprob is not None else [],
             finish_reason=reason,
-            prompt_tokens=len(seq.prompt_token_ids),
-            completion_tokens=len(seq.output_token_ids),
+            cached_tokens=seq.cached_prompt_tokens or 0,
             prompt_logprobs=seq.prompt_logprobs if first else None,
         )
+        if reason is not None:
+            self._retire(seq, reason)
+        return out
 
-    def _fail(self, seq: Sequence, exc: Exception) -> SequenceDelta:
+    def _fail(self, seq: Sequence, exc: Exception) -> SequenceOutput:
         self._retire(seq, "error")
-        return SequenceDelta(
+        return SequenceOutput(
             request_id=seq.request_id,
             index=seq.index,
-            text="",
             token_ids=[],
             logprobs=[],
             finish_reason="error",
-            prompt_tokens=len(seq.prompt_token_ids),
-            completion_tokens=len(seq.output_token_ids),
+            cached_tokens=seq.cached_prompt_tokens or 0,
             error=f"{type(exc).__name__}: {exc}",
         )

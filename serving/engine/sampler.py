@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.engine.sequence import Sequence, TokenLogprob
+from serving.engine.protocol import TokenLogprob
+from serving.engine.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -44,7 +45,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
     if (rep != 1.0).any():
         # Like Hugging Face's RepetitionPenaltyLogitsProcessor: over prompt and output tokens.
-        seen = _token_counts([s.all_token_ids for s in seqs], vocab, device) > 0
+        seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
     freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
@@ -66,7 +67,7 @@ def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
 
 def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for i, s in enumerate(seqs):
-        if len(s.output_token_ids) < s.params.min_tokens:
+        if s.num_output_tokens < s.params.min_tokens:
             blocked = [t for t in (*s.params.extra_eos_ids, *s.params.stop_token_ids) if t < logits.shape[-1]]
             if blocked:
                 logits[i, blocked] = float("-inf")
@@ -132,7 +133,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = _apply_logit_bias(logits.clone(), seqs)
     if any(s.params.uses_penalties for s in seqs):
         logits = apply_penalties(logits, seqs)
-    if any(len(s.output_token_ids) < s.params.min_tokens for s in seqs):
+    if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
         logits = _block_early_stop(logits.clone(), seqs)
     greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
     chosen = logits.argmax(dim=-1)

@@ -1,10 +1,13 @@
-"""Continuous batching: each step picks which sequences run and how many of their tokens.
+"""Continuous batching: each step picks which sequences run, and says of each whether it decodes
+(one token, the one sampled last) or prefills (a chunk of its prompt, or after a preemption of its
+prompt and outputs) and how many tokens.
 
-Decoding sequences go first (one token each), then sequences still prefilling, then newly
-admitted ones, all within a per-step token budget, so a long prompt is prefilled in chunks
-instead of stalling everyone's next token. When the KV cache runs out, the newest running
-sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed later. Requests therefore wait rather than fail when memory is short.
+Decoding sequences go first, then sequences still prefilling, then newly admitted ones, all within
+a per-step token budget, so a long prompt is prefilled in chunks instead of stalling everyone's
+next token. A new sequence starts after the leading blocks the prefix cache already holds. When
+the KV cache runs out, the newest running sequence is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed later. Requests wait rather than fail when memory
+is short.
 """
 
 from __future__ import annotations
@@ -17,14 +20,22 @@ from serving.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens of seq computed this step, from seq.num_cached on
+    decode: bool  # True: the one token sampled last; False: a prefill chunk (maybe of one token)
+
+
+@dataclass(slots=True)
 class ScheduledBatch:
-    # (sequence, number of its tokens to compute this step), in the order the runner packs them
-    items: list[tuple[Sequence, int]] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # in the order the runner packs them
     preempted: list[Sequence] = field(default_factory=list)
+    prefix_queries: int = 0  # prompt tokens of first-time admissions looked up in the prefix cache
+    prefix_hits: int = 0  # ... found there
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.items)
+        return sum(c.num_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -55,27 +66,39 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_batched_tokens
-        decoding = [s for s in self.running if s.num_tokens - s.num_cached == 1]
-        prefilling = [s for s in self.running if s.num_tokens - s.num_cached > 1]
+        decoding = [s for s in self.running if s.is_decoding]
+        prefilling = [s for s in self.running if not s.is_decoding]
         for seq in decoding + prefilling:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop, or out of budget until next step
-            chunk = min(seq.num_tokens - seq.num_cached, budget)
-            if self._reserve_or_preempt(seq, seq.num_cached + chunk, batch):
-                batch.items.append((seq, chunk))
-                budget -= chunk
+            decode = seq.is_decoding
+            n = 1 if decode else min(seq.prefill_end - seq.num_cached, budget)
+            if self._reserve_or_preempt(seq, seq.num_cached + n, batch):
+                batch.chunks.append(ScheduledChunk(seq, n, decode))
+                budget -= n
+        # Registered only now: a sequence preempted above never computes what it was scheduled for.
+        for chunk in batch.chunks:
+            self.blocks.register_computed(chunk.seq, chunk.seq.num_cached + chunk.num_tokens)
         if batch.preempted:
             return batch  # memory is short: don't admit anything new this step
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            chunk = min(seq.num_tokens, budget)
-            if not self.blocks.reserve(seq, chunk):
+            hits = self.blocks.match_prefix(seq)
+            cached = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.admit(seq, hits, cached + n):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.num_cached, seq.prefill_end = cached, seq.num_tokens
+            if seq.cached_prompt_tokens is None:  # first admission (a recompute is not a new query)
+                seq.cached_prompt_tokens = cached
+                batch.prefix_queries += seq.prompt_len
+                batch.prefix_hits += cached
             self.running.append(seq)
-            batch.items.append((seq, chunk))
-            budget -= chunk
+            batch.chunks.append(ScheduledChunk(seq, n, decode=False))
+            self.blocks.register_computed(seq, cached + n)
+            budget -= n
         return batch
 
     def _reserve_or_preempt(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
@@ -92,4 +115,4 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
-        batch.items = [(s, n) for s, n in batch.items if s is not seq]
+        batch.chunks = [c for c in batch.chunks if c.seq is not seq]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.protocol import FinishReason, TokenLogprob
 from serving.engine.sampling_params import SamplingParams
 
 
@@ -17,42 +17,47 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
-
-
 @dataclass(slots=True, eq=False)
 class Sequence:
     seq_id: int
     request_id: str
     index: int  # choice index within its request
-    prompt_token_ids: list[int]
+    token_ids: list[int]  # the prompt, then every generated token
+    prompt_len: int
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
-    output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs: scores gathered so far
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
+    # Tokens to compute before sampling starts, set at each admission: the prompt, or after a
+    # preemption the prompt and every output so far. A sequence decodes once they are cached.
+    prefill_end: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # content hashes of its full blocks, in order
+    num_registered: int = 0  # leading blocks already offered to the prefix cache
+    cached_prompt_tokens: int | None = None  # prefix-cache hit at first admission; None until admitted
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
-    first_token_time: float | None = None
+    finish_reason: FinishReason | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
 
     @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.prompt_len]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def is_decoding(self) -> bool:
+        """Prefill done: each step computes the one token sampled last."""
+        return self.num_cached >= self.prefill_end
 
     @property
     def is_finished(self) -> bool:

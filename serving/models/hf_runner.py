@@ -1,8 +1,9 @@
 """Fallback runner for any transformers causal LM the native model does not cover.
 
-Each sequence keeps its own transformers KV cache and runs its own forward pass: slower than
-the packed native path, but it serves every architecture transformers knows, with that model's
-exact numerics. Admission control still counts KV blocks, so memory limits hold the same way.
+Each stream keeps its own transformers KV cache and runs its own forward pass: slower than the
+packed native path, but it serves every architecture transformers knows, with that model's exact
+numerics. The engine's block manager still counts KV blocks, so admission and memory limits hold
+the same way; prefix caching does not apply (a per-stream cache cannot share blocks).
 """
 
 from __future__ import annotations
@@ -10,37 +11,57 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from serving.engine.sequence import Sequence
+from serving.models.quant import quantize_linears
+from serving.models.runner import ForwardChunk, kv_bytes_per_token
+from serving.models.source import ModelSource
 
 
 class TransformersRunner:
-    def __init__(self, model: PreTrainedModel, device: torch.device):
+    supports_prefix_caching = False
+
+    def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype):
         self.model = model.eval()
         self.device = device
-        self.vocab_size = model.config.get_text_config().vocab_size
+        text = model.config.get_text_config()
+        self.vocab_size = text.vocab_size
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.kv_bytes_per_token = kv_bytes_per_token(text.num_hidden_layers, heads, head_dim, dtype)
         self._caches: dict[int, DynamicCache] = {}
         # transformers renamed past_key_values to cache in 5.x; pass whichever this version takes.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def release(self, seq: Sequence) -> None:
-        self._caches.pop(seq.seq_id, None)
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Each stream's cache grows inside transformers; the engine's block count is what bounds it."""
+
+    def release(self, key: int) -> None:
+        self._caches.pop(key, None)
 
     @torch.inference_mode()
-    def execute(self, items: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
-        per_seq: list[torch.Tensor] = []
-        for seq, n in items:
-            start = seq.num_cached
+    def execute(self, chunks: list[ForwardChunk], logit_rows: list[int]) -> torch.Tensor:
+        per_chunk: list[torch.Tensor] = []
+        for chunk in chunks:
+            start, n = chunk.start, len(chunk.token_ids)
             if start == 0:
-                self._caches[seq.seq_id] = DynamicCache(config=self.model.config)
-            ids = torch.tensor([seq.all_token_ids[start : start + n]], device=self.device)
+                self._caches[chunk.key] = DynamicCache(config=self.model.config)
             out = self.model(
-                input_ids=ids,
+                input_ids=torch.tensor([chunk.token_ids], device=self.device),
                 cache_position=torch.arange(start, start + n, device=self.device),
                 use_cache=True,
-                **{self._cache_kwarg: self._caches[seq.seq_id]},
+                **{self._cache_kwarg: self._caches[chunk.key]},
             )
-            per_seq.append(out.logits[0])
-        logits = torch.cat(per_seq)
+            per_chunk.append(out.logits[0])
+        logits = torch.cat(per_chunk)
         return logits[torch.tensor(logit_rows, dtype=torch.long, device=self.device)].float()
+
+
+def build_transformers_runner(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, quantization: str
+) -> TransformersRunner:
+    kwargs = {"gguf_file": source.gguf_file.name} if source.gguf_file is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs).to(device)
+    if quantization != "none":
+        quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
+    return TransformersRunner(model, device, dtype)

@@ -1,0 +1,74 @@
+"""Where a model's files are: the embedded demo, a local directory or GGUF file, or a Hub snapshot."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from serving.config import ConfigError, ServeConfig
+from serving.models import gguf
+from serving.models.weights import safetensors_files
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEMO_NAME = "stories260k"
+
+
+def demo_model_dir() -> Path:
+    return Path(str(files("serving") / "demo" / DEMO_NAME))
+
+
+@dataclass(slots=True)
+class ModelSource:
+    directory: Path  # config, tokenizer files
+    gguf_file: Path | None  # the weights, when they are GGUF
+    name: str  # default served name
+
+
+def is_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.match(value)) and not value.startswith((".", "/", "~"))
+
+
+def check_model_path(cfg: ServeConfig) -> None:
+    """A cheap check worth failing the process on before it binds a port."""
+    if cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists() and not is_hub_id(cfg.model_path):
+        raise ConfigError(f"--model-path {cfg.model_path}: no such file or directory, and not a Hub id (org/name)")
+
+
+def served_name(cfg: ServeConfig) -> str:
+    """The name clients send as `model`, known before the model is loaded."""
+    if cfg.served_model_name:
+        return cfg.served_model_name
+    if cfg.model_path is None:
+        return DEMO_NAME
+    path = Path(cfg.model_path).expanduser()
+    if path.exists():
+        return path.stem if path.is_file() else path.name
+    return cfg.model_path
+
+
+def resolve_source(cfg: ServeConfig) -> ModelSource:
+    if cfg.model_path is None:
+        return ModelSource(demo_model_dir(), None, served_name(cfg))
+    path = Path(cfg.model_path).expanduser()
+    if path.exists():
+        try:
+            gguf_file = gguf.find_gguf_file(path)
+        except ValueError as exc:  # several GGUF files: the user must name one
+            raise ConfigError(f"--model-path {path}: {exc}") from exc
+        directory = path if path.is_dir() else path.parent
+        has_safetensors = directory.is_dir() and bool(safetensors_files(directory))
+        if gguf_file is None and not (directory / "config.json").is_file():
+            raise ConfigError(f"{path} holds no config.json and no GGUF file: not a model directory")
+        return ModelSource(directory, None if has_safetensors and path.is_dir() else gguf_file, served_name(cfg))
+    if is_hub_id(cfg.model_path):
+        from serving.download import download_model
+
+        dest = Path(cfg.download_dir or Path.home() / ".cache" / "fleetlm") / cfg.model_path.replace("/", "--")
+        dest = dest / (cfg.revision or "main")
+        directory = download_model(cfg.model_path, cfg.revision, dest, token=os.environ.get("HF_TOKEN"))
+        gguf_file = None if safetensors_files(directory) else gguf.find_gguf_file(directory)
+        return ModelSource(directory, gguf_file, served_name(cfg))
+    raise ConfigError(f"--model-path {cfg.model_path}: no such file or directory, and not a Hub id (org/name)")
