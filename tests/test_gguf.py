@@ -471,26 +471,102 @@ def test_smollm2_tokenizer_from_metadata_matches_tokenizer_json(smollm2_dir, tmp
     )
 
 
-@pytest.mark.parametrize("kind", [Q.F32, Q.Q8_0], ids=lambda kind: kind.name)
-def test_serving_a_gguf_file_natively_and_through_the_fallback_runner_agree(kind, tmp_path):
+def force_exact_block_path(monkeypatch) -> None:
+    """Block-quantized layers built from now on multiply by their exactly dequantized weights."""
+    from serving.models import cpu_qmm, quant
+
+    monkeypatch.setattr(cpu_qmm, "available", lambda: False)
+    monkeypatch.setattr(quant, "_has_int4_cpu_kernel", lambda: False)
+
+
+@pytest.mark.parametrize(("kind", "tie"), [(Q.F32, False), (Q.Q8_0, False), (Q.Q4_0, True), (Q.Q4_1, False)], ids=["F32", "Q8_0", "Q4_0-tied", "Q4_1"])
+def test_serving_a_gguf_file_natively_and_through_the_fallback_runner_agree(kind, tie, tmp_path, monkeypatch):
+    """The native runner keeps the file's block tensors as they are (fused, unpermuted, tied) and,
+    computing with the exact weights, gives transformers' own GGUF loading's greedy tokens."""
     from serving.config import ServeConfig
     from serving.engine.builder import build_engine
     from serving.engine.sampling_params import SamplingParams
+    from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear
     from serving.models.source import demo_model_dir
 
-    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(), kind)
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(tie=tie), kind)
     prompt = [1, 17, 42, 5, 88, 9, 63]
+    force_exact_block_path(monkeypatch)
 
-    def served_tokens(model_arch: str) -> tuple[str, list[int]]:
+    def served(model_arch: str):
         cfg = ServeConfig(model_path=str(path), tokenizer_path=str(demo_model_dir()), model_arch=model_arch, device="cpu")
         built = build_engine(cfg)
         built.engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
         tokens: list[int] = []
         while built.engine.has_work:
             tokens += [t for out in built.engine.step() for t in out.token_ids]
-        return built.info.architecture, tokens
+        return built, tokens
 
-    native_arch, native = served_tokens("auto")
-    fallback_arch, fallback = served_tokens("transformers")
-    assert (native_arch, fallback_arch) == ("llama", "transformers")
-    assert len(native) == 16 and native == fallback
+    native, native_tokens = served("auto")
+    fallback, fallback_tokens = served("transformers")
+    assert (native.info.architecture, fallback.info.architecture) == ("llama", "transformers")
+    assert len(native_tokens) == 16 and native_tokens == fallback_tokens
+    kinds = {type(m) for m in native.engine.runner.model.modules()}
+    assert (BlockQuantLinear in kinds) == (kind != Q.F32)
+    assert (BlockQuantEmbedding in kinds) == (kind != Q.F32)
+
+
+# A paragraph for perplexity: plain English the chat model has seen the like of.
+PARAGRAPH = (
+    "Paris is the capital and largest city of France. Situated on the river Seine, in the north of the "
+    "country, it is at the heart of the Ile-de-France region. The city is known for its museums and "
+    "architectural landmarks: the Louvre was the most visited art museum in the world, and the Eiffel "
+    "Tower, built for the 1889 World's Fair, has become a global symbol of the country. Paris is also a "
+    "major centre of finance, diplomacy, commerce, fashion and science, and it hosts the headquarters "
+    "of several international organisations."
+)
+
+
+def _teacher_forced(built, tokens: list[int]) -> torch.Tensor:
+    from serving.models.runner import ForwardChunk
+
+    blocks = list(range(-(-len(tokens) // 16)))
+    return built.engine.runner.execute([ForwardChunk(0, tokens, 0, blocks, decode=False)], list(range(len(tokens))))
+
+
+@pytest.mark.slow
+def test_smollm2_block_kernels_agree_with_the_exact_weights(smollm2_dir, monkeypatch):
+    """The C kernels round activations to int8 per block (as llama.cpp does), so they are not the
+    exact dequantized math: their greedy choices must agree with it on >= 95% of positions (teacher
+    forced, over a paragraph and the model's own continuation) and the paragraph's perplexity must
+    move by under 2%. The weights stay as the file stores them: the model is no bigger than the file."""
+    from serving.config import ServeConfig
+    from serving.engine.builder import build_engine
+    from serving.engine.sampling_params import SamplingParams
+    from serving.models import cpu_qmm
+    from serving.models.quant import weight_bytes
+
+    if not cpu_qmm.available():
+        pytest.skip("the C kernels are not built here")
+    cfg = ServeConfig(model_path=str(smollm2_dir), device="cpu", max_seq_len=1024, kv_cache_tokens=1024)
+    fast = build_engine(cfg)
+    assert weight_bytes(fast.engine.runner.model) < 1.02 * (smollm2_dir / SMOLLM2_FILE).stat().st_size
+    force_exact_block_path(monkeypatch)
+    exact = build_engine(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = tokenizer(PARAGRAPH).input_ids
+    messages = [{"role": "user", "content": "Tell me about Paris."}]
+    chat = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)).input_ids
+    exact.engine.add_request("answer", chat, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    continuation = list(chat)  # the exact model's own greedy answer
+    while exact.engine.has_work:
+        continuation += [t for out in exact.engine.step() for t in out.token_ids]
+    with torch.no_grad():
+        agree = []
+        for tokens in (text, continuation):
+            a, b = _teacher_forced(fast, tokens), _teacher_forced(exact, tokens)
+            agree.append((a.argmax(-1) == b.argmax(-1)).float().mean().item())
+        targets = torch.tensor(text[1:])
+        nll = {
+            name: -torch.log_softmax(_teacher_forced(m, text)[:-1], -1).gather(1, targets[:, None]).mean().item()
+            for name, m in (("fast", fast), ("exact", exact))
+        }
+    perplexity = {name: float(np.exp(v)) for name, v in nll.items()}
+    print(f"agreement {agree}, perplexity {perplexity}")
+    assert min(agree) >= 0.95, agree
+    assert abs(perplexity["fast"] / perplexity["exact"] - 1) < 0.02, perplexity

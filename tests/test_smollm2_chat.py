@@ -8,7 +8,13 @@ import pytest
 from tests.server_util import RunningServer
 
 pytestmark = pytest.mark.slow
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# With a system turn, as most clients send one. Without it this Q4_1 file's greedy answer to this
+# question is a near tie that int8 activation rounding (llama.cpp's, and our CPU kernels') tips
+# away from "The"; llama.cpp's server gives the same two answers.
+QUESTION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,7 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
             "quantization": cfg.quantization,
             "max_seq_len": info.max_model_len,
             "kv_cache_tokens": info.kv_cache_tokens,
+            "kv_cache_bytes": info.kv_cache_tokens * runner.kv_bytes_per_token,
             "prefix_caching": prefix_caching,
             "seconds": round(model.load_seconds, 2),
         },

@@ -19,6 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
+from serving.models.quant import FORMATS as BLOCK_FORMATS
 from serving.models.quant import dequantize_q4_0, dequantize_q8_0
 
 if TYPE_CHECKING:
@@ -301,8 +302,26 @@ def _load(raw: torch.Tensor, info: TensorInfo, dtype: torch.dtype) -> torch.Tens
     return out
 
 
-def iter_gguf_tensors(gguf_path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor dequantized to `dtype`) for each tensor in the file.
+@dataclass(frozen=True, slots=True)
+class BlockRows:
+    """A quantized 2-D tensor kept as the file stores it: shape[0] rows of GGUF `fmt` blocks."""
+
+    fmt: str  # "q4_0", "q4_1" or "q8_0"
+    rows: torch.Tensor  # uint8 (shape[0], row bytes); a copy, so the file's map can close
+    shape: tuple[int, int]
+
+
+def block_format(info: TensorInfo) -> str | None:
+    """The tensor's format if our block kernels compute with it as stored: "q4_0", "q4_1", "q8_0"."""
+    fmt = info.ggml_type.name.lower()
+    return fmt if fmt in BLOCK_FORMATS and len(info.shape) == 2 else None
+
+
+def iter_gguf_tensors(
+    gguf_path: str | Path, dtype: torch.dtype, keep: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | BlockRows]]:
+    """(Hugging Face name, tensor) for each tensor in the file: those named in `keep` (which must
+    have a block_format) as BlockRows, everything else dequantized to `dtype`.
 
     Tensors come from a private memory map, one at a time: a float tensor already in `dtype` is not
     copied at all, and nothing holds the whole file twice.
@@ -319,11 +338,18 @@ def iter_gguf_tensors(gguf_path: str | Path, dtype: torch.dtype) -> Iterator[tup
     for info in header.tensors.values():
         name = hf_tensor_name(info.name)
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        tensor = _load(raw, info, dtype)
+        kept = name in keep
+        fmt = block_format(info)
+        if kept and fmt is None:
+            raise ValueError(f"GGUF tensor {info.name} is {info.ggml_type.name}, not a block format to keep")
+        tensor = raw.view(info.shape[0], -1) if kept else _load(raw, info, dtype)
         heads = permuted_heads.get(info.name.split(".")[-2])
-        if heads is not None:
+        if heads is not None:  # a reordering of whole rows, so it applies to block rows alike
             tensor = _undo_rope_permutation(tensor, heads)
-        yield name, tensor
+        if kept:
+            yield name, BlockRows(str(fmt), tensor.clone(), (info.shape[0], info.shape[1]))
+        else:
+            yield name, tensor
 
 
 def load_gguf_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerBase:

@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from serving.models.attention import AttentionBatch, PagedAttention
+from serving.models.quant import BlockQuantEmbedding
 
 NATIVE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # RoPE variants whose frequencies change with the current length: HF recomputes them on the fly,
@@ -251,6 +252,9 @@ class LlamaForCausalLM(nn.Module):
         }
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.shape.tie_word_embeddings:
-            return hidden @ self.model.embed_tokens.weight.t()
-        return self.lm_head(hidden)
+        if not self.shape.tie_word_embeddings:
+            return self.lm_head(hidden)
+        embed = self.model.embed_tokens
+        if isinstance(embed, BlockQuantEmbedding):  # a GGUF file's quantized table, used as it is
+            return embed.project(hidden)
+        return hidden @ embed.weight.t()

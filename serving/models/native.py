@@ -3,13 +3,18 @@ model (llama.py), and the builder that loads such a model from safetensors or GG
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
+from torch import nn
 from transformers import PretrainedConfig
 
 from serving.models import gguf
 from serving.models.attention import AttentionBatch, PrefillChunk
+from serving.models.gguf import BlockRows
 from serving.models.llama import LlamaForCausalLM
-from serving.models.quant import quantize_linears
+from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear, quantize_linears
 from serving.models.runner import ForwardChunk, kv_bytes_per_token
 from serving.models.source import ModelSource
 from serving.models.weights import iter_safetensors, load_into, safetensors_files
@@ -104,18 +109,92 @@ def build_native_runner(
     max_len: int,
     quantization: str,
 ) -> NativeRunner:
-    """Our model, built on the meta device and materialised on `device`, weights copied in.
-    Raises UnsupportedModel when the checkpoint needs the transformers runner."""
+    """Our model, built on the meta device and materialised on `device`, weights copied in. GGUF
+    tensors in a block format we compute with (Q4_0, Q4_1, Q8_0) stay in it; `quantization`
+    quantizes the linear layers still in floats. Raises UnsupportedModel when the checkpoint needs
+    the transformers runner."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions=max_len)
     model = model.to(dtype).to_empty(device=device)
     model.rotary.build_tables(device)
     optional = ("lm_head.weight",) if model.shape.tie_word_embeddings else ()
     if source.gguf_file is not None:
-        tensors = gguf.iter_gguf_tensors(source.gguf_file, dtype)
+        _load_gguf(model, source.gguf_file, dtype, optional)
     else:
-        tensors = iter_safetensors(safetensors_files(source.directory))
-    load_into(model, tensors, optional, stacked=model.stacked_params())
+        load_into(model, iter_safetensors(safetensors_files(source.directory)), optional, stacked=model.stacked_params())
     if quantization != "none":
-        quantize_linears(model, quantization)
+        quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
     return NativeRunner(model.eval(), device, dtype)
+
+
+class _Pending(nn.Module):
+    """Stands where a block-quantized layer goes until its GGUF rows are read; keeps the layer's
+    float bias (if any) for the checkpoint's bias tensors to load into."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.bias = getattr(original, "bias", None)
+
+
+def _load_gguf(model: LlamaForCausalLM, path: Path, dtype: torch.dtype, optional: tuple[str, ...]) -> None:
+    """Float tensors go into the model's parameters; a layer whose every GGUF tensor is in a block
+    format becomes a BlockQuantLinear (BlockQuantEmbedding for the token table) on those bytes."""
+    stacked = model.stacked_params()
+    # Every GGUF tensor's layer (the fused one for q/k/v and gate/up) and first row there.
+    targets: dict[str, tuple[str, int]] = {}
+    formats: dict[str, str | None] = {}
+    for info in gguf.read_gguf_header(path).tensors.values():
+        name = gguf.hf_tensor_name(info.name)
+        if not name.endswith(".weight"):
+            continue
+        layer, first = name.removesuffix(".weight"), 0
+        for fragment, (fused, start, _) in stacked.items():
+            if layer.endswith(f".{fragment}"):
+                layer, first = layer.removesuffix(fragment) + fused, start
+                break
+        targets[name], formats[name] = (layer, first), gguf.block_format(info)
+    by_layer: dict[str, list[str]] = {}
+    for name, (layer, _) in targets.items():
+        by_layer.setdefault(layer, []).append(name)
+    modules = dict(model.named_modules())
+    quantized = {
+        layer
+        for layer, names in by_layer.items()
+        if isinstance(modules.get(layer), nn.Linear | nn.Embedding) and all(formats[n] for n in names)
+    }
+    pending: dict[str, _Pending] = {}
+    for layer in quantized:
+        parent, _, attribute = layer.rpartition(".")
+        pending[layer] = _Pending(modules[layer])
+        setattr(model.get_submodule(parent), attribute, pending[layer])
+    parts: dict[str, list[tuple[int, BlockRows]]] = {layer: [] for layer in quantized}
+
+    def floats() -> Iterator[tuple[str, torch.Tensor]]:
+        keep = frozenset(n for n, (layer, _) in targets.items() if layer in quantized)
+        for name, tensor in gguf.iter_gguf_tensors(path, dtype, keep):
+            if isinstance(tensor, BlockRows):
+                layer, first = targets[name]
+                parts[layer].append((first, tensor))
+            else:
+                yield name, tensor
+
+    load_into(model, floats(), optional, stacked=stacked)
+    for layer, pieces in parts.items():
+        pieces.sort(key=lambda p: p[0])
+        parent, _, attribute = layer.rpartition(".")
+        original = modules[layer]
+        if isinstance(original, nn.Embedding):
+            (_, only), = pieces
+            replacement: nn.Module = BlockQuantEmbedding(only.fmt, only.rows, original.embedding_dim)
+        else:
+            groups: list[tuple[str, list[torch.Tensor]]] = []
+            for _, piece in pieces:  # neighbouring pieces of one format become one part
+                if groups and groups[-1][0] == piece.fmt:
+                    groups[-1][1].append(piece.rows)
+                else:
+                    groups.append((piece.fmt, [piece.rows]))
+            parts_ = [(f, torch.cat(r)) for f, r in groups]
+            replacement = BlockQuantLinear(original.in_features, parts_, pending[layer].bias)
+            if replacement.out_features != original.out_features:
+                raise ValueError(f"GGUF tensors of {layer} hold {replacement.out_features} rows, not {original.out_features}")
+        setattr(model.get_submodule(parent), attribute, replacement)

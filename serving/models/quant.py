@@ -1,9 +1,16 @@
-"""Weight-only quantization of linear layers (`--quantization none|q8_0|q4_0`).
+"""Linear layers whose weights stay in GGUF's block formats: GGUF files' Q4_0 / Q4_1 / Q8_0 tensors
+as they are, and `--quantization q8_0|q4_0` of float checkpoints.
 
-Weights are stored in GGUF's Q8_0 / Q4_0 block formats: blocks of 32 consecutive input weights
-share one float16 scale `d`; Q8_0 keeps each weight as int8 `q` (w = d*q), Q4_0 as 4 bits
-(w = d*(q-8)), two per byte, byte j of a block holding weights j (low nibble) and j+16 (high).
-Rounding exactly as ggml does makes our blocks byte for byte what llama.cpp writes for the same weights.
+Blocks of 32 consecutive input weights share a float16 scale `d`: Q8_0 keeps each weight as int8
+`q` (w = d*q, 34 bytes a block), Q4_0 as 4 bits (w = d*(q-8), 18 bytes), Q4_1 as 4 bits and a
+float16 minimum m (w = d*q + m, 20 bytes); the 4-bit formats pack two weights per byte, byte j of a
+block holding weights j (low nibble) and j+16 (high). Our quantizer rounds exactly as ggml does, so
+its blocks are byte for byte what llama.cpp writes for the same weights.
+
+`BlockQuantLinear` computes with the weights still in blocks, by one of three paths chosen when it
+is built: on CPU our C kernels (cpu_qmm.py; activations rounded to int8 per block as llama.cpp
+does), else on CPU torch's int4 kernel for the 4-bit formats, else (any device) the exact weights
+dequantized a cache-sized chunk at a time.
 """
 
 from collections.abc import Callable
@@ -12,13 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.models import cpu_qmm
+
 BLOCK = 32
 SCHEMES = ("none", "q8_0", "q4_0")
+FORMATS = ("q4_0", "q4_1", "q8_0")  # block formats BlockQuantLinear computes with
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
-# On CPU a forward dequantizes this many weights at a time (4 MiB as float32), so each chunk stays
+# The dequantizing path works this many weights at a time (4 MiB as float32), so each chunk stays
 # in cache between being written and read by the matmul. On a 4096x4096 layer at batch 1 that takes
 # 1.0-1.3x a dense layer's time; dequantizing the whole weight at once took 13x (it goes through RAM
-# three times).
+# three times). Accelerators have the bandwidth to dequantize a whole weight at once.
 _CPU_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -71,97 +82,153 @@ def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.float() * scales.float().unsqueeze(-1)).flatten(-2)
 
 
-class QuantizedLinear(nn.Module):
-    """A Linear whose weight is kept block-quantized and dequantized on the fly, on any device."""
+def to_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_q8_0 / quantize_q4_0 output (..., n, 32 or 16) and (..., n) -> GGUF bytes (..., n * block)."""
+    return torch.cat((scales.unsqueeze(-1).view(torch.uint8), q.view(torch.uint8)), dim=-1).flatten(-2)
 
-    def __init__(self, linear: nn.Linear, scheme: str) -> None:
-        if scheme not in ("q8_0", "q4_0"):
-            raise ValueError(f"QuantizedLinear stores q8_0 or q4_0, not {scheme!r}")
-        super().__init__()
-        self.in_features, self.out_features, self.scheme = linear.in_features, linear.out_features, scheme
-        weight = linear.weight.detach()
-        q, scales = quantize_q8_0(weight) if scheme == "q8_0" else quantize_q4_0(weight)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", scales)
-        self.bias = linear.bias
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+def quantize_blocks(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    """A float weight (N, K) as GGUF bytes of `scheme` blocks (N, K/32 * block bytes)."""
+    if scheme == "q8_0":
+        return to_blocks(*quantize_q8_0(weight))
+    if scheme == "q4_0":
+        return to_blocks(*quantize_q4_0(weight))
+    raise ValueError(f"cannot quantize to {scheme!r}; valid: q8_0, q4_0")
 
-    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
-        q, scales = self.qweight[rows], self.scales[rows]
-        return dequantize_q8_0(q, scales) if self.scheme == "q8_0" else dequantize_q4_0(q, scales)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Accelerators have the bandwidth to dequantize the whole weight at once.
-        on_cpu = x.device.type == "cpu"
-        rows = max(1, _CPU_CHUNK_ELEMENTS // self.in_features) if on_cpu else self.out_features
-        parts = []
-        for start in range(0, self.out_features, rows):
-            chunk = slice(start, start + rows)
-            bias = None if self.bias is None else self.bias[chunk]
-            parts.append(F.linear(x, self.dequantize(chunk).to(x.dtype), bias))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+def dequantize_blocks(rows: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GGUF bytes of whole rows (n, row bytes) -> (n, row length) weights, exactly as ggml computes
+    them in float32 (every product d*q is exact there), then cast to dtype."""
+    blocks = rows.view(rows.shape[0], -1, BLOCK_BYTES[fmt])
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    if fmt == "q8_0":
+        values = blocks[..., 2:].contiguous().view(torch.int8).float() * d
+    elif fmt == "q4_0":
+        values = (unpack_q4_0(blocks[..., 2:]).to(torch.int8) - 8).float() * d
+    else:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+        values = unpack_q4_0(blocks[..., 4:]).float() * d + m
+    return values.flatten(-2).to(dtype)
 
 
 def _has_int4_cpu_kernel() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
-class Int4CpuLinear(nn.Module):
-    """Q4_0 weights in torch's CPU int4 layout, multiplied by its fused kernel (bf16 activations).
+def _int4pack(rows: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit blocks -> torch's CPU int4 layout and its bfloat16 (scale, zero) pairs. The kernel
+    computes (q - 8) * scale + zero: zero is 0 for Q4_0, m + 8d for Q4_1 (w = d*q + m)."""
+    blocks = rows.view(rows.shape[0], -1, BLOCK_BYTES[fmt])
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
+    if fmt == "q4_0":
+        zero, nibbles = torch.zeros_like(d), blocks[..., 2:]
+    else:
+        zero, nibbles = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d, blocks[..., 4:]
+    values = unpack_q4_0(nibbles).flatten(-2).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    return packed, torch.stack((d.t(), zero.t()), dim=-1).bfloat16().contiguous()
 
-    The kernel dequantizes in registers and reads an eighth of a float32 weight's bytes: on a
-    4096x4096 layer at batch 1 it is 6x (1 thread) to 11x (2 threads) faster than nn.Linear, and
-    more than that against dequantizing. Rounding activations and scales to bf16 adds about 4% to
-    Q4_0's own error. The layout keeps a zero next to each block's scale: 0.625 bytes per weight,
-    against 0.5625 for QuantizedLinear.
+
+class BlockQuantLinear(nn.Module):
+    """y = x W^T (+ b) with W kept in GGUF block formats.
+
+    W is one or more row groups ("parts"), each its own format: a fused projection whose GGUF
+    tensors differ in format (a Q8_0 attn_v beside Q4_0 attn_q, say) keeps each as it is.
     """
 
-    scheme = "q4_0"
-
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, in_features: int, parts: list[tuple[str, torch.Tensor]], bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed, scales = quantize_q4_0(linear.weight.detach())
-        values = unpack_q4_0(packed).flatten(-2).to(torch.int32)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1))
-        scales = scales.t().float()
-        # The kernel computes (q - 8) * scale + zero; Q4_0 has no zero point.
-        self.register_buffer(
-            "scales_and_zeros", torch.stack((scales, torch.zeros_like(scales)), dim=-1).bfloat16()
-        )
-        self.bias = linear.bias
+        if in_features % BLOCK:
+            raise ValueError(f"a block-quantized layer needs whole blocks of {BLOCK} inputs, not {in_features}")
+        self.in_features = in_features
+        self.formats = [fmt for fmt, _ in parts]
+        self.part_rows = [rows.shape[0] for _, rows in parts]
+        self.out_features = sum(self.part_rows)
+        device = parts[0][1].device
+        if device.type == "cpu" and cpu_qmm.available():
+            self.path = "kernel"
+        elif device.type == "cpu" and _has_int4_cpu_kernel() and all(f != "q8_0" for f in self.formats) and all(
+            n % 16 == 0 for n in self.part_rows
+        ):
+            self.path = "int4"
+        else:
+            self.path = "dequantize"
+        for i, (fmt, rows) in enumerate(parts):
+            expected = in_features // BLOCK * BLOCK_BYTES[fmt]
+            if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] != expected:
+                raise ValueError(f"part {i}: {fmt} rows of {in_features} weights are {expected} bytes, got {tuple(rows.shape)}")
+            if self.path == "int4":
+                packed, scales_and_zeros = _int4pack(rows, fmt)
+                self.register_buffer(f"packed{i}", packed)
+                self.register_buffer(f"scales_and_zeros{i}", scales_and_zeros)
+            else:
+                self.register_buffer(f"weight{i}", rows.contiguous())
+        self.bias = bias
 
-    @staticmethod
-    def supports(linear: nn.Linear) -> bool:
-        return (
-            _has_int4_cpu_kernel()
-            and linear.weight.device.type == "cpu"
-            and linear.out_features % 16 == 0
-            and linear.in_features % BLOCK == 0
-        )
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str) -> "BlockQuantLinear":
+        rows = quantize_blocks(linear.weight.detach(), scheme)
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return cls(linear.in_features, [(scheme, rows)], bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme=q4_0 (int4 cpu)"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"formats={'+'.join(self.formats)}, path={self.path}"
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The exact float32 weight (out_features, in_features); for tests and the fallback path."""
+        assert self.path != "int4", "the int4 layout keeps no GGUF bytes"
+        return torch.cat([dequantize_blocks(getattr(self, f"weight{i}"), f) for i, f in enumerate(self.formats)])
+
+    def _part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        fmt, rows = self.formats[i], self.part_rows[i]
+        if self.path == "kernel":
+            return cpu_qmm.matmul(x, getattr(self, f"weight{i}"), fmt, rows)
+        if self.path == "int4":
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, getattr(self, f"packed{i}"), BLOCK, getattr(self, f"scales_and_zeros{i}")
+            )
+            return out.to(x.dtype).view(*x.shape[:-1], rows)
+        weight = getattr(self, f"weight{i}")
+        step = max(1, _CPU_CHUNK_ELEMENTS // self.in_features) if x.device.type == "cpu" else rows
+        chunks = [F.linear(x, dequantize_blocks(weight[s : s + step], fmt, x.dtype)) for s in range(0, rows, step)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            raise RuntimeError(
-                "Int4CpuLinear runs on CPU only: quantize after moving the model to its device"
-            )
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, BLOCK, self.scales_and_zeros)
-        out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        outs = [self._part(x, i) for i in range(len(self.formats))]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class BlockQuantEmbedding(nn.Module):
+    """An embedding table kept in a GGUF block format: looked-up rows are dequantized, and a tied
+    output projection (logits = hidden @ table^T) multiplies the blocks directly."""
+
+    def __init__(self, fmt: str, rows: torch.Tensor, embedding_dim: int):
+        super().__init__()
+        self.fmt, self.embedding_dim = fmt, embedding_dim
+        self.num_embeddings = rows.shape[0]
+        self.register_buffer("weight_blocks", rows.contiguous())
+        self.projection = BlockQuantLinear(embedding_dim, [(fmt, self.weight_blocks)])  # the same bytes
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_blocks(self.weight_blocks.index_select(0, ids.reshape(-1)), self.fmt).view(
+            *ids.shape, self.embedding_dim
+        )
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.projection(hidden)
 
 
 def quantize_linears(module: nn.Module, scheme: str, skip: Callable[[str], bool] | None = None) -> int:
     """Replace each nn.Linear in `module` (but those whose qualified name `skip` accepts) with a
-    quantized one, in place; returns how many were replaced.
+    BlockQuantLinear, in place; returns how many were replaced.
 
     Layers whose input size is not a multiple of 32 stay dense: no block format fits them. Quantize
-    after moving the model to its device: on CPU, q4_0 picks a CPU-only layout.
+    after moving the model to its device: the compute path is chosen for the weight's device.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
@@ -176,12 +243,7 @@ def quantize_linears(module: nn.Module, scheme: str, skip: Callable[[str], bool]
     ]
     for name, linear in targets:
         parent_name, _, attribute = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        if scheme == "q4_0" and Int4CpuLinear.supports(linear):
-            replacement: nn.Module = Int4CpuLinear(linear)
-        else:
-            replacement = QuantizedLinear(linear, scheme)
-        setattr(parent, attribute, replacement)
+        setattr(module.get_submodule(parent_name), attribute, BlockQuantLinear.from_linear(linear, scheme))
     return len(targets)
 
 
