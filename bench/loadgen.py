@@ -114,9 +114,18 @@ async def _one(client: openai.AsyncOpenAI, model: str, req: Request, ignore_eos:
 
 
 async def run_load(
-    base_url: str, model: str, workload: list[Request], concurrency: int, system: str = "fleetlm", ignore_eos: bool = True
+    base_url: str,
+    model: str,
+    workload: list[Request],
+    concurrency: int,
+    system: str = "fleetlm",
+    ignore_eos: bool = True,
+    keepalive: bool = True,
 ) -> RunSummary:
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    """keepalive=False: a new connection per request (llama.cpp's server closes a kept-alive connection
+    after a few requests, and a request sent on it just then fails without a response)."""
+    idle = concurrency + 4 if keepalive else 0
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=idle)
     async with httpx.AsyncClient(limits=limits, timeout=600) as http:
         client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", http_client=http, max_retries=0)
         semaphore = asyncio.Semaphore(concurrency)

@@ -4,6 +4,8 @@ the runner; nothing here knows about sequences or scheduling."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import time
@@ -135,6 +137,13 @@ def eos_token_ids(source: ModelSource, config: PretrainedConfig, tok_dir: Path) 
     return tuple(sorted(ids))
 
 
+def _return_freed_memory() -> None:
+    """Give the OS back the heap that loading's transient copies left free (glibc keeps it otherwise:
+    ~70 MB for a 98 MB GGUF file). A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 @dataclass(slots=True)
 class LoadedModel:
     """A runner ready for its KV cache, and the facts about the model the engine and API need."""
@@ -174,6 +183,7 @@ def load_model(cfg: ServeConfig) -> LoadedModel:
             architecture = "transformers"
     if runner is None:
         runner = build_transformers_runner(source, device, dtype, cfg.quantization)
+    _return_freed_memory()
     return LoadedModel(
         runner=runner,
         name=source.name,

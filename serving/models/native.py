@@ -3,7 +3,10 @@ model (llama.py), and the builder that loads such a model from safetensors or GG
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,15 +38,16 @@ class NativeRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         s = self.model.shape
-        slots = num_blocks * block_size
         self.block_size = block_size
-        self.kv_cache = [
-            (
-                torch.zeros(slots, s.num_kv_heads, s.head_dim, device=self.device, dtype=self.dtype),
-                torch.zeros(slots, s.num_kv_heads, s.head_dim, device=self.device, dtype=self.dtype),
-            )
-            for _ in range(s.num_layers)
-        ]
+        shape = (2 * s.num_layers, num_blocks * block_size, s.num_kv_heads, s.head_dim)
+        if self.device.type == "cpu":
+            # Anonymous memory is zero pages the OS commits only when first written: the cache takes
+            # RAM as blocks come into use (the block manager hands out low blocks first), not up front.
+            self._kv_memory = mmap.mmap(-1, math.prod(shape) * self.dtype.itemsize)
+            cache = torch.frombuffer(self._kv_memory, dtype=self.dtype).view(shape)
+        else:
+            cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.kv_cache = [(cache[2 * i], cache[2 * i + 1]) for i in range(s.num_layers)]
 
     def release(self, key: int) -> None:
         """KV blocks belong to the engine's block manager; nothing is kept per stream here."""
@@ -115,11 +119,14 @@ def build_native_runner(
     the transformers runner."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions=max_len)
+    # Layers that will keep GGUF blocks are swapped out before materialising: their float weights
+    # are never allocated.
+    plan = _plan_block_layers(model, source.gguf_file) if source.gguf_file is not None else None
     model = model.to(dtype).to_empty(device=device)
     model.rotary.build_tables(device)
     optional = ("lm_head.weight",) if model.shape.tie_word_embeddings else ()
-    if source.gguf_file is not None:
-        _load_gguf(model, source.gguf_file, dtype, optional)
+    if plan is not None:
+        _load_gguf(model, plan, dtype, optional)
     else:
         load_into(model, iter_safetensors(safetensors_files(source.directory)), optional, stacked=model.stacked_params())
     if quantization != "none":
@@ -136,11 +143,17 @@ class _Pending(nn.Module):
         self.bias = getattr(original, "bias", None)
 
 
-def _load_gguf(model: LlamaForCausalLM, path: Path, dtype: torch.dtype, optional: tuple[str, ...]) -> None:
-    """Float tensors go into the model's parameters; a layer whose every GGUF tensor is in a block
-    format becomes a BlockQuantLinear (BlockQuantEmbedding for the token table) on those bytes."""
+@dataclass(slots=True)
+class _BlockPlan:
+    path: Path
+    targets: dict[str, tuple[str, int]]  # GGUF tensor (HF name) -> its layer (fused, if so) and first row there
+    originals: dict[str, nn.Module]  # layer -> the float module it replaces (on the meta device)
+    pending: dict[str, _Pending]  # layer -> its stand-in until the rows are read
+
+
+def _plan_block_layers(model: LlamaForCausalLM, path: Path) -> _BlockPlan:
+    """Find the layers whose every GGUF tensor is in a block format and put stand-ins in their place."""
     stacked = model.stacked_params()
-    # Every GGUF tensor's layer (the fused one for q/k/v and gate/up) and first row there.
     targets: dict[str, tuple[str, int]] = {}
     formats: dict[str, str | None] = {}
     for info in gguf.read_gguf_header(path).tensors.values():
@@ -162,18 +175,24 @@ def _load_gguf(model: LlamaForCausalLM, path: Path, dtype: torch.dtype, optional
         for layer, names in by_layer.items()
         if isinstance(modules.get(layer), nn.Linear | nn.Embedding) and all(formats[n] for n in names)
     }
-    pending: dict[str, _Pending] = {}
+    plan = _BlockPlan(path, {n: t for n, t in targets.items() if t[0] in quantized}, {}, {})
     for layer in quantized:
         parent, _, attribute = layer.rpartition(".")
-        pending[layer] = _Pending(modules[layer])
-        setattr(model.get_submodule(parent), attribute, pending[layer])
-    parts: dict[str, list[tuple[int, BlockRows]]] = {layer: [] for layer in quantized}
+        plan.originals[layer], plan.pending[layer] = modules[layer], _Pending(modules[layer])
+        setattr(model.get_submodule(parent), attribute, plan.pending[layer])
+    return plan
+
+
+def _load_gguf(model: LlamaForCausalLM, plan: _BlockPlan, dtype: torch.dtype, optional: tuple[str, ...]) -> None:
+    """Float tensors go into the model's parameters; each planned layer becomes a BlockQuantLinear
+    (BlockQuantEmbedding for the token table) on its GGUF rows."""
+    stacked = model.stacked_params()
+    parts: dict[str, list[tuple[int, BlockRows]]] = {layer: [] for layer in plan.pending}
 
     def floats() -> Iterator[tuple[str, torch.Tensor]]:
-        keep = frozenset(n for n, (layer, _) in targets.items() if layer in quantized)
-        for name, tensor in gguf.iter_gguf_tensors(path, dtype, keep):
+        for name, tensor in gguf.iter_gguf_tensors(plan.path, dtype, frozenset(plan.targets)):
             if isinstance(tensor, BlockRows):
-                layer, first = targets[name]
+                layer, first = plan.targets[name]
                 parts[layer].append((first, tensor))
             else:
                 yield name, tensor
@@ -182,7 +201,7 @@ def _load_gguf(model: LlamaForCausalLM, path: Path, dtype: torch.dtype, optional
     for layer, pieces in parts.items():
         pieces.sort(key=lambda p: p[0])
         parent, _, attribute = layer.rpartition(".")
-        original = modules[layer]
+        original = plan.originals[layer]
         if isinstance(original, nn.Embedding):
             (_, only), = pieces
             replacement: nn.Module = BlockQuantEmbedding(only.fmt, only.rows, original.embedding_dim)
@@ -194,7 +213,7 @@ def _load_gguf(model: LlamaForCausalLM, path: Path, dtype: torch.dtype, optional
                 else:
                     groups.append((piece.fmt, [piece.rows]))
             parts_ = [(f, torch.cat(r)) for f, r in groups]
-            replacement = BlockQuantLinear(original.in_features, parts_, pending[layer].bias)
+            replacement = BlockQuantLinear(original.in_features, parts_, plan.pending[layer].bias)
             if replacement.out_features != original.out_features:
                 raise ValueError(f"GGUF tensors of {layer} hold {replacement.out_features} rows, not {original.out_features}")
         setattr(model.get_submodule(parent), attribute, replacement)
