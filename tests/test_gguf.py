@@ -417,7 +417,12 @@ def test_smollm2_config_is_read_fast_and_matches_config_json(smollm2_dir):
 def smollm2(smollm2_dir):
     """(model built from our config and tensors, tokenizer, chat prompt asking for France's capital)."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    # With a system turn, as clients send one: without it this Q4_1 file's answer, here quantized
+    # further and in llama.cpp's server alike, is "L'Étoile, la Cité" (see test_smollm2_chat).
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     prompt = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )

@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_qmm_shared.h"
+
 #if !defined(_WIN32)
 #define QMM_THREADS 1
 #include <pthread.h>
@@ -184,6 +186,8 @@ typedef struct {
     size_t qrows;       /* activation rows per quantization item */
     size_t n_items;     /* total */
     int simd;           /* 1: AVX2 */
+    qmm_task_fn task;   /* set: a job of qmm_parallel_for (item i is task(task_ctx, i)), not a matmul */
+    void *task_ctx;
 } job_t;
 
 static int g_simd = 0;          /* code path in use: 1 AVX2, 0 scalar */
@@ -774,7 +778,9 @@ static void participate(pool_t *P, const job_t *J, uint32_t gen) {
                                                    memory_order_acquire)) {
             continue; /* w reloaded */
         }
-        if (i < J->n_qitems) {
+        if (J->task) {
+            J->task(J->task_ctx, i);
+        } else if (i < J->n_qitems) {
             quant_item(J, i);
             atomic_fetch_add_explicit(&P->qdone, 1, memory_order_release);
         } else {
@@ -908,6 +914,37 @@ static void atfork_child(void) {
     g_pool.nworkers = 0;
 }
 #endif /* QMM_THREADS */
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The pool for the other kernels of this extension (_qmm_shared.h)                                 */
+
+void qmm_parallel_for(size_t n_items, int max_threads, qmm_task_fn task, void *ctx) {
+    if (n_items == 0) return;
+#ifdef QMM_THREADS
+    int threads = g_threads;
+    if (max_threads > 0 && max_threads < threads) threads = max_threads;
+    if (threads > 1 && n_items > 1 && n_items < 0xFFFFFFF0u && pthread_mutex_trylock(&g_pool.busy) == 0) {
+        if (pool_ensure(&g_pool, threads - 1) > 0) {
+            job_t J;
+            memset(&J, 0, sizeof J);
+            J.n_items = n_items;
+            J.task = task;
+            J.task_ctx = ctx;
+            pool_run(&g_pool, &J);
+            pthread_mutex_unlock(&g_pool.busy);
+            return;
+        }
+        pthread_mutex_unlock(&g_pool.busy);
+    }
+#else
+    (void)max_threads;
+#endif
+    for (size_t i = 0; i < n_items; i++) task(ctx, i);
+}
+
+int qmm_simd_active(void) { return g_simd; }
+
+int qmm_num_threads(void) { return g_threads; }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* One call                                                                                          */
@@ -1152,5 +1189,12 @@ PyMODINIT_FUNC PyInit__qmm(void) {
         once = 1;
     }
 #endif
-    return PyModule_Create(&qmm_module);
+    PyObject *m = PyModule_Create(&qmm_module);
+#ifdef QMM_WITH_CPU_OPS
+    if (m && PyModule_AddFunctions(m, qmm_cpu_ops_methods) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
+    return m;
 }

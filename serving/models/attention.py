@@ -1,4 +1,5 @@
-"""Paged attention over a flat KV cache, in plain torch (the reference path; CPU and any GPU).
+"""Paged attention over a flat KV cache, in plain torch (the reference path; CPU and any GPU), with
+decode attention in a C kernel for float32 on CPU (cpu_ops.paged_decode_attention).
 
 The cache of one layer is a pair of tensors [num_blocks * block_size, kv_heads, head_dim];
 a token's slot is block_table[pos // block_size] * block_size + pos % block_size. Each step
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from serving.models import cpu_ops
 
 
 @dataclass(slots=True)
@@ -118,6 +121,19 @@ class PagedAttention:
         assert batch.decode_rows is not None and batch.decode_blocks is not None
         n = batch.decode_blocks.shape[0]
         qd = q[:n] if batch.decodes_first else q.index_select(0, batch.decode_rows)
+        if cpu_ops.available() and q.dtype is torch.float32 and q.is_cpu:
+            # The C kernel reads each sequence's blocks in place (no gather, no mask): measured 130 us
+            # a layer at B=1 and 900 us at B=16 for the gather + SDPA below on SmolLM2, on 2 cores.
+            assert batch.decode_lens is not None
+            return cpu_ops.paged_decode_attention(
+                qd, k_cache, v_cache, batch.decode_blocks, batch.decode_lens, batch.block_size, self.scale, self.window
+            )
+        return self._decode_torch(qd, k_cache, v_cache, batch)
+
+    def _decode_torch(self, qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """_decode in plain torch, for queries qd [B, H, D] already in the decoding sequences' order."""
+        assert batch.decode_blocks is not None
+        n = qd.shape[0]
         kd = _gather_blocks(k_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)  # [B, KVH, ctx, D]
         vd = _gather_blocks(v_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)
         # The query heads sharing a KV head ride as that head's query rows ([B, KVH, group, D]):
@@ -128,6 +144,6 @@ class PagedAttention:
             qd.reshape(n, self.num_kv_heads, group, self.head_dim),
             kd,
             vd,
-            attn_mask=batch.decode_mask(self.window, q.dtype),
+            attn_mask=batch.decode_mask(self.window, qd.dtype),
             scale=self.scale,
         ).reshape(n, self.num_heads, self.head_dim)

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from serving.models import cpu_ops
 from serving.models.attention import AttentionBatch, PagedAttention
 from serving.models.quant import BlockQuantEmbedding
 
@@ -102,12 +102,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the fused kernel computes exactly HF's float32 math
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return cpu_ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += x (in place), then the norm of the sum: one pass over the rows on CPU."""
+        return cpu_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -126,6 +125,10 @@ class Rotary(nn.Module):
             self.register_buffer("cos", emb.cos() * self.scale, persistent=False)
             self.register_buffer("sin", emb.sin() * self.scale, persistent=False)
 
+    def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+        """What every layer of this step rotates with."""
+        return RopeStep(self, positions, dtype)
+
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for this step's positions, [T, 1, rotary_dim]; shared by every layer."""
         cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)
@@ -143,6 +146,27 @@ class Rotary(nn.Module):
         half = rot_dim // 2
         rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
         return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class RopeStep:
+    """One step's rotation. float32 on CPU: the fused kernel reads the table rows of each position
+    itself; elsewhere the rows are looked up once here, for all layers."""
+
+    __slots__ = ("rotary", "positions", "cos", "sin")
+
+    def __init__(self, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype):
+        self.rotary, self.positions = rotary, positions
+        if cpu_ops.available() and dtype is torch.float32 and positions.is_cpu:
+            self.cos = self.sin = None
+        else:
+            self.cos, self.sin = rotary.lookup(positions, dtype)
+
+    def apply_(self, x: torch.Tensor, heads: int) -> None:
+        """Rotate the first `heads` heads of x [T, >= heads, head_dim] in place."""
+        if self.cos is None:
+            cpu_ops.rotary_(x, heads, self.rotary.cos, self.rotary.sin, self.positions)
+        else:
+            x[:, :heads] = Rotary.apply(x[:, :heads], self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -165,7 +189,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: RopeStep,
         kv: tuple[torch.Tensor, torch.Tensor],
         batch: AttentionBatch,
     ) -> torch.Tensor:
@@ -174,9 +198,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h : h + kvh])), dim=1)
         else:
-            qk = qkv[:, : h + kvh]
-        qk = Rotary.apply(qk, *rope)  # q and k heads rotate together
-        out = self.attn.forward(qk[:, :h], qk[:, h:], qkv[:, h + kvh :], kv[0], kv[1], batch)
+            qk = qkv  # q and k are the first h + kvh heads: rotated in place, v left as it is
+        rope.apply_(qk, h + kvh)  # q and k heads rotate together
+        out = self.attn.forward(qk[:, :h], qk[:, h : h + kvh], qkv[:, h + kvh :], kv[0], kv[1], batch)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -185,10 +209,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+        self.silu = shape.hidden_act == "silu"
         self.act = ACT2FN[shape.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.silu:  # one pass over the rows on CPU
+            return self.down_proj(cpu_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -200,9 +228,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
-    def forward(self, x, rope, kv, batch):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: RopeStep,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it is added). The sum is made by the
+        next norm (add_forward), so each residual add rides on a norm's pass over the rows; the first
+        layer gets residual None and x is the embeddings."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm.add_forward(x, residual)
+        h = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, kv, batch), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -232,11 +275,14 @@ class LlamaForCausalLM(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (logits are computed only for the rows that need them)."""
-        x = self.model.embed_tokens(input_ids)
-        rope = self.rotary.lookup(positions, x.dtype)
+        x = self.model.embed_tokens(input_ids)  # a new tensor: the residual stream, added to in place
+        rope = self.rotary.step(positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.model.layers, kv_cache, strict=True):
-            x = layer(x, rope, kv, batch)
-        return self.model.norm(x)
+            x, residual = layer.forward(x, residual, rope, kv, batch)  # no module hooks: skip __call__
+        if residual is None:
+            return self.model.norm(x)
+        return self.model.norm.add_forward(x, residual)
 
     def stacked_params(self) -> dict[str, tuple[str, int, int]]:
         """Checkpoint projections that live inside a fused parameter here:
