@@ -119,10 +119,10 @@ def _server(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
         args += ["--tokenizer-path", spec.model.tokenizer]
     # A pod shares its node's cores: pinning the engine to "its own" core would put every pod's
     # engine on the same one. And without a CPU limit the server would count the node's cores, so
-    # a CPU pod sizes its engine threads from its request, keeping one core for the API process.
+    # a CPU pod tells it its request; the server sizes its engine threads from that and the model.
     args += ["--cpu-affinity", "none"]
     if _device(spec) == "cpu" and spec.resources.cpu is not None:
-        args += ["--num-threads", str(max(1, math.ceil(parse_quantity(str(spec.resources.cpu))) - 1))]
+        args += ["--cpus", f"{float(parse_quantity(str(spec.resources.cpu))):g}"]
     args += list(engine.extra_args)
 
     env = list(BASE_ENV)

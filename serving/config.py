@@ -65,7 +65,18 @@ class ServeConfig(BaseModel):
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
     kv_cache_tokens: int | None = Field(None, ge=16, description="KV cache capacity in tokens (default: from memory)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory FleetLM may use")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine (default: usable cores - 1, at least 1; a container CPU limit counts)")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="compute threads of the engine, torch's and the CPU kernels' (default: every usable core for a "
+        "model of 32 MiB of weights or more, else usable cores - 1; a container CPU limit and --cpus count)",
+    )
+    cpus: float | None = Field(
+        None,
+        gt=0,
+        description="cores to count on where no CPU limit says so, e.g. a Kubernetes pod's CPU request "
+        "(default: the cores this process may run on)",
+    )
     cpu_affinity: Literal["auto", "none"] = Field(
         "auto",
         description="auto: on CPU, the engine's threads get cores of their own and the API process the rest "

@@ -1,4 +1,5 @@
-"""On CPU serving, the engine's torch threads get cores of their own and the API process the rest.
+"""How many threads the engine computes with on CPU and, when it leaves cores to the API process,
+which cores are whose.
 
 Unpinned, the API process and its clients' wake-ups land on the engine's cores and preempt a
 step in the middle; measured on 2 cores with the demo model at concurrency 16 (six alternating
@@ -40,10 +41,24 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
-def default_threads() -> int:
-    """Leave a core to the API process. Measured with `bench.serving_bench --threads` on 2 cores:
-    2 engine threads ran 3-6x slower than 1, fighting the API process for the cores."""
-    return max(1, usable_cpus() - 1)
+# Weights from which a step outweighs the API process's per-token work (detokenizing, SSE): the
+# engine then computes on every core. Measured on 2 cores (bench.serving_bench / bench.cpu_bench,
+# c16): SmolLM2-135M, 94 MB as Q4_1 and 540 MB in float32, made 25-40% more tokens/s with 2 engine
+# threads than with 1 pinned; the 1 MB demo made half as many (its steps take ~1 ms, the API's share
+# of the work is as large, and an engine on both cores preempts it).
+COMPUTE_BOUND_WEIGHT_BYTES = 32 << 20
+
+
+def default_threads(weight_bytes: int | None = None, budget: float | None = None) -> int:
+    """Engine threads when --num-threads is not given: every usable core for a model whose weights
+    make the step compute-bound (>= COMPUTE_BOUND_WEIGHT_BYTES), else all but one, left to the API
+    process (unknown size: all but one). `budget` (--cpus, whole cores of it) caps the usable cores."""
+    cores = usable_cpus()
+    if budget is not None:
+        cores = max(1, min(cores, math.floor(budget)))
+    if weight_bytes is not None and weight_bytes >= COMPUTE_BOUND_WEIGHT_BYTES:
+        return cores
+    return max(1, cores - 1)
 
 
 def engine_cpus(threads: int, cgroup_root: Path = CGROUP_ROOT) -> tuple[int, ...]:

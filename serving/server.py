@@ -17,7 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 from serving.api.app import create_app
 from serving.api.state import AppState, ServedModel
 from serving.config import ServeConfig
-from serving.cpus import default_threads, pin_process
+from serving.cpus import pin_process
 from serving.engine.async_engine import AsyncEngine
 from serving.metrics import Metrics
 from serving.models.loader import load_tokenizer
@@ -26,10 +26,10 @@ from serving.models.source import served_name
 log = logging.getLogger("fleetlm.server")
 
 
-async def _start_engine(state: AppState, threads: int) -> None:
+async def _start_engine(state: AppState) -> None:
     """Start the engine process (it loads the model), then load the tokenizer here."""
     cfg = state.config
-    engine = AsyncEngine(cfg, threads, on_step=state.metrics.observe_step)
+    engine = AsyncEngine(cfg, on_step=state.metrics.observe_step)
     try:
         info = await engine.start()
         if info.engine_cpus:
@@ -52,7 +52,6 @@ async def _start_engine(state: AppState, threads: int) -> None:
 
 async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_signals: bool = True) -> int:
     """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the process exit code."""
-    threads = cfg.num_threads or default_threads()
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     if handle_signals:
@@ -66,7 +65,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
     app = create_app(state)
 
     async def load_then_watch() -> None:
-        await _start_engine(state, threads)
+        await _start_engine(state)
         if state.load_error is not None:
             stop.set()  # exit non-zero rather than sit unready forever
 

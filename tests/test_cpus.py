@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cpus import engine_cpus, usable_cpus
+from serving.cpus import COMPUTE_BOUND_WEIGHT_BYTES, default_threads, engine_cpus, usable_cpus
 from tests.server_util import free_port, wait_healthy
 
 
@@ -30,6 +30,17 @@ def test_a_container_cpu_limit_caps_the_usable_cores(tmp_path):
     assert usable_cpus(tmp_path) == cores
     (v1 / "cpu.cfs_quota_us").write_text("100000\n")
     assert usable_cpus(tmp_path) == 1
+
+
+def test_default_threads_follow_the_model_size_and_the_cpu_budget():
+    cores = usable_cpus()
+    big = COMPUTE_BOUND_WEIGHT_BYTES
+    assert default_threads(big) == cores  # compute-bound: every core
+    assert default_threads(big - 1) == default_threads(None) == max(1, cores - 1)  # one left to the API
+    assert default_threads(big, budget=0.5) == 1
+    assert default_threads(big, budget=cores + 3.7) == cores  # a budget never adds cores
+    assert default_threads(big, budget=1.9) == 1  # whole cores of it
+    assert default_threads(0, budget=2) == 1
 
 
 def test_engine_cores_leave_at_least_one_to_the_api_and_are_never_shared_cores(tmp_path):
@@ -66,7 +77,11 @@ def test_the_server_splits_the_cores_between_engine_and_api(affinity, tmp_path):
     allowed = frozenset(os.sched_getaffinity(0))
     port = free_port()
     cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    env = {**os.environ, "LLM_NUM_THREADS": "1", "LLM_CPU_AFFINITY": affinity}
+    # auto: the default thread count too (the demo's 1 MB of weights: all cores but one for the engine)
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_NUM_THREADS", "LLM_CPUS")}
+    env["LLM_CPU_AFFINITY"] = affinity
+    if affinity == "none":
+        env["LLM_NUM_THREADS"] = "1"
     with open(tmp_path / "server.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
@@ -80,7 +95,9 @@ def test_the_server_splits_the_cores_between_engine_and_api(affinity, tmp_path):
     if affinity == "none":
         assert api_threads == engine_threads == {allowed}
     else:
-        engine_set = frozenset({max(allowed)})
+        engine_set = frozenset(sorted(allowed)[1:])
         assert engine_threads == {engine_set}, "every engine thread, torch's included, on its own core"
         assert api_threads == {allowed - engine_set}
-        assert "CPU cores split" in (tmp_path / "server.log").read_text()
+        logged = (tmp_path / "server.log").read_text()
+        assert "CPU cores split" in logged
+        assert f'"threads": {len(engine_set)}' in logged

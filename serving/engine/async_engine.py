@@ -57,7 +57,7 @@ class ModelLoadError(Exception):
 
 
 class AsyncEngine:
-    def __init__(self, cfg: ServeConfig, threads: int, on_step: Callable[[StepStats], None] | None = None):
+    def __init__(self, cfg: ServeConfig, on_step: Callable[[StepStats], None] | None = None):
         self.queue_capacity = cfg.queue_capacity
         self.max_batch_size = cfg.max_batch_size
         self._on_step = on_step
@@ -65,7 +65,7 @@ class AsyncEngine:
         self._commands_recv, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs_send = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=run_engine, args=(cfg, threads, self._commands_recv, outputs_send), name="fleetlm-engine", daemon=True
+            target=run_engine, args=(cfg, self._commands_recv, outputs_send), name="fleetlm-engine", daemon=True
         )
         self._outputs_send = outputs_send
         self._streams: dict[str, asyncio.Queue[SequenceOutput | Exception]] = {}

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from serving.config import ServeConfig
-from serving.cpus import engine_cpus, pin_process
+from serving.cpus import COMPUTE_BOUND_WEIGHT_BYTES, default_threads, engine_cpus, pin_process
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.protocol import (
     AbortRequest,
@@ -45,13 +45,14 @@ log = logging.getLogger("fleetlm.engine")
 _MAX_HELD_STEPS = 64
 
 
-def run_engine(cfg: ServeConfig, threads: int, commands: Connection, outputs: Connection) -> None:
+def run_engine(cfg: ServeConfig, commands: Connection, outputs: Connection) -> None:
     # The API process owns shutdown: Ctrl-C and SIGTERM reach the whole process group, and the
     # engine must keep stepping while the API drains in-flight requests.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(cfg.log_level)
-    torch.set_num_threads(threads)
+    # Loading uses every core (reading and packing weights); the step's threads are chosen after it.
+    torch.set_num_threads(cfg.num_threads or default_threads(COMPUTE_BOUND_WEIGHT_BYTES, cfg.cpus))
     from serving.engine.builder import build_engine  # heavy imports stay in this process
 
     try:
@@ -61,11 +62,23 @@ def run_engine(cfg: ServeConfig, threads: int, commands: Connection, outputs: Co
         outputs.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     info = built.info
+    threads = cfg.num_threads or default_threads(built.model.weight_bytes if info.device == "cpu" else None, cfg.cpus)
+    torch.set_num_threads(threads)  # the C kernels' pool follows (models/cpu_qmm.py)
+    info = dataclasses.replace(info, engine_threads=threads)
     if cfg.cpu_affinity == "auto" and info.device == "cpu":
         cpus = engine_cpus(threads)
         if cpus:
             pin_process(cpus)  # torch's worker threads, started while loading, included
             info = dataclasses.replace(info, engine_cpus=cpus)
+    log.info(
+        "engine threads",
+        extra={
+            "threads": threads,
+            "chosen": "--num-threads" if cfg.num_threads else "from the model's size and the usable cores",
+            "weight_bytes": built.model.weight_bytes,
+            "pinned_cpus": list(info.engine_cpus),
+        },
+    )
     outputs.send(Ready(info))
     _serve(built.engine, commands, outputs)
 

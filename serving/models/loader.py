@@ -158,6 +158,7 @@ class LoadedModel:
     directory: Path
     gguf_file: Path | None
     load_seconds: float
+    weight_bytes: int  # the weights as held in memory (quantized ones at their packed size)
 
 
 def load_model(cfg: ServeConfig) -> LoadedModel:
@@ -195,4 +196,13 @@ def load_model(cfg: ServeConfig) -> LoadedModel:
         directory=source.directory,
         gguf_file=source.gguf_file,
         load_seconds=time.monotonic() - started,
+        weight_bytes=module_bytes(runner.model),
     )
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's persistent state (parameters and buffers; a tensor tied in two places once)."""
+    seen: dict[tuple[int, int], int] = {}
+    for tensor in module.state_dict().values():
+        seen[(tensor.untyped_storage().data_ptr(), tensor.storage_offset())] = tensor.nbytes
+    return sum(seen.values())

@@ -25,6 +25,7 @@ class ForwardChunk:
 
 
 class ModelRunner(Protocol):
+    model: torch.nn.Module
     device: torch.device
     vocab_size: int
     kv_bytes_per_token: int  # what one token's K and V cost across all layers

@@ -305,10 +305,11 @@ def test_image_defaults_to_the_operators_and_spec_overrides_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("resources", "threads"),
-    [({"cpu": "2"}, "1"), ({"cpu": "4500m"}, "4"), ({"cpu": "500m"}, "1"), ({"cpu": 8, "gpu": {"count": 1}}, None), ({}, None)],
+    ("resources", "cpus"),
+    [({"cpu": "2"}, "2"), ({"cpu": "4500m"}, "4.5"), ({"cpu": "500m"}, "0.5"), ({"cpu": 8, "gpu": {"count": 1}}, None), ({}, None)],
 )
-def test_cpu_pods_size_engine_threads_from_their_request_and_never_pin_cores(resources, threads) -> None:
+def test_cpu_pods_tell_the_server_their_cpu_request_and_never_pin_cores(resources, cpus) -> None:
     flags = args(container(build(llmd(resources=resources))))
     assert flags["--cpu-affinity"] == "none"  # a node's cores are shared with other pods
-    assert flags.get("--num-threads") == threads
+    assert flags.get("--cpus") == cpus
+    assert "--num-threads" not in flags  # the server chooses them from the request and the model
