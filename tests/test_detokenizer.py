@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from serving.models.source import demo_model_dir
 
 
@@ -57,3 +57,15 @@ def test_held_back_prefix_is_flushed_when_no_stop_follows(tok):
     assert not detok.stopped
     assert "".join(pieces) == " upon a time the"
     assert pieces[-1].endswith("the"), "'the' could start 'the mat' so it waits for the flush"
+
+
+def test_fast_decoder_gives_the_tokenizers_own_text(tok):
+    fast = fast_decoder(tok)
+    assert fast is not tok  # a fast tokenizer that cleans up no spaces: its Rust backend
+    ids = tok(" wörld — naïve café ☃ 日本, 12345 + 678  two  spaces\n").input_ids
+    specials = [tok.bos_token_id, tok.eos_token_id]
+    for window in (ids, ids[3:7], ids[-2:], specials + ids[:4] + specials, [ids[5]]):
+        for skip in (True, False):
+            assert fast.decode(window, skip_special_tokens=skip) == tok.decode(window, skip_special_tokens=skip)
+    tok_clean = AutoTokenizer.from_pretrained(demo_model_dir(), clean_up_tokenization_spaces=True)
+    assert fast_decoder(tok_clean) is tok_clean  # transformers' clean-up changes text: keep its decode

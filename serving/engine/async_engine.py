@@ -17,7 +17,7 @@ import multiprocessing as mp
 from collections.abc import AsyncIterator, Callable
 
 from serving.config import ServeConfig
-from serving.engine.detokenizer import Decoder
+from serving.engine.detokenizer import Decoder, fast_decoder
 from serving.engine.engine_process import run_engine
 from serving.engine.output_processor import ChoiceDelta, ChoiceText
 from serving.engine.protocol import (
@@ -97,7 +97,7 @@ class AsyncEngine:
 
     def set_tokenizer(self, tokenizer: Decoder) -> None:
         """The tokenizer that turns this engine's tokens into text (loaded once the model is known)."""
-        self._tokenizer = tokenizer
+        self._tokenizer = fast_decoder(tokenizer)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True

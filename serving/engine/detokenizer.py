@@ -18,6 +18,29 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+class _BackendDecoder:
+    """A fast tokenizer's Rust `tokenizers.Tokenizer` called directly: what transformers' decode
+    returns when it cleans up no spaces, without its Python layers (measured 3.1 -> 1.2 us a call
+    for SmolLM2's tokenizer; a generated token takes two calls, in the API process)."""
+
+    __slots__ = ("_backend",)
+
+    def __init__(self, backend: Decoder):
+        self._backend = backend
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def fast_decoder(tokenizer: Decoder) -> Decoder:
+    """The quickest decoder giving exactly `tokenizer.decode`'s text: its backend when it is a fast
+    tokenizer with no clean-up of spaces, else the tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer
+    return _BackendDecoder(backend)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
         self._tokenizer = tokenizer
