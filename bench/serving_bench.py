@@ -105,7 +105,7 @@ def main() -> None:
 
         # The idle server uses no CPU while the peer runs in this process.
         if not args.no_peer:
-            from serving.models.loader import demo_model_dir
+            from serving.models.source import demo_model_dir
 
             peer = load_peer(args.model_path or str(demo_model_dir()))
             for threads in sorted({int(t) for t in args.peer_threads.split(",")}):
