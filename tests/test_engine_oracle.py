@@ -13,6 +13,7 @@ import pytest
 from serving.config import ServeConfig
 from serving.engine.builder import BLOCK_SIZE, build_engine
 from serving.engine.sampling_params import SamplingParams
+from serving.models import cpu_ops
 from tests.tiny_models import hf_greedy, make_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"]
@@ -79,8 +80,17 @@ def test_single_request_matches_transformers(model_root, arch):
     assert got == _reference(model_dir, tuple(prompt), NEW_TOKENS)
 
 
+@pytest.mark.parametrize("kernels", ["c", "torch"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_staggered_batch_matches_transformers(model_root, arch):
+def test_mixed_staggered_batch_matches_transformers(model_root, arch, kernels, monkeypatch):
+    """Both CPU code paths of the native model: the C kernels around the matmuls (norms, rotary,
+    SiLU, decode attention) and their torch fallbacks, which other devices and installs without a
+    C compiler run."""
+    if kernels == "c" and not cpu_ops.available():
+        pytest.skip("the C extension is not built")
+    if kernels == "torch":
+        monkeypatch.setattr(cpu_ops, "_FAST", False)
+        assert not cpu_ops.available()
     model_dir = _model(model_root, arch)
     prompts = _prompts(2, 5)
     max_tokens = [NEW_TOKENS, 7, 19, 30, 12]
