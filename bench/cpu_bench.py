@@ -78,14 +78,19 @@ def engine_pid(server: subprocess.Popen) -> int:
     return max((int(c) for c in children), key=lambda pid: _status_kb(pid, "VmRSS"))
 
 
-def runtime_floor_kb() -> int:
-    """Resident memory of a process that imported what the engine process imports, with no model."""
+def runtime_floor_kb(model: Path) -> int:
+    """Resident memory of a process that imported what the engine process imports and read the
+    model's config (which imports transformers' config classes), with no weights loaded."""
     code = (
-        "import serving.engine.builder, serving.engine.engine_process, torch; "
+        "import sys, serving.engine.builder, serving.engine.engine_process, torch; "
+        "from serving.config import ServeConfig; "
+        "from serving.models.loader import load_hf_config; from serving.models.source import resolve_source; "
+        "load_hf_config(resolve_source(ServeConfig(model_path=sys.argv[1]))); "
         "x = torch.ones(64, 64) @ torch.ones(64, 64); "
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))"
     )
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    run = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, check=True)
+    return int(run.stdout.strip().splitlines()[-1])
 
 
 def kv_cache_bytes(log: Path) -> int:
@@ -146,7 +151,7 @@ def main() -> None:
             "gguf_bytes": args.gguf.stat().st_size,
             "engine_rss_bytes": _status_kb(engine, "VmRSS") * 1024,
             "engine_rss_anon_bytes": _status_kb(engine, "RssAnon") * 1024,
-            "runtime_floor_rss_bytes": runtime_floor_kb() * 1024,
+            "runtime_floor_rss_bytes": runtime_floor_kb(args.gguf) * 1024,
             "kv_cache_bytes": kv_cache_bytes(fleet_log),
             "llama_server_rss_bytes": _status_kb(llama.pid, "VmRSS") * 1024,
         }

@@ -18,7 +18,6 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from serving.config import ConfigError, ServeConfig
 from serving.models import gguf
-from serving.models.hf_runner import build_transformers_runner
 from serving.models.llama import NATIVE_ARCHITECTURES, UnsupportedModel
 from serving.models.native import build_native_runner
 from serving.models.runner import ModelRunner
@@ -183,6 +182,9 @@ def load_model(cfg: ServeConfig) -> LoadedModel:
             log.info("using the transformers runner", extra={"reason": str(exc)})
             architecture = "transformers"
     if runner is None:
+        # Imported here: transformers' model classes cost the process 70 MB the native runner never uses.
+        from serving.models.hf_runner import build_transformers_runner
+
         runner = build_transformers_runner(source, device, dtype, cfg.quantization)
     _return_freed_memory()
     return LoadedModel(
