@@ -7,6 +7,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -24,6 +26,10 @@ class Metrics:
     def __init__(self, model: str):
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model"]
+        # process_* (CPU seconds, resident memory, open fds, start time) of this, the API process, and
+        # python_info; the engine process's come as llm_engine_process_* once it runs (watch_engine).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter("llm_requests", "Generation requests received", labels, registry=r)
         self.requests_success = Counter("llm_requests_success", "Generation requests completed", labels, registry=r)
         self.requests_failed = Counter(
@@ -76,6 +82,10 @@ class Metrics:
         )  # fmt: skip
         for metric in every:
             metric.labels(model)  # every series exists from the start, so dashboards and rate() work at once
+
+    def watch_engine(self, pid: int) -> None:
+        """The engine process's own process metrics, as llm_engine_process_* (its memory is the model's)."""
+        ProcessCollector(namespace="llm_engine", pid=lambda: pid, registry=self.registry)
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the engine client with the stats of every message from the engine process."""

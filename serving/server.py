@@ -32,6 +32,8 @@ async def _start_engine(state: AppState) -> None:
     engine = AsyncEngine(cfg, on_step=state.metrics.observe_step)
     try:
         info = await engine.start()
+        if engine.pid is not None:
+            state.metrics.watch_engine(engine.pid)
         if info.engine_cpus:
             api_cpus = os.sched_getaffinity(0) - set(info.engine_cpus)
             pin_process(api_cpus)

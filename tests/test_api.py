@@ -264,9 +264,18 @@ def test_sdk_raises_typed_errors(client):
 
 def test_unknown_route_and_method_get_json_errors(server):
     r = httpx.get(server.base_url + "/v1/nothing")
-    assert r.status_code == 404 and "error" in r.json()
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found" and "/v1/nothing" in r.json()["error"]["message"]
     r = httpx.get(server.base_url + "/v1/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in {m.strip() for m in r.headers["allow"].split(",")}  # RFC 9110: a 405 says what is allowed
+
+
+def test_process_metrics_of_both_processes(server):
+    text = httpx.get(server.base_url + "/metrics").text
+    assert server.metric("process_resident_memory_bytes") > 0  # the API process
+    assert server.metric("llm_engine_process_resident_memory_bytes") > 0  # the engine, which holds the model
+    assert "python_info" in text
 
 
 def test_bad_requests_count_as_failed(server):

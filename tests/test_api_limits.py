@@ -41,6 +41,9 @@ def test_api_key_guards_the_api_but_not_probes():
         with pytest.raises(openai.AuthenticationError) as err:
             wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert err.value.code == "invalid_api_key"
+        # The scheme is case-insensitive (RFC 7235), the key is not.
+        for header, status in (("bearer s3cret", 200), ("BEARER s3cret", 200), ("Bearer S3CRET", 401), ("s3cret", 401), ("Basic s3cret", 401)):
+            assert httpx.get(server.base_url + "/v1/models", headers={"Authorization": header}).status_code == status, header
         assert httpx.post(server.base_url + "/tokenize", json={"prompt": "x"}).status_code == 401
         assert httpx.get(server.base_url + "/health").status_code == 200
         assert httpx.get(server.base_url + "/metrics").status_code == 200

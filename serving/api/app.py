@@ -51,8 +51,9 @@ def create_app(state: AppState) -> Quart:
             state.metrics.requests.labels(state.metrics.model).inc()
             g.generation = True
         if cfg.api_key is not None:
-            header = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(header.encode(), f"Bearer {cfg.api_key}".encode()):
+            # The scheme is case-insensitive (RFC 7235: "bearer x" is "Bearer x"); the token is not.
+            scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.api_key.encode()):
                 raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         if state.draining:
             raise APIError(503, "The server is shutting down.", type="service_unavailable", code="draining")
@@ -70,7 +71,18 @@ def create_app(state: AppState) -> Quart:
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.code or 0)
-        return _json_error(APIError(exc.code or 500, exc.description or exc.name, code=code))
+        message = exc.description or exc.name
+        if exc.code == 404:
+            message = f"Unknown route: {request.method} {request.path}"
+        elif exc.code == 405:
+            allowed = sorted(getattr(exc, "valid_methods", None) or ())
+            message = f"Method {request.method} is not allowed on {request.path}" + (
+                f"; allowed: {', '.join(allowed)}" if allowed else ""
+            )
+        response = _json_error(APIError(exc.code or 500, message, code=code))
+        if exc.code == 405 and getattr(exc, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception):

@@ -79,6 +79,11 @@ class AsyncEngine:
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id, once started."""
+        return self._process.pid
+
     async def start(self) -> ModelInfo:
         """Start the engine process and wait until its model is loaded."""
         self._process.start()
