@@ -15,6 +15,13 @@ import httpx
 from tests.server_util import free_port, wait_healthy
 
 
+def _wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.02)
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -44,9 +51,15 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
         for reader in readers:
             reader.start()
         assert started.wait(30)
-        time.sleep(0.1)  # let every request reach the server
+
+        def active_requests() -> float:
+            text = httpx.get(base + "/metrics", timeout=5).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("llm_active_requests{"))
+
+        # Every request in flight on the server (however busy this machine is), then SIGTERM.
+        _wait_for(lambda: active_requests() == streams, "all streams in flight")
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        _wait_for(lambda: httpx.get(base + "/health", timeout=5).status_code == 503, "draining")
         health = httpx.get(base + "/health", timeout=5)
         assert health.status_code == 503 and health.json()["status"] == "draining"
         refused = httpx.post(base + "/v1/completions", json={"model": "stories260k", "prompt": "hi"}, timeout=5)
