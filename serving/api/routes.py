@@ -39,14 +39,53 @@ def state() -> AppState:
     return current_app.extensions["fleetlm"]
 
 
+def _parse_int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= 40 else float(digits)
+
+
+def _surrogate_path(data: object) -> str | None:
+    """The path of the first string (key or value) holding a lone UTF-16 surrogate (JSON's
+    "\\ud800" escape parses to one; no tokenizer can encode it), or None. Iterative: the body may
+    nest as deep as the JSON parser allows."""
+    stack: list[tuple[object, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "body"
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                where = f"{path}.{key}" if path else str(key)
+                stack.append((item, where))
+                stack.append((key, where))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+    return None
+
+
 async def parse_body(model: type[M]) -> M:
     raw = await request.get_data()
+    # Bytes that are not UTF-8 become lone surrogates here (surrogateescape), so that, like a
+    # "\\ud800" escape, they are reported with the field that holds them.
+    text = raw.decode("utf-8", errors="surrogateescape") if raw else "null"
     try:
-        data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # Integers too long for int() (Python converts at most 4300 digits) parse as floats (inf):
+        # the field's validation then refuses them by name.
+        data = json.loads(text, parse_int=_parse_int)
+    except RecursionError as exc:
+        raise bad_request("The JSON body nests too deeply to parse.") from exc
+    except ValueError as exc:  # JSONDecodeError is one
         raise bad_request(f"We could not parse the JSON body of your request: {exc}") from exc
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
+    if (where := _surrogate_path(data)) is not None:
+        raise bad_request(
+            f"'{where}' holds bytes that are not UTF-8 or a lone UTF-16 surrogate, which is not a character.",
+            param=where,
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -56,8 +56,9 @@ class _Request(BaseModel):
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            # ASCII digits only ("²".isdigit() is true, int("²") fails), and few enough to convert.
+            if not (key.isascii() and key.isdigit() and len(key) <= 18):
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key[:40]!r}")
         return value
 
     @model_validator(mode="after")

@@ -1,0 +1,75 @@
+"""Input that used to reach the tokenizer, the JSON parser or int() unchecked and came back as a 500:
+each is a 400 OpenAI error object naming the field where one can be named, and the server stays
+correct afterwards."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
+
+MODEL = "stories260k"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with RunningServer(chat_template=TEST_CHAT_TEMPLATE) as s:
+        yield s
+
+
+def _post(server, path: str, raw: bytes) -> httpx.Response:
+    return httpx.post(server.base_url + path, content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+COMPLETION = b'{"model": "stories260k", "max_tokens": 2, '
+CASES = {
+    "escaped surrogate, completions": ("/v1/completions", COMPLETION + b'"prompt": "a\\ud800b"}', "prompt"),
+    "escaped surrogate, chat": (
+        "/v1/chat/completions",
+        COMPLETION + b'"messages": [{"role": "user", "content": "a\\udfff"}]}',
+        "messages[0].content",
+    ),
+    "escaped surrogate, tokenize": ("/tokenize", b'{"prompt": "\\ud800"}', "prompt"),
+    "surrogate bytes, completions": ("/v1/completions", COMPLETION + b'"prompt": "a\xed\xa0\x80b"}', "prompt"),
+    "invalid UTF-8, chat": (
+        "/v1/chat/completions",
+        COMPLETION + b'"messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        "messages[0].content",
+    ),
+    "surrogate in a key": ("/v1/completions", COMPLETION + b'"prompt": "a", "\\ud800": 1}', None),
+    "array nested 100,000 deep": ("/v1/completions", COMPLETION + b'"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    "5,000-digit integer": ("/v1/completions", COMPLETION.replace(b"2", b"9" * 5000) + b'"prompt": "a"}', "max_tokens"),
+    "5,000-digit token id": ("/v1/completions", COMPLETION + b'"prompt": [1, ' + b"9" * 5000 + b"]}", "prompt"),
+    "logit_bias key that isdigit() but is not ASCII": (
+        "/v1/completions",
+        COMPLETION + '"prompt": "a", "logit_bias": {"\u00b2": 1}}'.encode(),
+        "logit_bias",
+    ),
+    "logit_bias key of 5,000 digits": (
+        "/v1/completions",
+        COMPLETION + b'"prompt": "a", "logit_bias": {"' + b"9" * 5000 + b'": 1}}',
+        "logit_bias",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_a_400_naming_the_field(server, case):
+    path, raw, field = CASES[case]
+    r = _post(server, path, raw)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if field is not None:
+        assert error["param"] == field, error
+    # ... and the server still answers correctly.
+    ok = _post(server, "/v1/completions", COMPLETION + b'"prompt": "Once upon a time", "temperature": 0}')
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_real_non_ascii_text_still_works(server):
+    r = _post(server, "/v1/completions", COMPLETION + '"prompt": "caf\u00e9 \\u00e9 \\ud83d\\ude00 \u2603"}'.encode())
+    assert r.status_code == 200, r.text
+    r = _post(server, "/tokenize", '{"prompt": "\\ud83d\\ude00 na\u00efve"}'.encode())
+    assert r.status_code == 200 and r.json()["count"] > 0
