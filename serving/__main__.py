@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from serving.config import ConfigError, load_config
+from serving.config import ConfigError, load_config, program_name
 from serving.logs import setup_logging
 
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
     except ConfigError as exc:
-        print(f"python -m serving: error: {exc}", file=sys.stderr)
+        print(f"{program_name()}: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
     from serving.models.loader import preflight
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(cfg)  # an unavailable device or a missing path fails now, not after binding
     except ConfigError as exc:
-        print(f"python -m serving: error: {exc}", file=sys.stderr)
+        print(f"{program_name()}: error: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(serve(cfg))
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -100,21 +101,37 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def program_name() -> str:
+    """What the user typed: `fleetlm` (the console script) or `python -m serving`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("__main__.py", "-c", "-m") else "python -m serving"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    prog = program_name()
     parser = argparse.ArgumentParser(
-        prog="python -m serving",
+        prog=prog,
+        usage=f"%(prog)s [-h] [--config FILE] [--FLAG VALUE ...]\n       {prog} download [-h] ...",
         description="Serve a model behind an OpenAI-compatible API. Every flag can also be set as an "
         f"{ENV_PREFIX}<NAME> environment variable (e.g. {ENV_PREFIX}MODEL_PATH) or in a TOML --config file; "
         "flags win over the environment, which wins over the file. "
-        "Subcommand: 'python -m serving download --help' fetches a model for later serving.",
+        f"Subcommand: '{prog} download --help' fetches a model for later serving.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="TOML file with settings (keys as flag names, - or _)")
     for name, field in ServeConfig.model_fields.items():
-        default = field.default
-        help_text = f"{field.description} (default: {default}; env {ENV_PREFIX}{name.upper()})"
+        env = f"env {ENV_PREFIX}{name.upper()}"
+        description = field.description or ""
+        if "(default" in description or field.default is None:  # the description says it, or it is unset
+            help_text = f"{description} ({env})"
+        else:
+            default = {True: "on", False: "off"}.get(field.default, field.default) if field.annotation is bool else field.default
+            help_text = f"{description} (default: {default}; {env})"
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         if field.annotation is bool:  # --prefix-caching / --no-prefix-caching
             parser.add_argument(_flag(name), dest=name, help=help_text, action=argparse.BooleanOptionalAction)
+        elif choices:  # listed in the help; checked by the model, which names the flag in its error
+            parser.add_argument(_flag(name), dest=name, help=help_text, metavar="{" + ",".join(choices) + "}")
         else:
             parser.add_argument(_flag(name), dest=name, help=help_text, metavar=name.upper())
     return parser

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from serving.config import ConfigError, ServeConfig, load_config
+from serving.config import ConfigError, ServeConfig, build_parser, load_config
 
 
 def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
@@ -60,3 +60,34 @@ def test_start_up_errors_exit_2_with_a_clear_message(argv, needle):
     proc = subprocess.run([sys.executable, "-m", "serving", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert needle in proc.stderr
+
+
+def test_help_shows_each_default_once_lists_choices_and_the_subcommand():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines anywhere
+    options = text.split("options:", 1)[1]
+    for name in ServeConfig.model_fields:
+        flag = "--" + name.replace("_", "-")
+        entry = options.split(f" {flag}", 1)[1].split(" --", 1)[0]
+        assert entry.count("default") <= 1, (flag, entry)
+        assert "default: None" not in entry, flag
+    for flag, choices in {
+        "--device": "{auto,cpu,cuda,metal}",
+        "--dtype": "{auto,float32,float16,bfloat16}",
+        "--quantization": "{none,q8_0,q4_0}",
+        "--log-level": "{debug,info,warning,error}",
+        "--cpu-affinity": "{auto,none}",
+    }.items():
+        assert f"{flag} {choices}" in text
+    assert "download [-h]" in text.split("options:")[0]  # the usage line names the subcommand
+
+
+def test_the_console_script_names_itself():
+    import shutil
+
+    script = shutil.which("fleetlm")
+    if script is None:
+        pytest.skip("the fleetlm console script is not installed")
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: fleetlm ")
+    bad = subprocess.run([script, "--port", "http"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("fleetlm: error:")

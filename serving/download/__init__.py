@@ -21,6 +21,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import httpx
 
+from serving.config import program_name
 from serving.download import hub, model_dir
 from serving.download.errors import DownloadError, ExitCode
 from serving.download.model_files import select_files
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serving download",
+        prog=f"{program_name()} download",
         description="Fetch the files serving needs (config, tokenizer, weights) into --dest. "
         "Exit codes: 0 ok, 1 unexpected error, 2 bad usage, 3 unauthorized/gated, 4 not found, "
         "5 network error, 6 local disk error.",
