@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,17 +25,49 @@ DEFAULT_BATCHED_TOKENS = 2048
 _CPU_KV_SHARE = 0.25
 
 
-def available_memory() -> int:
-    """Bytes the kernel could hand out without swapping: MemAvailable (free pages plus the page cache
-    it can reclaim), not MemFree, which a healthy machine keeps near zero."""
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a huge number
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2's no limit) and junk: None
+
+
+def cgroup_memory_headroom(cgroup_root: Path = _CGROUP_ROOT) -> int | None:
+    """Bytes this container may still take before its memory limit (a Kubernetes pod's
+    resources.limits.memory): cgroup v2's memory.max - memory.current, else v1's limit - usage;
+    None when there is no limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit = _read_int(cgroup_root / limit_file)
+        if limit is not None and limit < _NO_LIMIT:
+            usage = _read_int(cgroup_root / usage_file) or 0
+            return max(0, limit - usage)
+    return None
+
+
+def available_memory(cgroup_root: Path = _CGROUP_ROOT) -> tuple[int, str]:
+    """(bytes the engine could still take without swapping or being OOM-killed, what bounds it):
+    MemAvailable (free pages plus the page cache the kernel can reclaim; not MemFree, which a
+    healthy machine keeps near zero), capped by the container's cgroup memory limit."""
+    available, source = None, "MemAvailable"
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if available is None:
+        available, source = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free pages"
+    headroom = cgroup_memory_headroom(cgroup_root)
+    if headroom is not None and headroom < available:
+        return headroom, "the cgroup memory limit"
+    return available, source
 
 
 def kv_cache_tokens(cfg: ServeConfig, device: torch.device, bytes_per_token: int, max_len: int) -> int:
@@ -45,7 +78,19 @@ def kv_cache_tokens(cfg: ServeConfig, device: torch.device, bytes_per_token: int
         budget = free - (1 - cfg.gpu_memory_utilization) * total
         return max(0, int(budget // bytes_per_token))
     wanted = cfg.max_batch_size * max_len
-    return min(wanted, int(available_memory() * _CPU_KV_SHARE // bytes_per_token))
+    available, source = available_memory()
+    tokens = min(wanted, int(available * _CPU_KV_SHARE // bytes_per_token))
+    log.info(
+        "KV cache sized",
+        extra={
+            "kv_cache_tokens": tokens,
+            "wanted_tokens": wanted,  # --max-batch-size x the context length
+            "available_bytes": available,
+            "bounded_by": source if tokens < wanted else "--max-batch-size x --max-seq-len",
+            "share_of_available": _CPU_KV_SHARE,
+        },
+    )
+    return tokens
 
 
 @dataclass(slots=True)
