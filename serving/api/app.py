@@ -6,6 +6,8 @@ import gzip
 import hmac
 import json
 import logging
+import re
+import uuid
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response, g, request
@@ -22,6 +24,9 @@ log = logging.getLogger("fleetlm.api")
 _OPEN_PATHS = frozenset({"/health", "/metrics"})
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _GZIP_MIN_BYTES = 1024
+# A client's X-Request-Id is kept when it is a plain token (it goes into logs and response ids);
+# anything else is replaced by a generated one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 def _json_error(exc: APIError) -> Response:
@@ -40,6 +45,11 @@ def create_app(state: AppState) -> Quart:
     app.register_blueprint(bp)
     cfg = state.config
     origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
+
+    @app.before_request
+    async def request_id():
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
     @app.before_request
     async def gate():
@@ -66,6 +76,16 @@ def create_app(state: AppState) -> Quart:
     async def api_error(exc: APIError):
         if g.get("generation") and not g.get("tracked"):
             state.metrics.requests_failed.labels(state.metrics.model).inc()
+        log.info(
+            "request refused",
+            extra={
+                "request_id": g.get("request_id"),
+                "path": request.path,
+                "status": exc.status,
+                "code": exc.body()["error"].get("code"),
+                "error": exc.body()["error"]["message"][:200],
+            },
+        )
         return _json_error(exc)
 
     @app.errorhandler(HTTPException)
@@ -86,11 +106,13 @@ def create_app(state: AppState) -> Quart:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception):
-        log.exception("unhandled error")
+        log.exception("unhandled error", extra={"request_id": g.get("request_id"), "path": request.path})
         return _json_error(APIError(500, f"internal error: {type(exc).__name__}", type="internal_error"))
 
     @app.after_request
     async def decorate(response: Response) -> Response:
+        if "request_id" in g:
+            response.headers["X-Request-Id"] = g.request_id
         if origins:
             origin = request.headers.get("Origin")
             if "*" in origins:
@@ -99,7 +121,8 @@ def create_app(state: AppState) -> Quart:
                 response.headers["Access-Control-Allow-Origin"] = origin
                 response.headers["Vary"] = "Origin"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-Id"
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
         # Compress whole JSON bodies only: a compressed SSE stream would be buffered by the encoder.
         if (
             isinstance(response.response, DataBody)

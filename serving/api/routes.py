@@ -92,6 +92,11 @@ async def parse_body(model: type[M]) -> M:
         raise from_validation_error(exc) from exc
 
 
+def _engine_key(request_id: str) -> str:
+    """The engine's name for a request: unique even when clients send one X-Request-Id twice."""
+    return f"{request_id}#{uuid.uuid4().hex[:12]}"
+
+
 def check_model(st: AppState, name: str | None) -> None:
     assert st.model is not None
     if name is not None and name != st.model.name:
@@ -215,12 +220,12 @@ async def completions():
     want_prompt_lp = req.echo and req.logprobs is not None
     params = sampling_params(st, req, min(budgets), req.logprobs, want_prompt_lp)
     admit(st, req.n * len(prompts))
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id = f"cmpl-{g.request_id}"  # the OpenAI id carries the X-Request-Id
     created = int(time.time())
-    tracker = RequestTracker(st, request_id, "completions")
+    tracker = RequestTracker(st, g.request_id, "completions")
     g.tracked = True
     tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    deltas = run_tracked(tracker, stream_choices(st, request_id, prompts, params, req.n))
+    deltas = run_tracked(tracker, stream_choices(st, _engine_key(request_id), prompts, params, req.n))
     model_name = req.model
 
     def chunk(choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> dict[str, Any]:
@@ -315,12 +320,12 @@ async def chat_completions():
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(st, req, max_tokens, top, False)
     admit(st, req.n)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"chatcmpl-{g.request_id}"  # the OpenAI id carries the X-Request-Id
     created = int(time.time())
-    tracker = RequestTracker(st, request_id, "chat.completions")
+    tracker = RequestTracker(st, g.request_id, "chat.completions")
     g.tracked = True
     tracker.prompt_tokens = len(prompt.token_ids)
-    deltas = run_tracked(tracker, stream_choices(st, request_id, [prompt], params, req.n))
+    deltas = run_tracked(tracker, stream_choices(st, _engine_key(request_id), [prompt], params, req.n))
     model_name = req.model
 
     if req.stream:
