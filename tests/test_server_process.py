@@ -1,4 +1,4 @@
-"""The real `python -m serving` process: SIGTERM drains in-flight work and exits 0."""
+"""The real `python -m serving` process: SIGTERM drains in-flight work and exits 0; a bad model fails before it binds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.server_util import free_port, wait_healthy
 
@@ -77,3 +78,26 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     finished = [entry for entry in logs if entry["msg"] == "request finished" and entry["status"] == 200]
     assert sum(entry["completion_tokens"] == 450 for entry in finished) == streams
     assert any(entry["msg"] == "draining" for entry in logs)
+
+
+@pytest.mark.parametrize(
+    ("files", "needle"),
+    [
+        ({}, "no config.json and no GGUF file"),
+        ({"config.json": "{not json"}, "not a valid JSON file"),
+        ({"config.json": '{"model_type": "nosuchmodel"}'}, "nosuchmodel"),
+    ],
+    ids=["empty directory", "config.json not JSON", "unknown architecture"],
+)
+def test_a_bad_model_source_fails_before_binding_with_one_line(tmp_path, files, needle):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in files.items():
+        (model / name).write_text(text)
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--model-path", str(model)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = (run.stdout + run.stderr).strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in lines[0], lines
+    assert "listening" not in run.stdout + run.stderr

@@ -58,7 +58,9 @@ def run_engine(cfg: ServeConfig, commands: Connection, outputs: Connection) -> N
     try:
         built = build_engine(cfg)
     except Exception as exc:
-        log.exception("model failed to load")
+        # One line for the operator (the API process logs it too, then exits non-zero); the
+        # traceback only at debug.
+        log.debug("model failed to load", exc_info=True)
         outputs.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     info = built.info

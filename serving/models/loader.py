@@ -27,9 +27,21 @@ log = logging.getLogger("fleetlm.loader")
 
 
 def preflight(cfg: ServeConfig) -> None:
-    """Cheap checks worth failing the process on before it binds a port."""
+    """Cheap checks worth failing the process on before it binds a port: the device, and for a
+    local model that the path is a model directory or GGUF file whose config parses and names an
+    architecture we (or transformers) know. A Hub model is checked once downloaded."""
     resolve_device(cfg.device)
     check_model_path(cfg)
+    if cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists():
+        return  # a Hub id
+    try:
+        source = resolve_source(cfg)
+        choose_architecture(cfg.model_arch, load_hf_config(source))
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:  # unreadable, not JSON, an unknown model_type
+        where = cfg.model_path or "the demo model"
+        raise ConfigError(f"--model-path {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
 
 def resolve_device(name: str) -> torch.device:
