@@ -80,6 +80,16 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
             await asyncio.sleep(0.05)
         if state.in_flight:
             log.warning("drain timeout: cancelling in-flight requests", extra={"in_flight": state.in_flight})
+            if state.engine is not None:
+                # Each stream ends with a `data: {"error": ...}` event and [DONE] (a waiting
+                # non-streaming request gets a 503), rather than a connection cut mid-body.
+                state.engine.cancel_all(
+                    f"The server shut down before this request finished (--drain-timeout {cfg.drain_timeout:g} s).",
+                    code="drain_timeout",
+                )
+                flush_deadline = loop.time() + 5.0
+                while state.in_flight > 0 and loop.time() < flush_deadline:
+                    await asyncio.sleep(0.02)
 
     hc = HypercornConfig()
     hc.bind = [f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"]

@@ -101,3 +101,50 @@ def test_a_bad_model_source_fails_before_binding_with_one_line(tmp_path, files, 
     lines = (run.stdout + run.stderr).strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in lines[0], lines
     assert "listening" not in run.stdout + run.stderr
+
+
+def test_drain_timeout_ends_streams_with_an_error_event_not_a_cut(tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--drain-timeout", "0.2"]
+    env = {**os.environ, "LLM_NUM_THREADS": "1"}
+    with open(tmp_path / "server.log", "w") as log_file:
+        # One batch slot and long outputs: the streams cannot finish within the drain timeout.
+        proc = subprocess.Popen([*cmd, "--max-batch-size", "1"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(base, proc)
+            body = {"model": "stories260k", "prompt": "Once", "max_tokens": 450, "ignore_eos": True, "stream": True}
+            ends: list[list[str]] = []
+
+            def consume() -> None:
+                events: list[str] = []
+                with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():  # a cut body would raise here
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                ends.append(events[-2:])
+
+            readers = [threading.Thread(target=consume) for _ in range(3)]
+            for reader in readers:
+                reader.start()
+            _wait_for(lambda: "llm_active_requests{" in (t := httpx.get(base + "/metrics").text)
+                      and any(line.startswith("llm_active_requests{") and line.endswith(" 3.0") for line in t.splitlines()),
+                      "three streams in flight")
+            proc.send_signal(signal.SIGTERM)
+            for reader in readers:
+                reader.join(60)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert len(ends) == 3
+    cut = 0
+    for last, done in ends:
+        assert done == "[DONE]"  # every body ends properly
+        event = json.loads(last)
+        if "error" in event:
+            assert event["error"]["code"] == "drain_timeout" and "--drain-timeout" in event["error"]["message"]
+            cut += 1
+        else:
+            assert event["choices"][0]["finish_reason"] == "length"  # one finished within the timeout
+    assert cut >= 1  # one batch slot: 3 x 450 tokens one after another outlast a 0.2 s drain

@@ -156,7 +156,7 @@ async def stream_choices(
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers=headers) from exc
     except EngineStoppedError as exc:
-        raise APIError(503, str(exc), type="service_unavailable", code="engine_stopped") from exc
+        raise APIError(503, str(exc), type="service_unavailable", code=exc.code) from exc
     except RequestRejected as exc:  # the engine refused the request itself
         raise bad_request(str(exc)) from exc
     except EngineInternalError as exc:

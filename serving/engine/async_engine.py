@@ -47,6 +47,10 @@ class QueueFullError(Exception):
 class EngineStoppedError(Exception):
     """The engine is shut down (or died) and takes no more requests."""
 
+    def __init__(self, message: str, code: str = "engine_stopped"):
+        super().__init__(message)
+        self.code = code
+
 
 class EngineInternalError(Exception):
     """The engine failed to take a request through no fault of the request's."""
@@ -213,6 +217,13 @@ class AsyncEngine:
         self._waiting, self._running = msg.stats.num_waiting, msg.stats.num_running
         if self._on_step is not None:
             self._on_step(msg.stats)
+
+    def cancel_all(self, message: str, code: str) -> int:
+        """End every request in flight with EngineStoppedError(message, code) (their sequences are
+        aborted as their generators close); returns how many there were."""
+        for queue in self._streams.values():
+            queue.put_nowait(EngineStoppedError(message, code))
+        return len(self._streams)
 
     def _engine_died(self) -> None:
         assert self._loop is not None
