@@ -73,3 +73,42 @@ def test_real_non_ascii_text_still_works(server):
     assert r.status_code == 200, r.text
     r = _post(server, "/tokenize", '{"prompt": "\\ud83d\\ude00 na\u00efve"}'.encode())
     assert r.status_code == 200 and r.json()["count"] > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", 1e30),
+        ("top_k", 2**31),
+        ("seed", 2**64 - 1),
+        ("seed", -(2**63) - 1),
+        ("n", 129),
+        ("best_of", 10**6),
+        ("logprobs", 21),
+        ("presence_penalty", 2.5),
+        ("repetition_penalty", 0),
+        ("temperature", 1e309),
+        ("max_tokens", 0),
+        ("top_p", float("nan")),
+        ("min_p", float("nan")),
+        ("frequency_penalty", float("-inf")),
+    ],
+)
+def test_numeric_fields_are_bounded_at_the_api(server, field, value):
+    import json
+
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 2, field: value}
+    r = _post(server, "/v1/completions", json.dumps(body).encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_extreme_but_valid_numbers_work(server):
+    import json
+
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 3, "top_k": 2**31 - 1, "seed": 2**63 - 1, "n": 2}
+    r = _post(server, "/v1/completions", json.dumps(body).encode())
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    body["seed"] = -(2**63)
+    assert _post(server, "/v1/completions", json.dumps(body).encode()).status_code == 200

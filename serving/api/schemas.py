@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+TOP_K_MAX = 2**31 - 1  # any larger top_k means the same as the vocabulary size
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
@@ -30,14 +31,14 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit generator seed
     user: str | None = None
     # Accepted for compatibility; they do not change the result.
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
     # Extensions vLLM users rely on.
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=TOP_K_MAX)  # 0 or -1: off; beyond the vocabulary: the whole of it
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     stop_token_ids: TokenIds | None = None
@@ -73,7 +74,7 @@ class CompletionRequest(_Request):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 
     @field_validator("prompt")
