@@ -38,6 +38,12 @@ class Metrics:
         self.request_duration = Histogram(
             "llm_request_duration_seconds", "End-to-end request latency", labels, buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.slow_readers = Counter(
+            "llm_requests_aborted_slow_reader",
+            "Requests aborted because their client left too much output unread",
+            labels,
+            registry=r,
+        )
         self.tokens_generated = Counter("llm_tokens_generated", "Completion tokens generated", labels, registry=r)
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.queue_size = Gauge("llm_queue_size", "Sequences waiting for a batch slot", labels, registry=r)

@@ -29,7 +29,10 @@ log = logging.getLogger("fleetlm.server")
 async def _start_engine(state: AppState) -> None:
     """Start the engine process (it loads the model), then load the tokenizer here."""
     cfg = state.config
-    engine = AsyncEngine(cfg, on_step=state.metrics.observe_step)
+    metrics = state.metrics
+    engine = AsyncEngine(
+        cfg, on_step=metrics.observe_step, on_slow_reader=metrics.slow_readers.labels(metrics.model).inc
+    )
     try:
         info = await engine.start()
         if engine.pid is not None:

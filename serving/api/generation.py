@@ -12,7 +12,12 @@ from jinja2 import TemplateError
 from serving.api.errors import APIError, bad_request
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, _Request
 from serving.api.state import AppState
-from serving.engine.async_engine import EngineInternalError, EngineStoppedError, QueueFullError
+from serving.engine.async_engine import (
+    EngineInternalError,
+    EngineStoppedError,
+    QueueFullError,
+    SlowReaderError,
+)
 from serving.engine.output_processor import ChoiceDelta
 from serving.engine.protocol import RequestRejected
 from serving.engine.sampling_params import SamplingParams
@@ -157,6 +162,8 @@ async def stream_choices(
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers=headers) from exc
     except EngineStoppedError as exc:
         raise APIError(503, str(exc), type="service_unavailable", code=exc.code) from exc
+    except SlowReaderError as exc:
+        raise APIError(408, str(exc), type="timeout_error", code="slow_reader") from exc
     except RequestRejected as exc:  # the engine refused the request itself
         raise bad_request(str(exc)) from exc
     except EngineInternalError as exc:

@@ -60,11 +60,30 @@ class ModelLoadError(Exception):
     """The engine process could not load the model."""
 
 
+# Engine outputs one request may have waiting for its reader (one per sequence and step). A client
+# that stops reading would otherwise pin all it asked for (n=16 x 480 tokens with logprobs: ~6 MB);
+# past this the request is aborted and its memory freed. A reader that keeps up holds a handful.
+MAX_UNREAD_OUTPUTS = 2048
+
+
+class SlowReaderError(Exception):
+    """The client stopped reading: its request was aborted to bound what one connection holds."""
+
+
 class AsyncEngine:
-    def __init__(self, cfg: ServeConfig, on_step: Callable[[StepStats], None] | None = None):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        on_step: Callable[[StepStats], None] | None = None,
+        on_slow_reader: Callable[[], None] | None = None,
+        max_unread_outputs: int = MAX_UNREAD_OUTPUTS,
+    ):
         self.queue_capacity = cfg.queue_capacity
         self.max_batch_size = cfg.max_batch_size
         self._on_step = on_step
+        self._on_slow_reader = on_slow_reader
+        self._max_unread = max_unread_outputs
+        self._unread_limit: dict[str, int] = {}
         ctx = mp.get_context("spawn")  # a clean interpreter: no forked torch threads or CUDA state
         self._commands_recv, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs_send = ctx.Pipe(duplex=False)
@@ -151,6 +170,9 @@ class AsyncEngine:
         assert self._tokenizer is not None, "set_tokenizer() before generate()"
         queue: asyncio.Queue[SequenceOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = queue
+        # A reader that keeps up can still find a burst waiting: up to 64 engine messages are handled
+        # per wake-up (_on_readable), each with an output per choice.
+        self._unread_limit[request_id] = max(self._max_unread, 2 * 64 * n)
         self._sent += n
         self._commands.send(AddRequest(request_id, list(prompt_token_ids), params, n))
         choices = [ChoiceText(self._tokenizer, prompt_token_ids, params.stop) for _ in range(n)]
@@ -188,6 +210,7 @@ class AsyncEngine:
                     yield delta
         finally:
             self._streams.pop(request_id, None)
+            self._unread_limit.pop(request_id, None)
             if len(done_in_engine) < n and self.healthy:  # client went away, or an error: free its sequences now
                 self._commands.send(AbortRequest(request_id))
 
@@ -213,10 +236,24 @@ class AsyncEngine:
                 queue = self._streams.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)
+                    if queue.qsize() > self._unread_limit.get(out.request_id, self._max_unread):
+                        self._drop_slow_reader(out.request_id, queue)
         self._received = msg.received
         self._waiting, self._running = msg.stats.num_waiting, msg.stats.num_running
         if self._on_step is not None:
             self._on_step(msg.stats)
+
+    def _drop_slow_reader(self, request_id: str, queue: asyncio.Queue[SequenceOutput | Exception]) -> None:
+        """Free what a request's reader left unread and stop its sequences; the reader, if it ever
+        reads again, gets SlowReaderError."""
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(SlowReaderError(f"the client read too slowly: more than {self._max_unread} outputs were left unread"))
+        del self._streams[request_id]  # later outputs of its sequences are dropped
+        self._commands.send(AbortRequest(request_id))
+        log.warning("aborted a request whose client stopped reading", extra={"request_id": request_id})
+        if self._on_slow_reader is not None:
+            self._on_slow_reader()
 
     def cancel_all(self, message: str, code: str) -> int:
         """End every request in flight with EngineStoppedError(message, code) (their sequences are
