@@ -38,6 +38,7 @@ CASES = {
         "messages[0].content",
     ),
     "surrogate in a key": ("/v1/completions", COMPLETION + b'"prompt": "a", "\\ud800": 1}', None),
+    "tokenize with no messages (found by test_api_fuzz)": ("/tokenize", b'{"messages": []}', "messages"),
     "array nested 100,000 deep": ("/v1/completions", COMPLETION + b'"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
     "5,000-digit integer": ("/v1/completions", COMPLETION.replace(b"2", b"9" * 5000) + b'"prompt": "a"}', "max_tokens"),
     "5,000-digit token id": ("/v1/completions", COMPLETION + b'"prompt": [1, ' + b"9" * 5000 + b"]}", "prompt"),

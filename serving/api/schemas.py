@@ -184,7 +184,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # as a chat request takes them
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
