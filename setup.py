@@ -9,7 +9,7 @@ setup(
             # _cpu_ops.c: the fused norm / rotary / SiLU / decode attention kernels, in the same module
             # so that they share _qmm.c's thread pool (through _qmm_shared.h).
             ["serving/models/_qmm.c", "serving/models/_cpu_ops.c"],
-            depends=["serving/models/_qmm_shared.h"],
+            depends=["serving/models/_qmm_shared.h", "serving/models/_avx2_reduce.h"],
             define_macros=[("QMM_WITH_CPU_OPS", "1")],
             # No -march: the AVX2 code carries target attributes and is picked at import time, so the
             # wheel runs on any x86-64. No FMA contraction: the scalar code rounds as written.
