@@ -317,8 +317,7 @@ def paged_decode_attention(
                 out = torch.empty(B, H, D, dtype=_F32)
             else:
                 _check_out(out, B * H * D)
-            if cpu_qmm._pinned_threads is None:
-                cpu_qmm._sync_threads()
+            _sync_threads()
             _ext.paged_decode_attention(
                 q.data_ptr(),
                 sq[0],
