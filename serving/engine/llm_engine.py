@@ -100,7 +100,7 @@ class LLMEngine:
         # Each choice of a seeded request gets its own reproducible stream.
         try:
             return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
-        except (RuntimeError, OverflowError) as exc:
+        except (RuntimeError, OverflowError, ValueError) as exc:  # torch's overflow is a ValueError
             raise RequestRejected(f"seed {params.seed} (+{index} for choice {index}) is out of range") from exc
 
     def abort_request(self, request_id: str, indices: tuple[int, ...] | None = None) -> None:

@@ -1,0 +1,100 @@
+"""A sequence whose own parameters make sampling fail fails alone: its batch-mates produce exactly
+the tokens (and logprobs) they produce when run solo. And adding a request is all-or-nothing.
+
+The failing parameter is real, not a mock: a logit_bias entry naming a token id past the
+vocabulary, which the API refuses but the engine's sampler would index with. It goes straight to
+the engine here, as a bug in validation would let it."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.config import ServeConfig
+from serving.engine.builder import build_engine
+from serving.engine.protocol import RequestRejected
+from serving.engine.sampling_params import SamplingParams
+from tests.tiny_models import make_tiny_model
+
+PROMPTS = {"greedy": [1, 5, 9, 44, 2], "seeded": [1, 7, 7, 300], "penalised": [1, 12, 13, 14, 15, 16, 17]}
+PARAMS = {
+    "greedy": SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3),
+    "seeded": SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True, logprobs=2),
+    "penalised": SamplingParams(
+        max_tokens=12, temperature=0.7, top_k=20, seed=99, repetition_penalty=1.3, ignore_eos=True
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("iso"), "llama")
+    return build_engine(ServeConfig(model_path=str(model_dir), device="cpu", max_batch_size=8)).engine
+
+
+def _run(engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
+    out: dict[str, list] = {rid: [] for rid in requests}
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    while engine.has_work:
+        for o in engine.step():
+            out[o.request_id].append(o)
+    return out
+
+
+def _signature(outputs) -> tuple:
+    """Everything a client sees of a sequence: tokens, logprobs, finish reason, error."""
+    return tuple((o.token_ids, o.logprobs, o.finish_reason, o.error) for o in outputs)
+
+
+def _tokens(outputs) -> list[int]:
+    return [t for o in outputs for t in o.token_ids]
+
+
+def test_a_sequence_whose_sampling_fails_leaves_its_batch_mates_identical_to_solo(engine):
+    vocab = engine.runner.vocab_size
+    mates = {rid: (PROMPTS[rid], PARAMS[rid]) for rid in PROMPTS}
+    solo = {rid: _run(engine, {rid: mates[rid]})[rid] for rid in PROMPTS}
+    # Control: the same batch, with a sequence in the bad one's place that simply ends after its
+    # first token, so every step has the same shapes as in the failing run.
+    ends = SamplingParams(max_tokens=1, temperature=0.8, ignore_eos=True)
+    control = _run(engine, {"bad": ([1, 2, 3], ends), **mates})
+    bad = SamplingParams(max_tokens=12, temperature=0.8, ignore_eos=True, logit_bias=((vocab + 7, 5.0),))
+    together = _run(engine, {"bad": ([1, 2, 3], bad), **mates})
+
+    failed = together.pop("bad")
+    assert [o.finish_reason for o in failed] == ["error"], "the bad sequence fails once, at its first sample"
+    assert "IndexError" in failed[0].error
+    for rid, outputs in together.items():
+        assert len(outputs) == 12 and outputs[-1].finish_reason == "length"
+        # Byte for byte what the same batch gives when nobody fails...
+        assert _signature(outputs) == _signature(control[rid]), f"{rid} changed because a batch-mate failed"
+        # ...and the same tokens as alone (logprobs may differ in the last float bits between
+        # batch shapes, as the matmuls' summation order does).
+        assert _tokens(outputs) == _tokens(solo[rid]), rid
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_the_failure_happens_in_a_shared_batch(engine):
+    """Guard for the test above: the bad sequence really sampled in the same step as the others."""
+    vocab = engine.runner.vocab_size
+    bad = SamplingParams(max_tokens=4, temperature=0.8, logit_bias=((vocab + 7, 5.0),))
+    engine.add_request("bad", [1, 2, 3], bad)
+    engine.add_request("good", PROMPTS["greedy"], PARAMS["greedy"])
+    first = engine.step()
+    assert engine.last_stats.batch_size == 2
+    assert {o.request_id: o.finish_reason for o in first} == {"bad": "error", "good": None}
+    while engine.has_work:
+        engine.step()
+
+
+def test_adding_a_request_is_all_or_nothing(engine):
+    # Choice 0's seed is valid; choice 1's (seed + 1) overflows the generator: neither is queued.
+    params = SamplingParams(max_tokens=400, seed=2**64 - 1)
+    with pytest.raises(RequestRejected) as info:
+        engine.add_request("overflow", [1, 2, 3], params, n=2)
+    assert "out of range" in str(info.value)
+    assert not engine.has_work and engine.num_waiting == 0 and engine.num_running == 0
+    # The id is free again: nothing of the rejected request was kept.
+    engine.add_request("overflow", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+    while engine.has_work:
+        engine.step()
