@@ -284,6 +284,31 @@ def test_bad_requests_count_as_failed(server):
     assert server.metric("llm_requests_failed_total") == before + 1
 
 
+def test_every_generation_ending_is_counted_once(server):
+    """Success, refusals before and after parsing, and clients that leave mid-stream or while a
+    whole answer is built: each request is counted once, as success or failure, and none stays active."""
+    names = ("llm_requests_total", "llm_requests_success_total", "llm_requests_failed_total")
+    before = {name: server.metric(name) for name in names}
+    base = server.base_url
+    long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "temperature": 0, "ignore_eos": True}
+    assert httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3}).status_code == 200
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    assert "[DONE]" in httpx.post(base + "/v1/chat/completions", json=chat).text
+    assert httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1}).status_code == 400
+    assert httpx.post(base + "/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+    assert httpx.post(base + "/v1/chat/completions", content=b"{not json").status_code == 400
+    with httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True}) as r:
+        next(r.iter_lines())  # then leave mid-stream
+    with pytest.raises(httpx.ReadTimeout):  # leave while the whole answer is being built
+        httpx.post(base + "/v1/completions", json={**long, "n": 8}, timeout=httpx.Timeout(30, read=0.05))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.metric("llm_active_requests") > 0:
+        time.sleep(0.02)
+    assert server.metric("llm_active_requests") == 0
+    delta = {name: server.metric(name) - before[name] for name in names}
+    assert delta == {"llm_requests_total": 7, "llm_requests_success_total": 2, "llm_requests_failed_total": 5}
+
+
 # -- HTTP hygiene ----------------------------------------------------------------------------
 
 

@@ -17,12 +17,13 @@ from werkzeug.exceptions import HTTPException
 from serving.api.errors import APIError
 from serving.api.routes import bp
 from serving.api.state import AppState
+from serving.api.tracking import RequestTracker
 
 log = logging.getLogger("fleetlm.api")
 
 # Routes for probes and scrapers: no API key, served while loading and draining.
 _OPEN_PATHS = frozenset({"/health", "/metrics"})
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
 _GZIP_MIN_BYTES = 1024
 # A client's X-Request-Id is kept when it is a plain token (it goes into logs and response ids);
 # anything else is replaced by a generated one.
@@ -30,6 +31,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 def _json_error(exc: APIError) -> Response:
+    if (tracker := g.get("tracker")) is not None:
+        tracker.error = exc.message
     response = Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json")
     for key, value in exc.headers.items():
         response.headers[key] = value
@@ -58,8 +61,9 @@ def create_app(state: AppState) -> Quart:
         if request.path in _OPEN_PATHS:
             return None
         if request.path in GENERATION_PATHS and request.method == "POST":
-            state.metrics.requests.labels(state.metrics.model).inc()
-            g.generation = True
+            # Opened before anything can refuse the request, so that every refusal is counted
+            # and logged by the tracker like any other ending.
+            g.tracker = RequestTracker(state, g.request_id, GENERATION_PATHS[request.path])
         if cfg.api_key is not None:
             # The scheme is case-insensitive (RFC 7235: "bearer x" is "Bearer x"); the token is not.
             scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
@@ -74,18 +78,17 @@ def create_app(state: AppState) -> Quart:
 
     @app.errorhandler(APIError)
     async def api_error(exc: APIError):
-        if g.get("generation") and not g.get("tracked"):
-            state.metrics.requests_failed.labels(state.metrics.model).inc()
-        log.info(
-            "request refused",
-            extra={
-                "request_id": g.get("request_id"),
-                "path": request.path,
-                "status": exc.status,
-                "code": exc.body()["error"].get("code"),
-                "error": exc.body()["error"]["message"][:200],
-            },
-        )
+        if g.get("tracker") is None:  # a generation request's tracker logs its own ending
+            log.info(
+                "request refused",
+                extra={
+                    "request_id": g.get("request_id"),
+                    "path": request.path,
+                    "status": exc.status,
+                    "code": exc.code,
+                    "error": exc.message[:200],
+                },
+            )
         return _json_error(exc)
 
     @app.errorhandler(HTTPException)
@@ -108,6 +111,22 @@ def create_app(state: AppState) -> Quart:
     async def unexpected(exc: Exception):
         log.exception("unhandled error", extra={"request_id": g.get("request_id"), "path": request.path})
         return _json_error(APIError(500, f"internal error: {type(exc).__name__}", type="internal_error"))
+
+    @app.after_request
+    async def close_tracker(response: Response) -> Response:
+        """Every generation response but a stream ends here: its tracker closes with its status."""
+        tracker: RequestTracker | None = g.get("tracker")
+        if tracker is not None and not tracker.streaming:
+            tracker.close(response.status_code)
+        return response
+
+    @app.teardown_request
+    async def close_abandoned_tracker(exc: BaseException | None) -> None:
+        """A request that ended without a response (the client left while it was read or while its
+        answer was built) still closes its tracker, or the drain would wait for it forever."""
+        tracker: RequestTracker | None = g.get("tracker")
+        if tracker is not None and not tracker.streaming and not tracker.closed:
+            tracker.close(499, "client disconnected" if exc is None else f"{type(exc).__name__}: {exc}")
 
     @app.after_request
     async def decorate(response: Response) -> Response:

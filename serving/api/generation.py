@@ -125,6 +125,13 @@ def check_n(state: AppState, req: CompletionRequest | ChatCompletionRequest, pro
         )
 
 
+def queue_full(message: str) -> APIError:
+    """The one 429 for a full queue, whether the API sees it up front or the engine on arrival."""
+    return APIError(
+        429, message, type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+    )
+
+
 def admit(state: AppState, sequences: int) -> None:
     """Refuse up front when the queue is full, before any response headers are sent."""
     engine = state.engine
@@ -132,13 +139,9 @@ def admit(state: AppState, sequences: int) -> None:
     if not engine.healthy:
         raise APIError(503, "the engine is not running", type="service_unavailable", code="engine_stopped")
     if engine.would_wait(sequences) > engine.queue_capacity:
-        raise APIError(
-            429,
+        raise queue_full(
             f"The server is overloaded: {engine.num_waiting} sequences are waiting (queue capacity "
-            f"{engine.queue_capacity}). Retry shortly.",
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            f"{engine.queue_capacity}). Retry shortly."
         )
 
 
@@ -158,8 +161,7 @@ async def stream_choices(
             async for item in merged:
                 yield item
     except QueueFullError as exc:
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-        raise APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers=headers) from exc
+        raise queue_full(str(exc)) from exc
     except EngineStoppedError as exc:
         raise APIError(503, str(exc), type="service_unavailable", code=exc.code) from exc
     except SlowReaderError as exc:

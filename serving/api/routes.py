@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, current_app, g, request
 
 from serving.api.errors import APIError, bad_request, from_validation_error
+from serving.api.formats import ChatFormat, Choice, CompletionFormat, Format
 from serving.api.generation import (
     Prompt,
     admit,
@@ -25,11 +25,11 @@ from serving.api.generation import (
     sampling_params,
     stream_choices,
 )
-from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Request
 from serving.api.state import AppState
 from serving.api.tracking import RequestTracker
 from serving.engine.output_processor import ChoiceDelta
-from serving.engine.protocol import TokenLogprob
+from serving.engine.sampling_params import SamplingParams
 
 bp = Blueprint("openai", __name__)
 M = TypeVar("M", bound=BaseModel)
@@ -107,15 +107,6 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-@dataclass(slots=True)
-class Choice:
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str | None = None
-
-
 def raise_if_failed(delta: ChoiceDelta) -> None:
     if delta.error is not None:
         raise APIError(500, f"generation failed: {delta.error}", type="internal_error", code="engine_error")
@@ -151,7 +142,9 @@ async def run_tracked(
 
 
 def streaming_response(tracker: RequestTracker, events: AsyncIterator[str]) -> Response:
-    """SSE over `events`; closing it (a client that went away) closes the engine stream at once."""
+    """SSE over `events`; closing it (a client that went away) closes the engine stream at once.
+    The stream owns the request's tracker from here: it closes it when the body ends."""
+    tracker.streaming = True
 
     async def body() -> AsyncIterator[str]:
         status, error = 200, None
@@ -179,32 +172,49 @@ def streaming_response(tracker: RequestTracker, events: AsyncIterator[str]) -> R
     return response
 
 
-async def tracked_json(tracker: RequestTracker, build: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    try:
-        result = await build
-    except APIError as exc:
-        tracker.close(exc.status, exc.message)
-        raise
-    except BaseException as exc:
-        tracker.close(499 if not isinstance(exc, Exception) else 500, f"{type(exc).__name__}: {exc}")
-        raise
-    tracker.close(200)
-    return result
+async def generate(
+    st: AppState, req: _Request, prompts: list[Prompt], params: SamplingParams, fmt: Format
+) -> Response | dict[str, Any]:
+    """The one generation path of both endpoints: admit, run the engine, shape the output with
+    `fmt`, streamed or whole. The request's tracker (opened by the app for every generation
+    request) is closed by the app on any error or a whole response, and by the stream otherwise."""
+    n = req.n
+    admit(st, n * len(prompts))
+    request_id = f"{fmt.id_prefix}-{g.request_id}"  # the OpenAI id carries the X-Request-Id
+    created = int(time.time())
+    tracker: RequestTracker = g.tracker
+    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    deltas = run_tracked(tracker, stream_choices(st, _engine_key(request_id), prompts, params, n))
+    head = {"id": request_id, "object": fmt.chunk_object, "created": created, "model": req.model}
 
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-# -- /v1/completions ------------------------------------------------------------------------
+        def event(choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None) -> str:
+            return sse({**head, "choices": choices, **({"usage": usage_} if include_usage else {})})
 
+        async def events() -> AsyncIterator[str]:
+            for choice in fmt.opening():
+                yield event([choice])
+            async with aclosing(deltas):
+                async for index, delta in deltas:
+                    for choice in fmt.streamed(index, delta):
+                        yield event([choice])
+            if include_usage:
+                yield event([], usage(prompts, tracker, n))
 
-def completion_logprobs(st: AppState, token_ids: list[int], entries: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
-    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for token_id, entry in zip(token_ids, entries, strict=True):
-        text = st.token_text(token_id)
-        tokens.append(text)
-        text_offset.append(offset)
-        offset += len(text)
-        token_logprobs.append(None if entry is None else entry.logprob)
-        top_logprobs.append(None if entry is None else {st.token_text(t): lp for t, lp in entry.top})
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+        return streaming_response(tracker, events())
+
+    choices = {i: Choice() for i in range(n * len(prompts))}
+    async with aclosing(deltas):
+        async for index, delta in deltas:
+            choices[index].add(delta)
+    return {
+        **head,
+        "object": fmt.object,
+        "choices": [fmt.finished(i, c) for i, c in choices.items()],
+        "usage": usage(prompts, tracker, n),
+    }
 
 
 @bp.post("/v1/completions")
@@ -217,95 +227,9 @@ async def completions():
     prompts = [await st.run_blocking(encode_completion_prompt, st, p, req.echo) for p in raw_prompts]
     explicit = "max_tokens" in req.model_fields_set
     budgets = [completion_budget(st, req, req.max_tokens, explicit, p, "prompt") for p in prompts]
-    want_prompt_lp = req.echo and req.logprobs is not None
-    params = sampling_params(st, req, min(budgets), req.logprobs, want_prompt_lp)
-    admit(st, req.n * len(prompts))
-    request_id = f"cmpl-{g.request_id}"  # the OpenAI id carries the X-Request-Id
-    created = int(time.time())
-    tracker = RequestTracker(st, g.request_id, "completions")
-    g.tracked = True
-    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    deltas = run_tracked(tracker, stream_choices(st, _engine_key(request_id), prompts, params, req.n))
-    model_name = req.model
-
-    def chunk(choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model_name, "choices": choices}
-        if req.stream_options and req.stream_options.include_usage:
-            body["usage"] = usage_
-        return body
-
-    if req.stream:
-
-        async def events() -> AsyncIterator[str]:
-            offsets: dict[int, int] = {}
-            if req.echo and not want_prompt_lp:
-                for i in range(req.n * len(prompts)):
-                    offsets[i] = len(prompts[i // req.n].text)
-                    yield sse(chunk([{"index": i, "text": prompts[i // req.n].text, "logprobs": None, "finish_reason": None}]))
-            async with aclosing(deltas):
-                async for index, delta in deltas:
-                    text, lp = delta.text, None
-                    if req.logprobs is not None:
-                        token_ids, entries = delta.token_ids, list(delta.logprobs)
-                        if want_prompt_lp and delta.prompt_logprobs is not None:
-                            prompt = prompts[index // req.n]
-                            text = prompt.text + text
-                            token_ids = prompt.token_ids + token_ids
-                            entries = list(delta.prompt_logprobs) + entries
-                        lp = completion_logprobs(st, token_ids, entries, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(text)
-                    if text or lp or delta.finish_reason:
-                        yield sse(chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]))
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse(chunk([], usage(prompts, tracker, req.n)))
-
-        return streaming_response(tracker, events())
-
-    async def build() -> dict[str, Any]:
-        choices = {i: Choice() for i in range(req.n * len(prompts))}
-        async with aclosing(deltas):
-            async for index, delta in deltas:
-                c = choices[index]
-                c.text.append(delta.text)
-                c.token_ids.extend(delta.token_ids)
-                c.logprobs.extend(delta.logprobs)
-                c.prompt_logprobs = delta.prompt_logprobs or c.prompt_logprobs
-                c.finish_reason = delta.finish_reason or c.finish_reason
-        out = []
-        for index, c in choices.items():
-            prompt = prompts[index // req.n]
-            text = "".join(c.text)
-            lp = None
-            if req.logprobs is not None:
-                token_ids, entries = c.token_ids, list(c.logprobs)
-                if want_prompt_lp:
-                    token_ids = prompt.token_ids + token_ids
-                    entries = list(c.prompt_logprobs or [None]) + entries
-                lp = completion_logprobs(st, token_ids, entries, 0)
-            if req.echo:
-                text = prompt.text + text
-            out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model_name,
-            "choices": out,
-            "usage": usage(prompts, tracker, req.n),
-        }
-
-    return await tracked_json(tracker, build())
-
-
-# -- /v1/chat/completions -------------------------------------------------------------------
-
-
-def chat_logprobs(st: AppState, entries: list[TokenLogprob]) -> dict[str, Any]:
-    def item(token_id: int, logprob: float) -> dict[str, Any]:
-        text = st.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
+    fmt = CompletionFormat(st, prompts, req.n, req.echo, req.logprobs)
+    params = sampling_params(st, req, min(budgets), req.logprobs, fmt.prompt_logprobs)
+    return await generate(st, req, prompts, params, fmt)
 
 
 @bp.post("/v1/chat/completions")
@@ -319,71 +243,7 @@ async def chat_completions():
     max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(st, req, max_tokens, top, False)
-    admit(st, req.n)
-    request_id = f"chatcmpl-{g.request_id}"  # the OpenAI id carries the X-Request-Id
-    created = int(time.time())
-    tracker = RequestTracker(st, g.request_id, "chat.completions")
-    g.tracked = True
-    tracker.prompt_tokens = len(prompt.token_ids)
-    deltas = run_tracked(tracker, stream_choices(st, _engine_key(request_id), [prompt], params, req.n))
-    model_name = req.model
-
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": choices,
-            }
-            if include_usage:
-                body["usage"] = usage_
-            return sse(body)
-
-        async def events() -> AsyncIterator[str]:
-            for i in range(req.n):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            async with aclosing(deltas):
-                async for index, delta in deltas:
-                    if delta.text or (req.logprobs and delta.logprobs):
-                        lp = chat_logprobs(st, delta.logprobs) if req.logprobs else None
-                        yield chunk([{"index": index, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": None}])
-                    if delta.finish_reason:
-                        yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}])
-            if include_usage:
-                yield chunk([], usage([prompt], tracker, req.n))
-
-        return streaming_response(tracker, events())
-
-    async def build() -> dict[str, Any]:
-        choices = {i: Choice() for i in range(req.n)}
-        async with aclosing(deltas):
-            async for index, delta in deltas:
-                c = choices[index]
-                c.text.append(delta.text)
-                c.logprobs.extend(delta.logprobs)
-                c.finish_reason = delta.finish_reason or c.finish_reason
-        return {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": "".join(c.text)},
-                    "logprobs": chat_logprobs(st, c.logprobs) if req.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in choices.items()
-            ],
-            "usage": usage([prompt], tracker, req.n),
-        }
-
-    return await tracked_json(tracker, build())
+    return await generate(st, req, [prompt], params, ChatFormat(st, req.n, bool(req.logprobs)))
 
 
 # -- models, tokenizer ----------------------------------------------------------------------

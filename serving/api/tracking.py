@@ -11,10 +11,12 @@ log = logging.getLogger("fleetlm.api")
 
 
 class RequestTracker:
-    """Opened when a generation request starts; closed exactly once, however it ends.
+    """Opened by the app when a generation request arrives, before anything can refuse it; closed
+    exactly once, however the request ends. The one place that counts a generation request
+    (llm_requests_total), its success or failure, and writes its log line.
 
-    llm_requests_total is counted by the app for every generation request, including those
-    refused before they reach the engine; those refusals count as failed there too."""
+    Whoever sends the response closes it: the app for errors and whole JSON bodies, the stream's
+    body for a streamed response (`streaming` is set when that stream takes it over)."""
 
     def __init__(self, state: AppState, request_id: str, endpoint: str):
         self.state = state
@@ -26,14 +28,21 @@ class RequestTracker:
         self.completion_tokens = 0
         self.cached_tokens: dict[int, int] = {}  # choice index -> prompt tokens served from the prefix cache
         self.finish_reasons: list[str] = []
+        self.streaming = False
+        self.error: str | None = None  # the message of the error response, if one is sent
         self._closed = False
         m = state.metrics
+        m.requests.labels(m.model).inc()
         m.active_requests.labels(m.model).inc()
         state.in_flight += 1
 
     def token_arrived(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self, status: int, error: str | None = None) -> None:
         if self._closed:
@@ -66,6 +75,6 @@ class RequestTracker:
                 "latency_s": round(elapsed, 4),
                 "ttft_s": None if self.first_token_at is None else round(self.first_token_at - self.started, 4),
                 "finish_reason": self.finish_reasons[0] if len(set(self.finish_reasons)) == 1 else self.finish_reasons,
-                **({"error": error} if error else {}),
+                **({"error": error or self.error} if (error or self.error) else {}),
             },
         )

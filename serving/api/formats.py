@@ -1,0 +1,152 @@
+"""How each generation endpoint shapes the same engine deltas into OpenAI JSON.
+
+One generation path (routes.generate) drives both endpoints; a Format says only what differs: the
+object names, the first stream events, the choice of one streamed delta, and a finished choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.api.generation import Prompt
+from serving.api.state import AppState
+from serving.engine.output_processor import ChoiceDelta
+from serving.engine.protocol import TokenLogprob
+
+
+@dataclass(slots=True)
+class Choice:
+    """A whole choice, accumulated from its deltas (non-streaming responses)."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+
+class Format:
+    id_prefix: str
+    object: str
+    chunk_object: str
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Choices of the events sent before the first token."""
+        return []
+
+    def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        """Choices of the events for one delta (none when it carries nothing to show)."""
+        raise NotImplementedError
+
+    def finished(self, index: int, choice: Choice) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def completion_logprobs(st: AppState, token_ids: list[int], entries: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        text = st.token_text(token_id)
+        tokens.append(text)
+        text_offset.append(offset)
+        offset += len(text)
+        token_logprobs.append(None if entry is None else entry.logprob)
+        top_logprobs.append(None if entry is None else {st.token_text(t): lp for t, lp in entry.top})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+
+
+class CompletionFormat(Format):
+    """/v1/completions: choice i belongs to prompt i // n; echo puts the prompt before the text."""
+
+    id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, st: AppState, prompts: list[Prompt], n: int, echo: bool, logprobs: int | None):
+        self.st, self.prompts, self.n, self.echo, self.logprobs = st, prompts, n, echo, logprobs
+        self.prompt_logprobs = echo and logprobs is not None  # the prompt is scored, and arrives with the first delta
+        self._offsets: dict[int, int] = {}  # text_offset so far, per streamed choice
+
+    def _prompt(self, index: int) -> Prompt:
+        return self.prompts[index // self.n]
+
+    def opening(self) -> list[dict[str, Any]]:
+        if not self.echo or self.prompt_logprobs:
+            return []
+        out = []
+        for i in range(self.n * len(self.prompts)):
+            self._offsets[i] = len(self._prompt(i).text)
+            out.append({"index": i, "text": self._prompt(i).text, "logprobs": None, "finish_reason": None})
+        return out
+
+    def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        text, lp = delta.text, None
+        if self.logprobs is not None:
+            token_ids, entries = delta.token_ids, list(delta.logprobs)
+            if self.prompt_logprobs and delta.prompt_logprobs is not None:
+                prompt = self._prompt(index)
+                text, token_ids = prompt.text + text, prompt.token_ids + token_ids
+                entries = list(delta.prompt_logprobs) + entries
+            lp = completion_logprobs(self.st, token_ids, entries, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + len(text)
+        if not (text or lp or delta.finish_reason):
+            return []
+        return [{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]
+
+    def finished(self, index: int, choice: Choice) -> dict[str, Any]:
+        prompt = self._prompt(index)
+        text, lp = "".join(choice.text), None
+        if self.logprobs is not None:
+            token_ids, entries = choice.token_ids, list(choice.logprobs)
+            if self.prompt_logprobs:
+                token_ids = prompt.token_ids + token_ids
+                entries = list(choice.prompt_logprobs or [None]) + entries
+            lp = completion_logprobs(self.st, token_ids, entries, 0)
+        if self.echo:
+            text = prompt.text + text
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason}
+
+
+def chat_logprobs(st: AppState, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = st.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
+
+
+class ChatFormat(Format):
+    """/v1/chat/completions: one assistant message per choice; the stream opens with its role."""
+
+    id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, st: AppState, n: int, logprobs: bool):
+        self.st, self.n, self.logprobs = st, n, logprobs
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(self.n)
+        ]
+
+    def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        out = []
+        if delta.text or (self.logprobs and delta.logprobs):
+            lp = chat_logprobs(self.st, delta.logprobs) if self.logprobs else None
+            out.append({"index": index, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": None})
+        if delta.finish_reason:
+            out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason})
+        return out
+
+    def finished(self, index: int, choice: Choice) -> dict[str, Any]:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": "".join(choice.text)},
+            "logprobs": chat_logprobs(self.st, choice.logprobs) if self.logprobs else None,
+            "finish_reason": choice.finish_reason,
+        }
