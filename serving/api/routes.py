@@ -25,7 +25,13 @@ from serving.api.generation import (
     sampling_params,
     stream_choices,
 )
-from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Request
+from serving.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Request,
+)
 from serving.api.state import AppState
 from serving.api.tracking import RequestTracker
 from serving.engine.output_processor import ChoiceDelta
