@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hmac
+import importlib.metadata
 import json
 import logging
 import re
@@ -12,9 +13,12 @@ import uuid
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response, g, request
 from quart.wrappers.response import DataBody
+from quart_schema import document_response, hide
 from werkzeug.exceptions import HTTPException
 
 from serving.api.errors import APIError
+from serving.api.openapi import DOCS_PATH, OPENAPI_PATH, add_openapi, documented
+from serving.api.responses import HealthResponse
 from serving.api.routes import bp
 from serving.api.state import AppState
 from serving.api.tracking import RequestTracker
@@ -22,7 +26,7 @@ from serving.api.tracking import RequestTracker
 log = logging.getLogger("fleetlm.api")
 
 # Routes for probes and scrapers: no API key, served while loading and draining.
-_OPEN_PATHS = frozenset({"/health", "/metrics"})
+_OPEN_PATHS = frozenset({"/health", "/metrics", OPENAPI_PATH, DOCS_PATH})
 GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
 _GZIP_MIN_BYTES = 1024
 # A client's X-Request-Id is kept when it is a plain token (it goes into logs and response ids);
@@ -39,6 +43,13 @@ def _json_error(exc: APIError) -> Response:
     return response
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fleetlm")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def create_app(state: AppState) -> Quart:
     app = Quart("fleetlm")
     app.extensions["fleetlm"] = state
@@ -46,6 +57,7 @@ def create_app(state: AppState) -> Quart:
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
     app.register_blueprint(bp)
+    add_openapi(app, _version(), api_key=state.config.api_key is not None)
     cfg = state.config
     origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
 
@@ -156,7 +168,10 @@ def create_app(state: AppState) -> Quart:
         return response
 
     @app.get("/health")
+    @documented(None, HealthResponse, gated=False)
+    @document_response(HealthResponse, 503)
     async def health():
+        """Readiness: 200 once the model serves, 503 while loading, draining or failed"""
         if state.ready:
             return {"status": "ok", "model": state.model.name if state.model else None}
         status = "draining" if state.draining else "failed" if state.load_error else "loading"
@@ -165,6 +180,7 @@ def create_app(state: AppState) -> Quart:
         return {"status": status}, 503
 
     @app.get("/metrics")
+    @hide
     async def metrics():
         return Response(state.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 

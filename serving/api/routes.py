@@ -25,6 +25,17 @@ from serving.api.generation import (
     sampling_params,
     stream_choices,
 )
+from serving.api.openapi import GENERATION_ERRORS, documented
+from serving.api.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionResponse,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+)
 from serving.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -224,7 +235,14 @@ async def generate(
 
 
 @bp.post("/v1/completions")
+@documented(CompletionRequest, CompletionResponse, GENERATION_ERRORS, streamed=CompletionChunk)
 async def completions():
+    """Text completion (OpenAI's legacy completions API)
+
+    One prompt or a batch of prompts (text or token ids); n choices each; echo and logprobs of
+    the prompt; stream with server-sent events. vLLM's sampling extensions (top_k, min_p,
+    repetition_penalty, stop_token_ids, ignore_eos, min_tokens) are accepted too.
+    """
     st = state()
     req = await parse_body(CompletionRequest)
     check_model(st, req.model)
@@ -239,7 +257,13 @@ async def completions():
 
 
 @bp.post("/v1/chat/completions")
+@documented(ChatCompletionRequest, ChatCompletionResponse, GENERATION_ERRORS, streamed=ChatCompletionChunk)
 async def chat_completions():
+    """Chat completion
+
+    Messages are formatted with the model's chat template (or --chat-template); n choices,
+    logprobs and top_logprobs, streaming with server-sent events.
+    """
     st = state()
     req = await parse_body(ChatCompletionRequest)
     check_model(st, req.model)
@@ -267,19 +291,25 @@ def model_card(st: AppState) -> dict[str, Any]:
 
 
 @bp.get("/v1/models")
+@documented(None, ModelList)
 async def list_models():
+    """The served model"""
     return {"object": "list", "data": [model_card(state())]}
 
 
 @bp.get("/v1/models/<path:name>")
+@documented(None, ModelCard, (404,))
 async def get_model(name: str):
+    """One model, by name"""
     st = state()
     check_model(st, name)
     return model_card(st)
 
 
 @bp.post("/tokenize")
+@documented(TokenizeRequest, TokenizeResponse, (400, 404, 413))
 async def tokenize():
+    """Token ids of a prompt, or of chat messages after the chat template"""
     st = state()
     req = await parse_body(TokenizeRequest)
     check_model(st, req.model)
@@ -294,7 +324,9 @@ async def tokenize():
 
 
 @bp.post("/detokenize")
+@documented(DetokenizeRequest, DetokenizeResponse, (400, 404, 413))
 async def detokenize():
+    """Text of token ids"""
     st = state()
     req = await parse_body(DetokenizeRequest)
     check_model(st, req.model)

@@ -7,6 +7,27 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def _non_empty(strings: bool = True, arrays: bool = True):
+    """A field's JSON schema says what its validator refuses: empty strings and/or empty arrays,
+    at every level of its union (the validator keeps the clearer error message)."""
+
+    def mark(schema: dict[str, Any]) -> None:
+        if schema.get("type") == "string" and strings:
+            schema["minLength"] = max(schema.get("minLength", 0), 1)
+        if schema.get("type") == "array":
+            if arrays:
+                schema["minItems"] = max(schema.get("minItems", 0), 1)
+            mark(schema.get("items", {}))
+        for option in schema.get("anyOf", ()):
+            mark(option)
+
+    return mark
+
+
+# logit_bias keys: token ids in ASCII digits, few enough to convert.
+_TOKEN_ID_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,18}$"}}
 TOP_K_MAX = 2**31 - 1  # any larger top_k means the same as the vocabulary size
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
@@ -27,10 +48,10 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, json_schema_extra=_non_empty(arrays=False))
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, json_schema_extra=_TOKEN_ID_KEYS)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit generator seed
     user: str | None = None
     # Accepted for compatibility; they do not change the result.
@@ -70,7 +91,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds]
+    prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_non_empty())
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)

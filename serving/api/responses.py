@@ -1,0 +1,162 @@
+"""What the API answers, as pydantic models: the OpenAPI document's response schemas.
+
+The handlers build plain dicts (fast, and shaped by formats.py); these models describe them. The
+schemathesis test checks every response it provokes against them, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, rate_limit_error, service_unavailable, ...")
+    param: str | None = Field(description="The request field at fault, when there is one")
+    code: str | None = Field(description="A stable code: invalid_value, context_length_exceeded, queue_full, ...")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route: OpenAI's error object."""
+
+    error: ErrorObject
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion. With `"stream": true` the answer is instead a text/event-stream of
+    `data: {...}` chunks of the same shape (one choice each, "usage" on the last when
+    stream_options.include_usage), ending with `data: [DONE]`."""
+
+    id: str = Field(description="cmpl-<X-Request-Id>")
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] = Field(description="One choice per event; none in the closing usage event")
+    usage: Usage | None = Field(None, description="Present when stream_options.include_usage: null but in the last event")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    """A whole chat completion. With `"stream": true` the answer is instead a text/event-stream of
+    `chat.completion.chunk` objects (`delta` in place of `message`), ending with `data: [DONE]`."""
+
+    id: str = Field(description="chatcmpl-<X-Request-Id>")
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] = Field(description="One choice per event; none in the closing usage event")
+    usage: Usage | None = Field(None, description="Present when stream_options.include_usage: null but in the last event")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "draining", "failed"]
+    model: str | None = None

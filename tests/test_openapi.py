@@ -1,0 +1,70 @@
+"""/openapi.json describes the API truthfully: schemathesis generates requests from it (valid and
+invalid bodies, seeded, a bounded number per route) and checks every answer against it: never a
+5xx, only documented status codes and content types, every body valid under its documented
+schema, every error an OpenAI error object."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from serving.api.responses import ErrorResponse
+from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
+
+EXAMPLES = 25  # per route and generation mode
+
+
+@pytest.fixture(scope="module")
+def server():
+    # A short context keeps the longest generations (max_tokens unset fills it) quick.
+    with RunningServer(chat_template=TEST_CHAT_TEMPLATE, max_batch_size=16, max_seq_len=128) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    return schemathesis.openapi.from_url(server.base_url + "/openapi.json")
+
+
+def test_the_document_covers_every_route_and_the_docs_page_serves(server):
+    doc = httpx.get(server.base_url + "/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {
+        "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{name}", "/tokenize", "/detokenize", "/health",
+    }  # fmt: skip
+    completions = doc["paths"]["/v1/completions"]["post"]
+    body = completions["requestBody"]["content"]["application/json"]["schema"]
+    props = body["properties"] if "properties" in body else doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert props["top_k"]["maximum"] == 2**31 - 1 and props["n"]["maximum"] == 128  # the same bounds as validation
+    assert {"200", "400", "429"} <= set(completions["responses"])
+    event = completions["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert event["properties"]["data"]["anyOf"][0]["contentSchema"]["oneOf"][0]["$ref"].endswith("/CompletionChunk")
+    page = httpx.get(server.base_url + "/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_the_api_keeps_its_documented_contract(case):
+    response = case.call(timeout=60)
+    case.validate_response(
+        response, checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    )
+    if response.status_code >= 400:
+        ErrorResponse.model_validate(response.json())
+    elif any(v.startswith("text/event-stream") for k, vs in response.headers.items() if k.lower() == "content-type" for v in vs):
+        # Each event's JSON was checked against its chunk schema above; the stream must also end
+        # properly, unless schemathesis stopped reading a long one (stream_cut_short).
+        events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+        assert response.stream_cut_short or (events and events[-1] == "[DONE]"), events[-3:]
