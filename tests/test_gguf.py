@@ -575,3 +575,20 @@ def test_smollm2_block_kernels_agree_with_the_exact_weights(smollm2_dir, monkeyp
     print(f"agreement {agree}, perplexity {perplexity}")
     assert min(agree) >= 0.95, agree
     assert abs(perplexity["fast"] / perplexity["exact"] - 1) < 0.02, perplexity
+
+
+def test_loading_a_gguf_file_logs_progress_through_every_tensor(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from serving.config import ServeConfig
+    from serving.models import weights
+    from serving.models.loader import load_model
+    from serving.models.source import demo_model_dir
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(tie=False), Q.Q8_0)
+    monkeypatch.setattr(weights, "PROGRESS_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="fleetlm.loader"):
+        load_model(ServeConfig(model_path=str(path), tokenizer_path=str(demo_model_dir()), device="cpu"))
+    lines = [r for r in caplog.records if r.getMessage() == "loading weights"]
+    total = len(read_gguf_header(path).tensors)
+    assert [r.tensors for r in lines] == list(range(1, total + 1)) and lines[-1].percent == 100

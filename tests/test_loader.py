@@ -64,3 +64,30 @@ def test_a_directory_with_several_gguf_files_asks_for_one(tmp_path):
         (tmp_path / name).write_bytes(b"GGUF")
     with pytest.raises(ConfigError, match="a.Q4_0.gguf"):
         build_engine(ServeConfig(model_path=str(tmp_path), device="cpu"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_loading_logs_progress_through_every_tensor(tmp_path, monkeypatch, caplog, arch):
+    import logging
+
+    from serving.models import weights
+    from serving.models.loader import load_model
+
+    monkeypatch.setattr(weights, "PROGRESS_INTERVAL_S", 0.0)  # a line per tensor, instead of every 5 s
+    model_dir = make_tiny_model(tmp_path, arch)
+    with caplog.at_level(logging.INFO, logger="fleetlm.loader"):
+        load_model(ServeConfig(model_path=str(model_dir), device="cpu"))
+    lines = [r for r in caplog.records if r.getMessage() == "loading weights"]
+    total = weights.count_safetensors(weights.safetensors_files(model_dir))
+    assert [r.tensors for r in lines] == list(range(1, total + 1))
+    assert lines[-1].percent == 100 and all(r.of == total for r in lines)
+
+
+def test_a_quick_load_stays_quiet(tmp_path, caplog):
+    import logging
+
+    from serving.models.loader import load_model
+
+    with caplog.at_level(logging.INFO, logger="fleetlm.loader"):
+        load_model(ServeConfig(model_path=str(make_tiny_model(tmp_path, "llama")), device="cpu"))
+    assert not [r for r in caplog.records if r.getMessage() == "loading weights"]

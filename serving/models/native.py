@@ -20,7 +20,13 @@ from serving.models.llama import LlamaForCausalLM
 from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear, quantize_linears
 from serving.models.runner import ForwardChunk, kv_bytes_per_token
 from serving.models.source import ModelSource
-from serving.models.weights import iter_safetensors, load_into, safetensors_files
+from serving.models.weights import (
+    count_safetensors,
+    iter_safetensors,
+    load_into,
+    safetensors_files,
+    with_progress,
+)
 
 
 class NativeRunner:
@@ -128,7 +134,9 @@ def build_native_runner(
     if plan is not None:
         _load_gguf(model, plan, dtype, optional)
     else:
-        load_into(model, iter_safetensors(safetensors_files(source.directory)), optional, stacked=model.stacked_params())
+        files = safetensors_files(source.directory)
+        tensors = with_progress(iter_safetensors(files), count_safetensors(files))
+        load_into(model, tensors, optional, stacked=model.stacked_params())
     if quantization != "none":
         quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
     return NativeRunner(model.eval(), device, dtype)
@@ -190,7 +198,8 @@ def _load_gguf(model: LlamaForCausalLM, plan: _BlockPlan, dtype: torch.dtype, op
     parts: dict[str, list[tuple[int, BlockRows]]] = {layer: [] for layer in plan.pending}
 
     def floats() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in gguf.iter_gguf_tensors(plan.path, dtype, frozenset(plan.targets)):
+        total = len(gguf.read_gguf_header(plan.path).tensors)
+        for name, tensor in with_progress(gguf.iter_gguf_tensors(plan.path, dtype, frozenset(plan.targets)), total):
             if isinstance(tensor, BlockRows):
                 layer, first = plan.targets[name]
                 parts[layer].append((first, tensor))

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_INTERVAL_S = 5.0
+T = TypeVar("T")
+log = logging.getLogger("fleetlm.loader")
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -25,6 +31,38 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, f.get_tensor(name)
+
+
+def count_safetensors(files: list[Path]) -> int:
+    """How many tensors the files hold (their headers only)."""
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            total += len(f.keys())
+    return total
+
+
+def with_progress(
+    items: Iterator[tuple[str, T]], total: int, interval_s: float | None = None
+) -> Iterator[tuple[str, T]]:
+    """Pass checkpoint tensors through, logging "loading weights" (done, of, percent, elapsed)
+    every interval_s seconds (PROGRESS_INTERVAL_S): a large model's minutes of loading are not silent."""
+    interval_s = PROGRESS_INTERVAL_S if interval_s is None else interval_s
+    started = last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= interval_s:
+            last = now
+            log.info(
+                "loading weights",
+                extra={
+                    "tensors": done,
+                    "of": total,
+                    "percent": round(100 * done / max(total, 1)),
+                    "elapsed_s": round(now - started, 1),
+                },
+            )
 
 
 def load_into(
