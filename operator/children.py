@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 from llm_operator import naming
 from llm_operator.deployment import deployment
+from llm_operator.diagnosis import Problem
 from llm_operator.naming import Owner
 from llm_operator.spec import LLMDeploymentSpec
 
@@ -30,16 +32,29 @@ DEFAULT_BEHAVIOR = {
 }
 
 
+def manages_cache(spec: LLMDeploymentSpec) -> bool:
+    """Whether the operator owns a cache claim for this spec (a Hub model, no existingClaim)."""
+    return spec.model.hf is not None and spec.cache.existing_claim is None
+
+
 def desired_children(
-    body: dict[str, Any], spec: LLMDeploymentSpec, default_image: str
+    body: dict[str, Any],
+    spec: LLMDeploymentSpec,
+    default_image: str,
+    live_claim: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """In apply order: the cache claim before the pods that mount it, the Deployment before what refers to it."""
+    """In apply order: the cache claim before the pods that mount it, the Deployment before what refers to it.
+
+    live_claim: the cache claim as it exists, whose immutable fields the desired one keeps."""
     owner = Owner.of(body)
     children = []
-    if spec.model.hf is not None and spec.cache.existing_claim is None:
-        children.append(cache_claim(owner, spec))
+    single_node = False
+    if manages_cache(spec):
+        claim = cache_claim(owner, spec, live_claim)
+        single_node = claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        children.append(claim)
     children.append(service(owner, spec))
-    children.append(deployment(owner, spec, spec.image or default_image))
+    children.append(deployment(owner, spec, spec.image or default_image, colocate=single_node))
     children.append(disruption_budget(owner))
     if spec.autoscaling is not None:
         children.append(autoscaler(owner, spec))
@@ -49,25 +64,65 @@ def desired_children(
 
 
 def cache_access_mode(spec: LLMDeploymentSpec) -> str:
+    """The mode a new cache claim is created with: what the resource can ever need, as far as the spec
+    says (cache.accessMode, else the autoscaler's upper bound or the replicas)."""
     if spec.cache.access_mode is not None:
         return spec.cache.access_mode
     most = spec.autoscaling.max_replicas if spec.autoscaling is not None else spec.replicas
     return "ReadWriteMany" if most > 1 else "ReadWriteOnce"
 
 
-def cache_claim(owner: Owner, spec: LLMDeploymentSpec) -> dict[str, Any]:
-    claim: dict[str, Any] = {
-        "accessModes": [cache_access_mode(spec)],
-        "resources": {"requests": {"storage": str(spec.cache.size)}},
-    }
+def cache_claim(owner: Owner, spec: LLMDeploymentSpec, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The cache PVC. A claim's spec is immutable after creation except for a larger storage request, so
+    an existing claim keeps its access modes, storage class and (when the spec asks for less) its size:
+    the operator never asks the API for a change it must refuse (see claim_conflicts for what it tells
+    the user instead)."""
+    size = str(spec.cache.size)
+    claim: dict[str, Any] = {"accessModes": [cache_access_mode(spec)], "resources": {"requests": {"storage": size}}}
     if spec.cache.storage_class_name is not None:
         claim["storageClassName"] = spec.cache.storage_class_name
+    if live is not None:
+        live_spec = live.get("spec", {})
+        claim["accessModes"] = list(live_spec.get("accessModes") or claim["accessModes"])
+        claim.pop("storageClassName", None)
+        if live_spec.get("storageClassName") is not None and spec.cache.storage_class_name is not None:
+            claim["storageClassName"] = live_spec["storageClassName"]
+        live_size = live_spec.get("resources", {}).get("requests", {}).get("storage")
+        if live_size is not None and parse_quantity(live_size) > parse_quantity(size):
+            claim["resources"]["requests"]["storage"] = live_size
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": naming.metadata(owner, naming.cache_claim_name(owner.name)),
         "spec": claim,
     }
+
+
+def claim_conflicts(spec: LLMDeploymentSpec, live: dict[str, Any] | None) -> list[Problem]:
+    """What the spec asks of the existing cache claim that a claim cannot change, with the remedy."""
+    if live is None or not manages_cache(spec):
+        return []
+    name = live["metadata"]["name"]
+    live_spec = live.get("spec", {})
+    remedy = (
+        f"a PersistentVolumeClaim cannot change this after creation: to get it, delete the claim "
+        f"(kubectl delete pvc {name}; the operator recreates it and the model is downloaded again), or point "
+        "cache.existingClaim at a claim made as wanted"
+    )
+    found = []
+    modes = live_spec.get("accessModes") or []
+    if spec.cache.access_mode is not None and spec.cache.access_mode not in modes:
+        found.append(
+            f"cache.accessMode is {spec.cache.access_mode} but claim {name} was created {', '.join(modes) or 'without'}"
+            + (" (replicas are kept on its one node)" if modes == ["ReadWriteOnce"] else "")
+        )
+    live_class = live_spec.get("storageClassName")
+    if spec.cache.storage_class_name is not None and live_class not in (None, spec.cache.storage_class_name):
+        found.append(f"cache.storageClassName is {spec.cache.storage_class_name} but claim {name} uses {live_class}")
+    live_size = live_spec.get("resources", {}).get("requests", {}).get("storage")
+    if live_size is not None and parse_quantity(live_size) > parse_quantity(str(spec.cache.size)):
+        found.append(f"cache.size is {spec.cache.size} but claim {name} holds {live_size} (a claim only grows)")
+    return [Problem("CacheClaimImmutable", "; ".join(found) + f": {remedy}")] if found else []
 
 
 def service(owner: Owner, spec: LLMDeploymentSpec) -> dict[str, Any]:

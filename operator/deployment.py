@@ -7,6 +7,7 @@ while loading or draining), a non-root user that can run as uid 1000, and no wri
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -43,7 +44,8 @@ def desired_replicas(spec: LLMDeploymentSpec) -> int:
     return min(max(spec.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
 
 
-def deployment(owner: Owner, spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+def deployment(owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False) -> dict[str, Any]:
+    """colocate: the cache claim is ReadWriteOnce, so every replica must run on the node that mounts it."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -56,12 +58,12 @@ def deployment(owner: Owner, spec: LLMDeploymentSpec, image: str) -> dict[str, A
             "revisionHistoryLimit": 3,
             # The deadline covers the download (init container) too, which the startup probe does not.
             "progressDeadlineSeconds": spec.startup.timeout_seconds + 3600,
-            "template": pod_template(owner, spec, image),
+            "template": pod_template(owner, spec, image, colocate),
         },
     }
 
 
-def pod_template(owner: Owner, spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+def pod_template(owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False) -> dict[str, Any]:
     pod: dict[str, Any] = {
         # Service links would inject variables such as LLM_PORT for a Service named "llm", which the
         # server reads as its own LLM_* settings.
@@ -83,6 +85,8 @@ def pod_template(owner: Owner, spec: LLMDeploymentSpec, image: str) -> dict[str,
     if spec.model.hf is not None:
         pod["initContainers"] = [_downloader(spec, image)]
     _schedule(pod, spec)
+    if colocate:
+        _colocate(pod, owner)
     return {
         "metadata": {
             "labels": naming.labels(owner.name),
@@ -233,13 +237,26 @@ def _schedule(pod: dict[str, Any], spec: LLMDeploymentSpec) -> None:
     if tolerations:
         pod["tolerations"] = tolerations
     if sched.affinity:
-        pod["affinity"] = sched.affinity
+        pod["affinity"] = copy.deepcopy(sched.affinity)  # _colocate may add to it
     if sched.priority_class_name:
         pod["priorityClassName"] = sched.priority_class_name
     if sched.runtime_class_name:
         pod["runtimeClassName"] = sched.runtime_class_name
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+
+
+def _colocate(pod: dict[str, Any], owner: Owner) -> None:
+    """Replicas of a ReadWriteOnce cache share its node: a volume attached to one node cannot be mounted
+    on another, so a replica scheduled elsewhere would hang in ContainerCreating. The first pod matches
+    its own term, so it schedules anywhere; the rest follow it (and a rollout's new pod too)."""
+    term = {
+        "labelSelector": {"matchLabels": naming.selector_labels(owner.name)},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    affinity = pod.setdefault("affinity", {})
+    pod_affinity = affinity.setdefault("podAffinity", {})
+    pod_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", []).append(term)
 
 
 def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import urllib3
 from kubernetes.client.exceptions import ApiException
 from llm_operator import metrics, naming
-from llm_operator.children import desired_children
+from llm_operator.children import claim_conflicts, desired_children, manages_cache
 from llm_operator.config import OperatorConfig
 from llm_operator.deployment import desired_replicas
 from llm_operator.diagnosis import Problem, diagnose
@@ -119,6 +119,7 @@ class Reconciler:
         generation = body["metadata"].get("generation", 1)
         first_time = generation != (body.get("status") or {}).get("observedGeneration")
         spec: LLMDeploymentSpec | None = None
+        notes: tuple[Problem, ...] = ()
         try:
             spec = parse_spec(body.get("spec") or {})
         except InvalidSpec as error:
@@ -126,8 +127,12 @@ class Reconciler:
         else:
             blocker = preflight(self.kube, namespace, spec, require_gpu_nodes=self.config.require_gpu_nodes)
         if spec is not None and blocker is None:
+            live_claim = None
+            if manages_cache(spec):
+                live_claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
+            notes = tuple(claim_conflicts(spec, live_claim))
             desired = self._servable(
-                body, desired_children(body, spec, self.config.default_image), first_time
+                body, desired_children(body, spec, self.config.default_image, live_claim), first_time
             )
             if apply_all or first_time:
                 blocker = self._apply_all(body, desired, dry_run_first=first_time)
@@ -138,8 +143,8 @@ class Reconciler:
                 f"{namespace}/{name} not applied: {blocker.message}",
                 extra={"reason": blocker.reason, "trigger": trigger},
             )
-        self._publish(body, spec, blocker, generation)
-        return "degraded" if blocker else "ok"
+        self._publish(body, spec, blocker, generation, notes)
+        return "degraded" if blocker or notes else "ok"
 
     def _servable(
         self, body: dict[str, Any], desired: list[dict[str, Any]], announce: bool
@@ -217,7 +222,12 @@ class Reconciler:
                     self.kube.delete(api_version, kind, meta["namespace"], live["metadata"]["name"])
 
     def _publish(
-        self, body: dict[str, Any], spec: LLMDeploymentSpec | None, blocker: Problem | None, generation: int
+        self,
+        body: dict[str, Any],
+        spec: LLMDeploymentSpec | None,
+        blocker: Problem | None,
+        generation: int,
+        notes: tuple[Problem, ...] = (),
     ) -> None:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -235,6 +245,7 @@ class Reconciler:
             deployment=deployment,
             report=diagnose(pods, deployment, model),
             blocker=blocker,
+            notes=notes,
         )
         for _ in range(STATUS_ATTEMPTS):
             old = body.get("status") or {}

@@ -26,6 +26,7 @@ class Observation:
     deployment: dict[str, Any] | None
     report: PodReport
     blocker: Problem | None = None  # why the spec could not be applied, if it could not
+    notes: tuple[Problem, ...] = ()  # what of the applied spec could not be honoured (e.g. an immutable claim)
 
 
 def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str
     ready = dep_status.get("readyReplicas", 0)
     cached_model = seen.model if seen.report.downloaded else old.get("cachedModel")
 
-    problems = ([seen.blocker] if seen.blocker else []) + seen.report.problems
+    stalled = ([seen.blocker] if seen.blocker else []) + seen.report.problems  # nothing moves until fixed
+    problems = stalled[:1] + list(seen.notes) + stalled[1:]
     rolled_out = seen.blocker is None and _rolled_out(seen.deployment, desired)
     activity = _activity(seen.report, rolled_out)
 
@@ -47,10 +49,10 @@ def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str
     elif rolled_out and ready >= desired:
         ready_cond = ("True", "Serving", f"{ready}/{desired} replicas serve {seen.model} at {seen.endpoint}")
     else:
-        why = problems[0].reason if problems else activity
+        why = stalled[0].reason if stalled else activity
         ready_cond = ("False", why, f"{ready}/{desired} replicas ready")
-    if problems:
-        progressing = ("False", problems[0].reason, "stalled until the problem is fixed")
+    if stalled:
+        progressing = ("False", stalled[0].reason, "stalled until the problem is fixed")
     elif rolled_out:
         progressing = ("False", "RolloutComplete", "the current spec is rolled out")
     else:

@@ -4,7 +4,9 @@ kmock stores and merges JSON and nothing more. Added here, as the real API serve
 resourceVersion, generation and creationTimestamp; server-side apply that creates a missing object and
 replaces the applied fields; dry runs that store nothing; status subresources (a status write touches only
 status, a main-resource write never touches it); resourceVersion preconditions answered with 409; and
-equality label selectors on lists. Still absent: validation, defaulting, garbage collection, field ownership.
+equality label selectors on lists; and a PersistentVolumeClaim's immutable spec (only a larger storage
+request may change), refused with the API server's own 422 messages. Still absent: other validation,
+defaulting, garbage collection, field ownership.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import aiohttp.web
 import jsonpatch
 import kmock
 from kmock._internal import dicts, enums, rendering
+from kubernetes.utils.quantity import parse_quantity
 
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 RESOURCES = {
@@ -106,6 +109,8 @@ class ApiServer(kmock.KubernetesEmulator):
                     "the object has been modified; please apply your changes to the latest version and try again",
                 )
             new = _patched(old, patch, is_apply, request.subresource == "status")
+            if request.resource.plural == "persistentvolumeclaims":
+                _check_claim_update(old, new)
             if new != old:
                 new["metadata"]["resourceVersion"] = str(next(self._versions))
                 if _body(new) != _body(old):
@@ -186,6 +191,36 @@ def _patched(old: dict[str, Any], patch: Any, is_apply: bool, status_only: bool)
         if "status" in old
         else {k: v for k, v in new.items() if k != "status"}
     )
+
+
+def _check_claim_update(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """As the API server validates a PVC update (k8s.io/kubernetes pkg/apis/core/validation,
+    ValidatePersistentVolumeClaimUpdate): the spec is immutable except resources.requests (and
+    volumeAttributesClassName), and the storage request may only grow."""
+    name = old["metadata"]["name"]
+    before, after = old.get("spec", {}), new.get("spec", {})
+
+    def without_requests(spec: dict[str, Any]) -> dict[str, Any]:
+        rest = {k: v for k, v in spec.items() if k not in ("resources", "volumeAttributesClassName")}
+        limits = spec.get("resources", {}).get("limits")
+        return {**rest, "limits": limits}
+
+    if without_requests(before) != without_requests(after):
+        raise kmock.KubernetesError(
+            422,
+            "Invalid",
+            f'PersistentVolumeClaim "{name}" is invalid: spec: Forbidden: spec is immutable after creation '
+            "except resources.requests and volumeAttributesClassName for bound claims",
+        )
+    was = before.get("resources", {}).get("requests", {}).get("storage")
+    now = after.get("resources", {}).get("requests", {}).get("storage")
+    if was and now and parse_quantity(now) < parse_quantity(was):
+        raise kmock.KubernetesError(
+            422,
+            "Invalid",
+            f'PersistentVolumeClaim "{name}" is invalid: spec.resources.requests.storage: Forbidden: '
+            "field can not be less than status.capacity",
+        )
 
 
 def _body(obj: dict[str, Any]) -> dict[str, Any]:

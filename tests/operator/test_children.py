@@ -224,6 +224,69 @@ def test_cache_is_shared_read_write_many_when_replicas_can_exceed_one(
     assert build(llmd(**spec))["PersistentVolumeClaim"]["spec"]["accessModes"] == [mode]
 
 
+def _live_claim(mode: str, size: str = "2Gi", storage_class: str | None = "standard") -> dict[str, Any]:
+    spec: dict[str, Any] = {"accessModes": [mode], "resources": {"requests": {"storage": size}}, "volumeMode": "Filesystem"}
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {"metadata": {"name": "m-model-cache"}, "spec": spec}
+
+
+@pytest.mark.parametrize(
+    ("spec", "live", "expected"),
+    [
+        # An existing claim keeps its mode, whatever the replicas or the spec now ask...
+        ({"replicas": 5, "cache": {"size": "2Gi"}}, _live_claim("ReadWriteOnce"), {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}),
+        ({"replicas": 1, "cache": {"accessMode": "ReadWriteOnce", "size": "2Gi"}}, _live_claim("ReadWriteMany"),
+         {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "2Gi"}}}),
+        # ...its storage class when the spec names another, and its size when the spec asks for less;
+        ({"cache": {"size": "1Gi", "storageClassName": "fast"}}, _live_claim("ReadWriteOnce", "3Gi"),
+         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "3Gi"}}, "storageClassName": "standard"}),
+        # a larger size is asked for (claims may grow).
+        ({"cache": {"size": "10Gi"}}, _live_claim("ReadWriteOnce", "2Gi"),
+         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}),
+    ],
+)  # fmt: skip
+def test_an_existing_cache_claim_keeps_what_a_claim_cannot_change(
+    spec: dict[str, Any], live: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    body = llmd(name="m", **spec)
+    children = {c["kind"]: c for c in desired_children(body, parse_spec(body["spec"]), IMAGE, live)}
+    assert children["PersistentVolumeClaim"]["spec"] == expected
+
+
+def test_claim_conflicts_name_each_field_and_the_remedy() -> None:
+    from llm_operator.children import claim_conflicts
+
+    spec = parse_spec(llmd(cache={"accessMode": "ReadWriteMany", "size": "1Gi", "storageClassName": "fast"})["spec"])
+    (problem,) = claim_conflicts(spec, _live_claim("ReadWriteOnce", "3Gi"))
+    assert problem.reason == "CacheClaimImmutable"
+    for part in (
+        "cache.accessMode is ReadWriteMany but claim m-model-cache was created ReadWriteOnce",
+        "cache.storageClassName is fast but claim m-model-cache uses standard",
+        "cache.size is 1Gi but claim m-model-cache holds 3Gi",
+        "kubectl delete pvc m-model-cache",
+    ):
+        assert part in problem.message
+    assert claim_conflicts(parse_spec(llmd(replicas=4)["spec"]), _live_claim("ReadWriteOnce")) == []
+    assert claim_conflicts(spec, None) == []
+
+
+def test_replicas_of_a_read_write_once_cache_share_its_node_and_keep_the_users_affinity() -> None:
+    user = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["llm"]}]}]}}}  # fmt: skip
+    once = build(llmd(replicas=1, scheduling={"affinity": user}))
+    affinity = once["Deployment"]["spec"]["template"]["spec"]["affinity"]
+    assert affinity["nodeAffinity"] == user["nodeAffinity"]
+    (term,) = affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == once["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert "podAffinity" not in user  # the spec's own dict is not touched
+    many = build(llmd(replicas=2))["Deployment"]["spec"]["template"]["spec"]
+    assert "affinity" not in many  # ReadWriteMany: replicas spread freely
+    volume = build(llmd(model={"pvc": {"claimName": "weights"}}, replicas=3))["Deployment"]["spec"]["template"]["spec"]
+    assert "affinity" not in volume  # a read-only model volume is the user's to choose
+
+
 def test_autoscaler_scales_the_llmdeployment_on_active_requests() -> None:
     children = build(SPECS["gpu-8b"])
     hpa = children["HorizontalPodAutoscaler"]["spec"]

@@ -240,6 +240,51 @@ def test_scale_subresource_value_reaches_the_deployment(kube: Kube, namespace: s
     )
 
 
+def test_scaling_a_read_write_once_cache_keeps_the_claim_and_colocates_replicas(kube: Kube, namespace: str) -> None:
+    """`kubectl scale llmd/x --replicas=2` on a one-replica resource: the API refuses any change to a
+    claim's access mode (this emulator enforces it as the API server does), so the claim keeps
+    ReadWriteOnce, every other child is applied, and the replicas are kept on the claim's node."""
+    create(kube, namespace, "grow", replicas=1)
+    claim = child(kube, "v1", "PersistentVolumeClaim", namespace, "grow-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    patch_spec(kube, namespace, "grow", {"replicas": 2})
+    deployment = eventually(
+        lambda: (d := kube.get("apps/v1", "Deployment", namespace, "grow")) and d["spec"]["replicas"] == 2 and d,
+        what="2 replicas",
+    )
+    terms = deployment["spec"]["template"]["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms == [
+        {"labelSelector": {"matchLabels": {"app.kubernetes.io/name": "fleetlm", "fleetlm.dev/llmdeployment": "grow"}},
+         "topologyKey": "kubernetes.io/hostname"}
+    ]  # fmt: skip
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "grow-model-cache")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    wait_condition(kube, namespace, "grow", "Degraded", "False")
+
+
+def test_asking_an_existing_claim_for_what_it_cannot_change_says_so_and_applies_the_rest(
+    kube: Kube, namespace: str
+) -> None:
+    create(kube, namespace, "mode", replicas=1, cache={"size": "4Gi"})
+    child(kube, "v1", "PersistentVolumeClaim", namespace, "mode-model-cache")
+    patch_spec(kube, namespace, "mode", {"replicas": 3, "cache": {"accessMode": "ReadWriteMany", "size": "2Gi"}})
+    degraded = wait_condition(kube, namespace, "mode", "Degraded", "True", "CacheClaimImmutable")
+    assert "cache.accessMode is ReadWriteMany but claim mode-model-cache was created ReadWriteOnce" in degraded["message"]
+    assert "a claim only grows" in degraded["message"] and "kubectl delete pvc mode-model-cache" in degraded["message"]
+    # Everything else of the new spec is applied; the claim is unchanged.
+    eventually(lambda: kube.get("apps/v1", "Deployment", namespace, "mode")["spec"]["replicas"] == 3, what="3 replicas")
+    claim = kube.get("v1", "PersistentVolumeClaim", namespace, "mode-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"] == "4Gi"
+    assert any(e["reason"] == "CacheClaimImmutable" and e["type"] == "Warning" for e in events(kube, namespace, "mode"))
+    # Asking for what the claim is clears it; growing the claim is allowed.
+    patch_spec(kube, namespace, "mode", {"cache": {"accessMode": None, "size": "8Gi"}})
+    wait_condition(kube, namespace, "mode", "Degraded", "False")
+    grown = eventually(
+        lambda: kube.get("v1", "PersistentVolumeClaim", namespace, "mode-model-cache")["spec"]["resources"]["requests"]["storage"] == "8Gi",
+        what="the claim to grow",
+    )
+    assert grown
+
+
 def test_deleted_or_edited_children_are_restored(kube: Kube, namespace: str) -> None:
     create(kube, namespace, "heal")
     child(kube, "v1", "Service", namespace, "heal")
