@@ -64,7 +64,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         "--standalone",
         action=argparse.BooleanOptionalAction,
         default=default("standalone", "false") == "true",
-        help="run without peering (a single replica, or tests)",
+        help="run without peering (a single replica, or tests). Without this flag the operator joins kopf's "
+        "peering object --peering so that one replica works and the others stand by; where the cluster lacks "
+        "kopf's peering CRD or that object, it logs a warning saying so and runs standalone",
     )
     parser.add_argument(
         "--priority",

@@ -22,7 +22,9 @@ MERGE = "application/merge-patch+json"
 
 # Plural names of the kinds the operator touches; the core group goes through CoreV1Api's per-kind methods.
 PLURALS = {
+    "ClusterKopfPeering": "clusterkopfpeerings",
     "Deployment": "deployments",
+    "KopfPeering": "kopfpeerings",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "LLMDeployment": "llmdeployments",
     "Node": "nodes",

@@ -8,7 +8,14 @@ import sys
 import time
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and belongs in the line.
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# kopf attaches its whole OperatorSettings (about 3 KB) and a routing flag to every record it logs
+# about an object: the operator logs its settings once at start-up instead.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "settings",
+    "k8s_skip",
+}
 
 
 class JsonFormatter(logging.Formatter):
