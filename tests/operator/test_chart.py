@@ -26,8 +26,9 @@ def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     return [doc for text in yamls for doc in yaml.safe_load_all(text) if doc]
 
 
-def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind]
+def by_kind(docs: list[dict[str, Any]], kind: str, hooks: bool = False) -> list[dict[str, Any]]:
+    """The documents of a kind; Helm hooks (made and deleted around an install or uninstall) only if asked."""
+    return [d for d in docs if d["kind"] == kind and (hooks or "helm.sh/hook" not in d["metadata"].get("annotations", {}))]
 
 
 def operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -163,3 +164,32 @@ def test_rbac_grants_what_the_operator_does() -> None:
         "secrets",
         "watch",
     ) not in granted  # least privilege
+
+
+def test_uninstall_stops_the_operator_before_its_rbac_goes() -> None:
+    """A pre-delete hook (run before Helm deletes anything) scales the operator to zero and waits for
+    its pods, with an account that may do only that; the hook's pods are not the operator's."""
+    docs = render()
+    hooks = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]
+    assert hooks and all(by_kind(hooks, d["kind"], hooks=True) for d in hooks)
+    assert sorted(d["kind"] for d in hooks) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    weights = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
+    assert weights["Job"] > max(weights[k] for k in ("Role", "RoleBinding", "ServiceAccount"))  # RBAC first
+    (job,) = by_kind(hooks, "Job", hooks=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "llm_operator.shutdown"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    (operator,) = by_kind(docs, "Deployment")
+    assert flags["deployment"] == operator["metadata"]["name"] and flags["namespace"] == "fleetlm-system"
+    selector = dict(pair.split("=") for pair in flags["selector"].split(","))
+    assert selector == operator["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()  # it does not wait for itself
+    assert container["image"] == operator["spec"]["template"]["spec"]["containers"][0]["image"]
+    (role,) = by_kind(hooks, "Role", hooks=True)
+    assert role["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [flags["deployment"]], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    ]
+    assert pod["serviceAccountName"] == by_kind(hooks, "ServiceAccount", hooks=True)[0]["metadata"]["name"]
+    assert not [d for d in render({"preDeleteHook": {"enabled": False}}) if d["kind"] == "Job"]
