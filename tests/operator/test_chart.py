@@ -46,8 +46,9 @@ def test_chart_carries_the_crd_unchanged() -> None:
     )
 
 
-def test_chart_lints_clean() -> None:
-    result = helm.lint(str(CHART))
+@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["ml"], "replicaCount": 1, "peering": {"enabled": False}}])
+def test_chart_lints_clean(values: dict[str, Any] | None) -> None:
+    result = helm.lint(str(CHART), values, strict=True)  # helm lint --strict
     assert result["errors"] == []
     assert not [m for m in result["messages"] if m["severity"] > 1], result["messages"]  # only INFO notes
 
@@ -193,3 +194,31 @@ def test_uninstall_stops_the_operator_before_its_rbac_goes() -> None:
     ]
     assert pod["serviceAccountName"] == by_kind(hooks, "ServiceAccount", hooks=True)[0]["metadata"]["name"]
     assert not [d for d in render({"preDeleteHook": {"enabled": False}}) if d["kind"] == "Job"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicaCount": "two"}, "at '/replicaCount': got string, want integer"),
+        ({"replicaCont": 2}, "additional properties 'replicaCont' not allowed"),  # a misspelt key
+        ({"peering": {"enable": False}}, "additional properties 'enable' not allowed"),
+        ({"logLevel": "verbose"}, "/logLevel"),
+        ({"watchNamespaces": ["ML"]}, "/watchNamespaces/0"),
+        ({"ports": {"metrics": 0}}, "/ports/metrics"),
+    ],
+)
+def test_bad_values_are_refused_by_the_schema_with_the_path(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as error:
+        render(values)
+    assert message in str(error.value)
+
+
+def test_every_default_value_is_in_the_schema() -> None:
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(defaults) <= set(schema["properties"])
+    for key, value in defaults.items():
+        if isinstance(value, dict) and schema["properties"][key].get("additionalProperties") is False:
+            assert set(value) <= set(schema["properties"][key]["properties"]), key
