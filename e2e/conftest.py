@@ -4,6 +4,11 @@ operator (run in-process, as in tests/operator) creating real children that real
 Run with `python -m pytest e2e` after e2e/kind.sh (or against any kind/k3d cluster). Skipped unless the
 current kubeconfig context reaches a cluster whose context name starts with kind- or k3d- (so a production
 context is never touched by accident); FLEETLM_E2E=1 lifts the name check.
+
+No test needs the internet: the operator's children are checked as objects and the pods' states as the
+kubelet reports them (an image that cannot be pulled is one of them). On a cluster that can only reach a
+Hub mirror, FLEETLM_E2E_HF_ENDPOINT is passed to the operator as --hf-endpoint, and FLEETLM_E2E_IMAGE names
+the serving image in the cluster's own registry.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ def operator(kube: Kube, namespace: str) -> Iterator[None]:
     image = os.environ.get("FLEETLM_E2E_IMAGE", "ghcr.io/fleetlm/fleetlm:0.1.0")
     config = parse_args(
         ["--standalone", "--namespaces", namespace, "--health-port", "0", "--metrics-port", "0", "--resync-seconds", "10",
-         "--default-image", image, "--no-require-gpu-nodes"],
+         "--default-image", image, "--no-require-gpu-nodes",
+         *(["--hf-endpoint", os.environ["FLEETLM_E2E_HF_ENDPOINT"]] if os.environ.get("FLEETLM_E2E_HF_ENDPOINT") else [])],
         env={},
     )  # fmt: skip
     stop, ready = threading.Event(), threading.Event()

@@ -42,10 +42,12 @@ def desired_children(
     spec: LLMDeploymentSpec,
     default_image: str,
     live_claim: dict[str, Any] | None = None,
+    hf_endpoint: str | None = None,
 ) -> list[dict[str, Any]]:
     """In apply order: the cache claim before the pods that mount it, the Deployment before what refers to it.
 
-    live_claim: the cache claim as it exists, whose immutable fields the desired one keeps."""
+    live_claim: the cache claim as it exists, whose immutable fields the desired one keeps.
+    hf_endpoint: the operator's default Hub endpoint (a mirror), for specs that name none."""
     owner = Owner.of(body)
     children = []
     single_node = False
@@ -54,7 +56,7 @@ def desired_children(
         single_node = claim["spec"]["accessModes"] == ["ReadWriteOnce"]
         children.append(claim)
     children.append(service(owner, spec))
-    children.append(deployment(owner, spec, spec.image or default_image, colocate=single_node))
+    children.append(deployment(owner, spec, spec.image or default_image, colocate=single_node, hf_endpoint=hf_endpoint))
     children.append(disruption_budget(owner))
     if spec.autoscaling is not None:
         children.append(autoscaler(owner, spec))

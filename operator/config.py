@@ -32,6 +32,7 @@ class OperatorConfig:
     resync_seconds: float
     require_gpu_nodes: bool
     log_level: str
+    hf_endpoint: str | None = None
 
     @property
     def clusterwide(self) -> bool:
@@ -83,6 +84,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         help="refuse GPU deployments no node can host (turn off with node autoscaling from zero)",
     )
     parser.add_argument(
+        "--hf-endpoint",
+        default=default("hf-endpoint", ""),
+        help="Hugging Face Hub endpoint (a mirror) for LLMDeployments whose model.hf.endpoint is unset; "
+        "empty (the default): https://huggingface.co",
+    )
+    parser.add_argument(
         "--log-level", default=default("log-level", "info"), choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
@@ -97,4 +104,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         resync_seconds=args.resync_seconds,
         require_gpu_nodes=args.require_gpu_nodes,
         log_level=args.log_level,
+        hf_endpoint=args.hf_endpoint or None,
     )

@@ -22,6 +22,7 @@ USER_ID = 1000
 DOWNLOAD_CONTAINER = "model-download"
 SERVER_CONTAINER = "server"
 STARTUP_PERIOD_S = 10
+HUB_CA_DIR = "/etc/fleetlm/hub-ca"
 
 # Written only under /tmp: the root filesystem is read-only.
 BASE_ENV = [
@@ -44,8 +45,11 @@ def desired_replicas(spec: LLMDeploymentSpec) -> int:
     return min(max(spec.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
 
 
-def deployment(owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False) -> dict[str, Any]:
-    """colocate: the cache claim is ReadWriteOnce, so every replica must run on the node that mounts it."""
+def deployment(
+    owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False, hf_endpoint: str | None = None
+) -> dict[str, Any]:
+    """colocate: the cache claim is ReadWriteOnce, so every replica must run on the node that mounts it.
+    hf_endpoint: the operator's default Hub endpoint, for specs that name none."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -58,12 +62,14 @@ def deployment(owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool
             "revisionHistoryLimit": 3,
             # The deadline covers the download (init container) too, which the startup probe does not.
             "progressDeadlineSeconds": spec.startup.timeout_seconds + 3600,
-            "template": pod_template(owner, spec, image, colocate),
+            "template": pod_template(owner, spec, image, colocate, hf_endpoint),
         },
     }
 
 
-def pod_template(owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False) -> dict[str, Any]:
+def pod_template(
+    owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False, hf_endpoint: str | None = None
+) -> dict[str, Any]:
     pod: dict[str, Any] = {
         # Service links would inject variables such as LLM_PORT for a Service named "llm", which the
         # server reads as its own LLM_* settings.
@@ -79,11 +85,11 @@ def pod_template(owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bo
             "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_server(spec, image)],
+        "containers": [_server(spec, image, hf_endpoint)],
         "volumes": _volumes(owner, spec),
     }
     if spec.model.hf is not None:
-        pod["initContainers"] = [_downloader(spec, image)]
+        pod["initContainers"] = [_downloader(spec, image, hf_endpoint)]
     _schedule(pod, spec)
     if colocate:
         _colocate(pod, owner)
@@ -103,7 +109,25 @@ def model_path(spec: LLMDeploymentSpec) -> str:
     return f"{MODELS_DIR}/{spec.model.pvc.path}".rstrip("/")
 
 
-def _server(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+def _hub_access(spec: LLMDeploymentSpec, default_endpoint: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Env and volume mounts for a container that talks to the Hub: its endpoint (a mirror) and the
+    mirror's CA bundle, which then is the only one trusted (SSL_CERT_FILE for httpx, REQUESTS_CA_BUNDLE
+    for requests)."""
+    hf = spec.model.hf
+    if hf is None:
+        return [], []
+    env, mounts = [], []
+    endpoint = hf.endpoint or default_endpoint
+    if endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": endpoint.rstrip("/")})
+    if hf.ca_bundle is not None:
+        path = f"{HUB_CA_DIR}/{hf.ca_bundle.key}"
+        env += [{"name": "SSL_CERT_FILE", "value": path}, {"name": "REQUESTS_CA_BUNDLE", "value": path}]
+        mounts.append({"name": "hub-ca", "mountPath": HUB_CA_DIR, "readOnly": True})
+    return env, mounts
+
+
+def _server(spec: LLMDeploymentSpec, image: str, hf_endpoint: str | None = None) -> dict[str, Any]:
     engine = spec.engine
     args = [
         "--host", "0.0.0.0",
@@ -132,9 +156,13 @@ def _server(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
     env = list(BASE_ENV)
     if engine.api_key_secret_ref is not None:
         env.append(_secret_env("LLM_API_KEY", engine.api_key_secret_ref.name, engine.api_key_secret_ref.key))
-    if spec.model.tokenizer and spec.model.token_secret_ref is not None:
-        ref = spec.model.token_secret_ref
-        env.append(_secret_env("HF_TOKEN", ref.name, ref.key))
+    hub_mounts: list[dict[str, Any]] = []
+    if spec.model.tokenizer:  # a tokenizer from the Hub is fetched by the server itself
+        hub_env, hub_mounts = _hub_access(spec, hf_endpoint)
+        env += hub_env
+        if spec.model.token_secret_ref is not None:
+            ref = spec.model.token_secret_ref
+            env.append(_secret_env("HF_TOKEN", ref.name, ref.key))
     env = _merge_env(env, [e.model_dump(by_alias=True, exclude_none=True) for e in engine.env])
 
     health = {"httpGet": {"path": "/health", "port": "http"}}
@@ -161,6 +189,7 @@ def _server(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
             {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *hub_mounts,
         ],
     }
     if spec.image_pull_policy:
@@ -168,10 +197,11 @@ def _server(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
     return container
 
 
-def _downloader(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
+def _downloader(spec: LLMDeploymentSpec, image: str, hf_endpoint: str | None = None) -> dict[str, Any]:
     hf = spec.model.hf
     assert hf is not None
-    env = list(BASE_ENV)
+    hub_env, hub_mounts = _hub_access(spec, hf_endpoint)
+    env = list(BASE_ENV) + hub_env
     if spec.model.token_secret_ref is not None:
         env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
     container: dict[str, Any] = {
@@ -182,7 +212,7 @@ def _downloader(spec: LLMDeploymentSpec, image: str) -> dict[str, Any]:
         "env": env,
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
         "securityContext": CONTAINER_SECURITY,
-        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}, *hub_mounts],
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
@@ -215,11 +245,21 @@ def _volumes(owner: Owner, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
         models = {"claimName": spec.model.pvc.claim_name, "readOnly": True}
     else:
         models = {"claimName": spec.cache.existing_claim or naming.cache_claim_name(owner.name)}
-    return [
+    volumes = [
         {"name": "models", "persistentVolumeClaim": models},
         {"name": "tmp", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shm_size)}},
     ]
+    ca = spec.model.hf.ca_bundle if spec.model.hf is not None else None
+    if ca is not None:
+        items = [{"key": ca.key, "path": ca.key}]
+        source = (
+            {"configMap": {"name": ca.config_map_name, "items": items}}
+            if ca.config_map_name
+            else {"secret": {"secretName": ca.secret_name, "items": items}}
+        )
+        volumes.append({"name": "hub-ca", **source})
+    return volumes
 
 
 def _schedule(pod: dict[str, Any], spec: LLMDeploymentSpec) -> None:

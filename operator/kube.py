@@ -23,6 +23,7 @@ MERGE = "application/merge-patch+json"
 # Plural names of the kinds the operator touches; the core group goes through CoreV1Api's per-kind methods.
 PLURALS = {
     "ClusterKopfPeering": "clusterkopfpeerings",
+    "ConfigMap": "configmaps",
     "Deployment": "deployments",
     "KopfPeering": "kopfpeerings",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",

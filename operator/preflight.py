@@ -25,7 +25,7 @@ def preflight(
     checks: list[tuple[Callable[..., Problem | None], tuple[Any, ...]]] = [
         (_secret_key, (kube, namespace, ref, what)) for ref, what in _secret_refs(spec)
     ]
-    checks += [(_claims, (kube, namespace, spec)), (_priority_class, (kube, spec))]
+    checks += [(_claims, (kube, namespace, spec)), (_priority_class, (kube, spec)), (_ca_bundle, (kube, namespace, spec))]
     if require_gpu_nodes:
         checks.append((_gpu_nodes, (kube, spec)))
     for check, args in checks:
@@ -58,6 +58,21 @@ def _secret_key(
         return Problem("SecretNotFound", f"{what}: Secret {namespace}/{ref.name} does not exist")
     if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
         return Problem("SecretKeyNotFound", f"{what}: Secret {namespace}/{ref.name} has no key {ref.key!r}")
+    return None
+
+
+def _ca_bundle(kube: Kube, namespace: str, spec: LLMDeploymentSpec) -> Problem | None:
+    """A mirror's CA bundle must exist with its key, or every pod would wait in ContainerCreating."""
+    ca = spec.model.hf.ca_bundle if spec.model.hf is not None else None
+    if ca is None:
+        return None
+    kind, name = ("ConfigMap", ca.config_map_name) if ca.config_map_name else ("Secret", ca.secret_name)
+    assert name is not None
+    found = kube.get("v1", kind, namespace, name)
+    if found is None:
+        return Problem("CaBundleNotFound", f"model.hf.caBundle: {kind} {namespace}/{name} does not exist")
+    if ca.key not in (found.get("data") or {}) and ca.key not in (found.get("stringData") or {}):
+        return Problem("CaBundleNotFound", f"model.hf.caBundle: {kind} {namespace}/{name} has no key {ca.key!r}")
     return None
 
 

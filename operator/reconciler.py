@@ -132,7 +132,7 @@ class Reconciler:
                 live_claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
             notes = tuple(claim_conflicts(spec, live_claim))
             desired = self._servable(
-                body, desired_children(body, spec, self.config.default_image, live_claim), first_time
+                body, desired_children(body, spec, self.config.default_image, live_claim, self.config.hf_endpoint), first_time
             )
             if apply_all or first_time:
                 blocker = self._apply_all(body, desired, dry_run_first=first_time)

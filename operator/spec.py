@@ -8,6 +8,7 @@ CRD's: tests/operator/test_spec.py compares the two.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,9 +22,33 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore")
 
 
+class CaBundleRef(_Model):
+    """A CA bundle (PEM) in a ConfigMap or a Secret of the resource's namespace: a mirror's own CA."""
+
+    config_map_name: str | None = None
+    secret_name: str | None = None
+    key: str = "ca.crt"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CaBundleRef:
+        if (self.config_map_name is None) == (self.secret_name is None):
+            raise ValueError("caBundle needs exactly one of configMapName or secretName")
+        return self
+
+
 class HfSource(_Model):
     repo: str
     revision: str = "main"
+    # A Hub mirror (HF_ENDPOINT), e.g. an in-cluster proxy for clusters that cannot reach the Hub;
+    # the operator's --hf-endpoint when unset.
+    endpoint: str | None = None
+    ca_bundle: CaBundleRef | None = None
+
+    @model_validator(mode="after")
+    def _endpoint_is_a_url(self) -> HfSource:
+        if self.endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.endpoint):
+            raise ValueError(f"hf.endpoint must be an http(s) URL, got {self.endpoint!r}")
+        return self
 
 
 class PvcSource(_Model):

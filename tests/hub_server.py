@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,7 +67,9 @@ class _Repo:
 class FakeHub:
     """Start with `with FakeHub() as hub:`; point huggingface_hub at it with HF_ENDPOINT=hub.url."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        """tls: serve HTTPS with this server context (a mirror behind its own CA)."""
+        self._tls = tls
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
         self._blobs: dict[str, tuple[str, bytes]] = {}  # sha256 -> (repo file path, content), for the CDN
@@ -75,8 +78,9 @@ class FakeHub:
         self.requests: list[RecordedRequest] = []
         self._hub = self._serve("hub")
         self._cdn = self._serve("cdn")
-        self.url = f"http://127.0.0.1:{self._hub.server_address[1]}"
-        self.cdn_url = f"http://127.0.0.1:{self._cdn.server_address[1]}"
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._hub.server_address[1]}"
+        self.cdn_url = f"{scheme}://127.0.0.1:{self._cdn.server_address[1]}"
 
     def add_repo(
         self,
@@ -142,6 +146,8 @@ class FakeHub:
     def _serve(self, name: str) -> ThreadingHTTPServer:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
+        if self._tls is not None:
+            server.socket = self._tls.wrap_socket(server.socket, server_side=True)
         server.hub = self  # type: ignore[attr-defined]
         server.name = name  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, args=(0.05,), name=f"fake-{name}", daemon=True).start()

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from serving.download.hub import progress_bar_class
 from serving.download.model_dir import MARKER_NAME
 from serving.download.model_files import select_files
 from serving.download.progress import Transfer
+from tests.hub_server import FakeHub
 
 CLI = "import sys; from serving.download import main; sys.exit(main(sys.argv[1:]))"
 MB = 1024 * 1024
@@ -434,3 +436,59 @@ def test_copy_from_a_local_source_selects_marks_and_skips_when_complete(tmp_path
 
     code, lines = cli("--source", str(tmp_path / "missing"), "--dest", str(dest))
     assert code == 4 and lines[-1]["msg"] == f"source directory {tmp_path / 'missing'} not found"
+
+
+def _mirror_ca(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A private CA and a certificate for 127.0.0.1 signed by it: a mirror behind a company CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Mirror Test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    bundle, chain, private = tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key"
+    bundle.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain, private)
+    return bundle, context
+
+
+def test_a_mirror_behind_its_own_ca_works_with_the_env_the_operator_sets(tmp_path):
+    """The operator's pods get HF_ENDPOINT and, for a caBundle, SSL_CERT_FILE and REQUESTS_CA_BUNDLE
+    (llm_operator.deployment._hub_access): with them the downloader fetches over TLS from a mirror whose
+    certificate no public CA signed; without the bundle it refuses the mirror (exit 5, a network error)."""
+    bundle, context = _mirror_ca(tmp_path)
+    with FakeHub(tls=context) as mirror:
+        mirror.add_repo("org/tiny", model_files(20_000))
+        env = {"HF_ENDPOINT": mirror.url}
+        code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path / "untrusted"), "--retries", "0", env=env)
+        assert code == 5, lines[-1]
+        trusted = {**env, "SSL_CERT_FILE": str(bundle), "REQUESTS_CA_BUNDLE": str(bundle)}
+        code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path / "model"), env=trusted)
+        assert code == 0, lines[-1]
+    assert (tmp_path / "model" / "config.json").read_bytes() == b'{"model_type": "llama"}'

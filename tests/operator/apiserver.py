@@ -36,6 +36,7 @@ RESOURCES = {
     "v1/services": ("Service", True, ["status"]),
     "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, ["status"]),
     "v1/secrets": ("Secret", True, []),
+    "v1/configmaps": ("ConfigMap", True, []),
     "v1/events": ("Event", True, []),
     "apps/v1/deployments": ("Deployment", True, ["status", "scale"]),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, ["status"]),

@@ -146,6 +146,7 @@ def test_rbac_grants_what_the_operator_does() -> None:
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("", "secrets", "get"),
+        ("", "configmaps", "get"),  # a mirror's CA bundle (preflight)
         ("", "events", "create"),
         ("", "nodes", "list"),
         ("scheduling.k8s.io", "priorityclasses", "get"),

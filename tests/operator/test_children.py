@@ -376,3 +376,33 @@ def test_cpu_pods_tell_the_server_their_cpu_request_and_never_pin_cores(resource
     assert flags["--cpu-affinity"] == "none"  # a node's cores are shared with other pods
     assert flags.get("--cpus") == cpus
     assert "--num-threads" not in flags  # the server chooses them from the request and the model
+
+
+def test_a_hub_mirror_and_its_ca_reach_the_downloader() -> None:
+    spec = {"hf": {"repo": "org/m", "endpoint": "https://hub.mirror.local/", "caBundle": {"configMapName": "corp-ca"}}}
+    children = build(llmd(model=spec))
+    download = container(children, "model-download")
+    env = {e["name"]: e.get("value") for e in download["env"]}
+    assert env["HF_ENDPOINT"] == "https://hub.mirror.local"
+    assert env["SSL_CERT_FILE"] == env["REQUESTS_CA_BUNDLE"] == "/etc/fleetlm/hub-ca/ca.crt"
+    assert {"name": "hub-ca", "mountPath": "/etc/fleetlm/hub-ca", "readOnly": True} in download["volumeMounts"]
+    volumes = {v["name"]: v for v in children["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["hub-ca"]["configMap"] == {"name": "corp-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    server = container(children)
+    assert "HF_ENDPOINT" not in {e["name"] for e in server["env"]}  # the server reads the volume, not the Hub
+    kubernetes_validate.validate(children["Deployment"], desired_version="1.29", strict=True)
+
+
+def test_the_operators_default_endpoint_applies_unless_the_spec_names_one() -> None:
+    body = llmd()
+    default = desired_children(body, parse_spec(body["spec"]), IMAGE, hf_endpoint="http://mirror:8080")
+    dep = next(c for c in default if c["kind"] == "Deployment")
+    init = dep["spec"]["template"]["spec"]["initContainers"][0]
+    assert {"name": "HF_ENDPOINT", "value": "http://mirror:8080"} in init["env"]
+    own = llmd(model={"hf": {"repo": "org/m", "endpoint": "https://other"}, "tokenizer": "org/tok"})
+    children = {c["kind"]: c for c in desired_children(own, parse_spec(own["spec"]), IMAGE, hf_endpoint="http://mirror:8080")}
+    for name in ("model-download", "server"):  # a Hub tokenizer is fetched by the server: it needs the mirror too
+        assert {"name": "HF_ENDPOINT", "value": "https://other"} in container(children, name)["env"]
+    secret = build(llmd(model={"hf": {"repo": "org/m", "caBundle": {"secretName": "ca", "key": "bundle.pem"}}}))
+    volumes = {v["name"]: v for v in secret["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["hub-ca"]["secret"] == {"secretName": "ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}

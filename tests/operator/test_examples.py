@@ -97,6 +97,17 @@ BAD = {
         "either value or valueFrom",
         True,
     ),
+    "ca bundle from nowhere": (
+        _with("spec.model", {"hf": {"repo": "org/name", "caBundle": {"key": "ca.pem"}}}),
+        "exactly one of configMapName or secretName",
+        True,
+    ),
+    "ca bundle from two places": (
+        _with("spec.model", {"hf": {"repo": "org/name", "caBundle": {"configMapName": "a", "secretName": "b"}}}),
+        "exactly one of configMapName or secretName",
+        True,
+    ),
+    "endpoint not a url": (_with("spec.model", {"hf": {"repo": "org/name", "endpoint": "mirror.local"}}), "does not match", False),
     "name not a DNS label": (_with("metadata.name", "Llama_3"), "DNS-1035", False),
     "name too long": (_with("metadata.name", "a" * 64), "DNS-1035", False),
     "unknown dtype": (_with("spec.engine", {"dtype": "int3"}), "is not one of", False),
@@ -144,3 +155,12 @@ def test_every_cel_rule_has_a_bad_example() -> None:
     fragments = [fragment for _, fragment, _ in BAD.values()]
     for message in messages(schema()):
         assert any(f in message for f in fragments), f"no bad example exercises: {message}"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_the_examples_other_objects_are_valid_kubernetes(path: Path) -> None:
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") != "LLMDeployment":
+            kubernetes_validate.validate(doc, desired_version="1.29", strict=True)

@@ -354,6 +354,18 @@ def test_missing_token_secret_degrades_until_it_appears(kube: Kube, namespace: s
     wait_condition(kube, namespace, "gated", "Degraded", "False")
 
 
+def test_a_missing_mirror_ca_bundle_degrades_until_it_appears(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "mirror", model={"hf": {"repo": "org/m", "endpoint": "https://mirror.local",
+                                                    "caBundle": {"configMapName": "corp-ca"}}})  # fmt: skip
+    cond = wait_condition(kube, namespace, "mirror", "Degraded", "True", "CaBundleNotFound")
+    assert f"ConfigMap {namespace}/corp-ca does not exist" in cond["message"]
+    assert kube.get("apps/v1", "Deployment", namespace, "mirror") is None
+    kube.core.create_namespaced_config_map(namespace, {"metadata": {"name": "corp-ca"}, "data": {"ca.crt": "PEM"}})
+    deployment = child(kube, "apps/v1", "Deployment", namespace, "mirror")  # the resync finds it
+    env = deployment["spec"]["template"]["spec"]["initContainers"][0]["env"]
+    assert {"name": "HF_ENDPOINT", "value": "https://mirror.local"} in env
+
+
 def test_unknown_gpu_resource_degrades_without_children(kube: Kube, namespace: str) -> None:
     create(kube, namespace, "tpu", resources={"gpu": {"count": 1, "resourceName": "example.com/tpu"}})
     degraded = wait_condition(kube, namespace, "tpu", "Degraded", "True", "UnknownGPUResource")
