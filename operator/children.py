@@ -8,7 +8,7 @@ from kubernetes.utils.quantity import parse_quantity
 from llm_operator import naming
 from llm_operator.deployment import deployment
 from llm_operator.diagnosis import Problem
-from llm_operator.naming import Owner
+from llm_operator.naming import UNPINNED, HubPin, Owner
 from llm_operator.spec import LLMDeploymentSpec
 
 METRIC_NAMES = {"activeRequests": "llm_active_requests", "queueSize": "llm_queue_size"}
@@ -42,12 +42,12 @@ def desired_children(
     spec: LLMDeploymentSpec,
     default_image: str,
     live_claim: dict[str, Any] | None = None,
-    hf_endpoint: str | None = None,
+    hub: HubPin = UNPINNED,
 ) -> list[dict[str, Any]]:
     """In apply order: the cache claim before the pods that mount it, the Deployment before what refers to it.
 
     live_claim: the cache claim as it exists, whose immutable fields the desired one keeps.
-    hf_endpoint: the operator's default Hub endpoint (a mirror), for specs that name none."""
+    hub: the Hub endpoint (a mirror) for specs that name none, and the commit the revision is pinned to."""
     owner = Owner.of(body)
     children = []
     single_node = False
@@ -56,7 +56,7 @@ def desired_children(
         single_node = claim["spec"]["accessModes"] == ["ReadWriteOnce"]
         children.append(claim)
     children.append(service(owner, spec))
-    children.append(deployment(owner, spec, spec.image or default_image, colocate=single_node, hf_endpoint=hf_endpoint))
+    children.append(deployment(owner, spec, spec.image or default_image, colocate=single_node, hub=hub))
     children.append(disruption_budget(owner))
     if spec.autoscaling is not None:
         children.append(autoscaler(owner, spec))

@@ -33,6 +33,7 @@ class OperatorConfig:
     require_gpu_nodes: bool
     log_level: str
     hf_endpoint: str | None = None
+    revision_recheck_seconds: float = 600.0
 
     @property
     def clusterwide(self) -> bool:
@@ -90,6 +91,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         "empty (the default): https://huggingface.co",
     )
     parser.add_argument(
+        "--revision-recheck-seconds",
+        type=float,
+        default=float(default("revision-recheck-seconds", "600")),
+        help="how often a pinned branch or tag is looked up again, to report that it moved",
+    )
+    parser.add_argument(
         "--log-level", default=default("log-level", "info"), choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
@@ -105,4 +112,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         require_gpu_nodes=args.require_gpu_nodes,
         log_level=args.log_level,
         hf_endpoint=args.hf_endpoint or None,
+        revision_recheck_seconds=args.revision_recheck_seconds,
     )

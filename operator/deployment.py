@@ -13,7 +13,7 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 from llm_operator import naming
-from llm_operator.naming import Owner
+from llm_operator.naming import UNPINNED, HubPin, Owner
 from llm_operator.spec import LLMDeploymentSpec
 
 HTTP_PORT = 8080
@@ -46,10 +46,10 @@ def desired_replicas(spec: LLMDeploymentSpec) -> int:
 
 
 def deployment(
-    owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False, hf_endpoint: str | None = None
+    owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False, hub: HubPin = UNPINNED
 ) -> dict[str, Any]:
     """colocate: the cache claim is ReadWriteOnce, so every replica must run on the node that mounts it.
-    hf_endpoint: the operator's default Hub endpoint, for specs that name none."""
+    hub: the Hub endpoint for specs that name none, and the commit the revision is pinned to."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -62,13 +62,13 @@ def deployment(
             "revisionHistoryLimit": 3,
             # The deadline covers the download (init container) too, which the startup probe does not.
             "progressDeadlineSeconds": spec.startup.timeout_seconds + 3600,
-            "template": pod_template(owner, spec, image, colocate, hf_endpoint),
+            "template": pod_template(owner, spec, image, colocate, hub),
         },
     }
 
 
 def pod_template(
-    owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False, hf_endpoint: str | None = None
+    owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False, hub: HubPin = UNPINNED
 ) -> dict[str, Any]:
     pod: dict[str, Any] = {
         # Service links would inject variables such as LLM_PORT for a Service named "llm", which the
@@ -85,26 +85,26 @@ def pod_template(
             "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_server(spec, image, hf_endpoint)],
+        "containers": [_server(spec, image, hub)],
         "volumes": _volumes(owner, spec),
     }
     if spec.model.hf is not None:
-        pod["initContainers"] = [_downloader(spec, image, hf_endpoint)]
+        pod["initContainers"] = [_downloader(spec, image, hub)]
     _schedule(pod, spec)
     if colocate:
         _colocate(pod, owner)
     return {
         "metadata": {
             "labels": naming.labels(owner.name),
-            "annotations": {naming.MODEL_ANNOTATION: naming.model_uri(spec)},
+            "annotations": {naming.MODEL_ANNOTATION: naming.model_uri(spec, hub.commit)},
         },
         "spec": pod,
     }
 
 
-def model_path(spec: LLMDeploymentSpec) -> str:
+def model_path(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
     if spec.model.hf is not None:
-        return f"{MODELS_DIR}/{naming.hf_cache_dir(spec)}"
+        return f"{MODELS_DIR}/{naming.hf_cache_dir(spec, commit)}"
     assert spec.model.pvc is not None
     return f"{MODELS_DIR}/{spec.model.pvc.path}".rstrip("/")
 
@@ -127,12 +127,12 @@ def _hub_access(spec: LLMDeploymentSpec, default_endpoint: str | None) -> tuple[
     return env, mounts
 
 
-def _server(spec: LLMDeploymentSpec, image: str, hf_endpoint: str | None = None) -> dict[str, Any]:
+def _server(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict[str, Any]:
     engine = spec.engine
     args = [
         "--host", "0.0.0.0",
         "--port", str(HTTP_PORT),
-        "--model-path", model_path(spec),
+        "--model-path", model_path(spec, hub.commit),
         "--served-model-name", naming.served_name(spec),
         "--device", _device(spec),
         "--dtype", engine.dtype,
@@ -158,7 +158,7 @@ def _server(spec: LLMDeploymentSpec, image: str, hf_endpoint: str | None = None)
         env.append(_secret_env("LLM_API_KEY", engine.api_key_secret_ref.name, engine.api_key_secret_ref.key))
     hub_mounts: list[dict[str, Any]] = []
     if spec.model.tokenizer:  # a tokenizer from the Hub is fetched by the server itself
-        hub_env, hub_mounts = _hub_access(spec, hf_endpoint)
+        hub_env, hub_mounts = _hub_access(spec, hub.endpoint)
         env += hub_env
         if spec.model.token_secret_ref is not None:
             ref = spec.model.token_secret_ref
@@ -197,10 +197,10 @@ def _server(spec: LLMDeploymentSpec, image: str, hf_endpoint: str | None = None)
     return container
 
 
-def _downloader(spec: LLMDeploymentSpec, image: str, hf_endpoint: str | None = None) -> dict[str, Any]:
+def _downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict[str, Any]:
     hf = spec.model.hf
     assert hf is not None
-    hub_env, hub_mounts = _hub_access(spec, hf_endpoint)
+    hub_env, hub_mounts = _hub_access(spec, hub.endpoint)
     env = list(BASE_ENV) + hub_env
     if spec.model.token_secret_ref is not None:
         env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
@@ -208,7 +208,7 @@ def _downloader(spec: LLMDeploymentSpec, image: str, hf_endpoint: str | None = N
         "name": DOWNLOAD_CONTAINER,
         "image": image,
         "command": ["python", "-m", "serving", "download"],
-        "args": ["--model", hf.repo, "--revision", hf.revision, "--dest", model_path(spec)],
+        "args": ["--model", hf.repo, "--revision", hub.commit or hf.revision, "--dest", model_path(spec, hub.commit)],
         "env": env,
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
         "securityContext": CONTAINER_SECURITY,

@@ -76,19 +76,32 @@ def cache_claim_name(owner_name: str) -> str:
     return f"{owner_name}-model-cache"
 
 
-def model_uri(spec: LLMDeploymentSpec) -> str:
+@dataclass(frozen=True, slots=True)
+class HubPin:
+    """How the pods reach the Hub: the endpoint (a mirror; None: the Hub), and the commit the spec's
+    revision was resolved to (None: not resolved, the revision is used as given)."""
+
+    endpoint: str | None = None
+    commit: str | None = None
+
+
+UNPINNED = HubPin()
+
+def model_uri(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
+    """hf://repo@revision, with the resolved commit in place of a branch or tag once pinned."""
     if spec.model.hf is not None:
-        return f"hf://{spec.model.hf.repo}@{spec.model.hf.revision}"
+        return f"hf://{spec.model.hf.repo}@{commit or spec.model.hf.revision}"
     assert spec.model.pvc is not None
     return f"pvc://{spec.model.pvc.claim_name}/{spec.model.pvc.path}".rstrip("/")
 
 
-def hf_cache_dir(spec: LLMDeploymentSpec) -> str:
-    """Where in the cache volume a Hub model lives: one directory per repo and revision, so deployments
-    sharing a claim share downloads, and a new revision never overwrites the one still being served."""
+def hf_cache_dir(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
+    """Where in the cache volume a Hub model lives: one directory per repo and revision (the pinned
+    commit, once resolved), so deployments sharing a claim share downloads, and a new revision never
+    overwrites the one still being served."""
     assert spec.model.hf is not None
     repo = spec.model.hf.repo.replace("/", "--")
-    revision = spec.model.hf.revision.replace("/", "--")
+    revision = (commit or spec.model.hf.revision).replace("/", "--")
     return f"hf/{repo}/{revision}"
 
 

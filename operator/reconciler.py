@@ -21,12 +21,16 @@ from typing import Any
 import urllib3
 from kubernetes.client.exceptions import ApiException
 from llm_operator import metrics, naming
+from llm_operator.capacity import Capacity, fit
 from llm_operator.children import claim_conflicts, desired_children, manages_cache
 from llm_operator.config import OperatorConfig
 from llm_operator.deployment import desired_replicas
 from llm_operator.diagnosis import Problem, diagnose
 from llm_operator.drift import drifted
+from llm_operator.hub import Resolver
 from llm_operator.kube import Kube, api_error_message
+from llm_operator.naming import HubPin
+from llm_operator.pinning import PinState, pin_revision
 from llm_operator.preflight import preflight
 from llm_operator.spec import InvalidSpec, LLMDeploymentSpec, parse_spec
 from llm_operator.status import Observation, compute_status, transitions
@@ -64,10 +68,15 @@ class ChildChange:
 
 class Reconciler:
     def __init__(
-        self, kube: Kube, config: OperatorConfig, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        resolver: Resolver | None = None,
     ):
         self.kube = kube
         self.config = config
+        self.resolver = resolver or Resolver(recheck_s=config.revision_recheck_seconds)
         self.now = now
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
@@ -120,6 +129,8 @@ class Reconciler:
         first_time = generation != (body.get("status") or {}).get("observedGeneration")
         spec: LLMDeploymentSpec | None = None
         notes: tuple[Problem, ...] = ()
+        pin: PinState | None = None
+        capacity: Capacity | None = None
         try:
             spec = parse_spec(body.get("spec") or {})
         except InvalidSpec as error:
@@ -127,12 +138,19 @@ class Reconciler:
         else:
             blocker = preflight(self.kube, namespace, spec, require_gpu_nodes=self.config.require_gpu_nodes)
         if spec is not None and blocker is None:
+            pin = pin_revision(self.kube, self.resolver, body, spec, self.config.hf_endpoint)
+            if pin is not None and pin.facts is not None:
+                capacity = fit(spec, pin.facts)
+                if capacity is not None and not capacity.fits:
+                    blocker = Problem("DoesNotFit", f"the model {capacity.message}")
+        if spec is not None and blocker is None:
+            hub = pin.hub if pin is not None else HubPin(self.config.hf_endpoint)
             live_claim = None
             if manages_cache(spec):
                 live_claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
             notes = tuple(claim_conflicts(spec, live_claim))
             desired = self._servable(
-                body, desired_children(body, spec, self.config.default_image, live_claim, self.config.hf_endpoint), first_time
+                body, desired_children(body, spec, self.config.default_image, live_claim, hub), first_time
             )
             if apply_all or first_time:
                 blocker = self._apply_all(body, desired, dry_run_first=first_time)
@@ -143,7 +161,7 @@ class Reconciler:
                 f"{namespace}/{name} not applied: {blocker.message}",
                 extra={"reason": blocker.reason, "trigger": trigger},
             )
-        self._publish(body, spec, blocker, generation, notes)
+        self._publish(body, spec, blocker, generation, notes, pin, capacity)
         return "degraded" if blocker or notes else "ok"
 
     def _servable(
@@ -228,13 +246,15 @@ class Reconciler:
         blocker: Problem | None,
         generation: int,
         notes: tuple[Problem, ...] = (),
+        pin: PinState | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
         pods = self.kube.list("v1", "Pod", namespace, naming.selector_string(name))
         owner = naming.Owner.of(body)
-        model = naming.model_uri(spec) if spec else ""
+        model = naming.model_uri(spec, pin.hub.commit if pin else None) if spec else ""
         seen = Observation(
             generation=generation,
             model=model,
@@ -246,6 +266,8 @@ class Reconciler:
             report=diagnose(pods, deployment, model),
             blocker=blocker,
             notes=notes,
+            pin=pin,
+            capacity=capacity.status() if capacity is not None else None,
         )
         for _ in range(STATUS_ATTEMPTS):
             old = body.get("status") or {}

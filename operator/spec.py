@@ -131,6 +131,7 @@ class GpuSpec(_Model):
     count: int = 1
     resource_name: str = "nvidia.com/gpu"
     product: str | None = None
+    memory: Quantity | None = None  # one GPU's memory, for the fit check; else the product's, from a table
 
 
 class ResourcesSpec(_Model):

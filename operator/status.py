@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_operator.diagnosis import PodReport, Problem
+from llm_operator.pinning import NOT_PINNED, PinState
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelCached")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelCached", "RevisionPinned")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,8 @@ class Observation:
     report: PodReport
     blocker: Problem | None = None  # why the spec could not be applied, if it could not
     notes: tuple[Problem, ...] = ()  # what of the applied spec could not be honoured (e.g. an immutable claim)
+    pin: PinState | None = None  # the Hub revision's pin (None: a pvc source, or the spec is not valid)
+    capacity: dict[str, Any] | None = None  # the fit check's plan (status.capacity)
 
 
 def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str, Any]:
@@ -70,7 +73,19 @@ def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str
         else:
             cached = ("False", "NotYetDownloaded", f"{seen.model} will be downloaded by the first pod")
 
-    new = {"Ready": ready_cond, "Progressing": progressing, "Degraded": degraded, "ModelCached": cached}
+    if seen.pin is not None:
+        pinned = seen.pin.condition()
+    elif seen.from_volume:
+        pinned = NOT_PINNED
+    else:
+        pinned = (old_condition(old, "RevisionPinned") or ("Unknown", "NotResolved", "the spec is not applied"))
+    new = {
+        "Ready": ready_cond,
+        "Progressing": progressing,
+        "Degraded": degraded,
+        "ModelCached": cached,
+        "RevisionPinned": pinned,
+    }
     status = {
         "phase": _phase(problems, desired, ready_cond[0] == "True", ready, seen.report),
         "observedGeneration": seen.generation,
@@ -84,7 +99,19 @@ def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str
     }
     if cached_model:
         status["cachedModel"] = cached_model
+    if seen.pin is not None:
+        status.update(seen.pin.status())
+    elif not seen.from_volume:  # a spec that could not be read keeps what was pinned before
+        status.update({k: old[k] for k in ("resolvedRevision", "resolvedFrom", "repinRequest") if k in old})
+    capacity = seen.capacity if seen.capacity is not None else (old.get("capacity") if seen.pin is None else None)
+    if capacity is not None:
+        status["capacity"] = capacity
     return status
+
+
+def old_condition(old: dict[str, Any], kind: str) -> tuple[str, str, str] | None:
+    cond = next((c for c in old.get("conditions", []) if c.get("type") == kind), None)
+    return (cond["status"], cond.get("reason", ""), cond.get("message", "")) if cond else None
 
 
 def merge_conditions(
@@ -130,6 +157,8 @@ def transitions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[Tr
             found.append(Transition("Warning", cond["reason"], cond["message"]))
         elif cond["type"] in ("Ready", "ModelCached"):
             found.append(Transition("Normal", cond["reason"], cond["message"]))
+        elif cond["type"] == "RevisionPinned" and cond["reason"] in ("Pinned", "BranchMoved"):
+            found.append(Transition("Normal" if cond["reason"] == "Pinned" else "Warning", cond["reason"], cond["message"]))
     return found
 
 

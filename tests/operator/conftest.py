@@ -24,6 +24,17 @@ IMAGE = "ghcr.io/fleetlm/fleetlm:test"
 RESYNC_SECONDS = 2
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The tests have no Hub: a port nothing listens on refuses at once, so revisions stay unpinned
+# (RevisionPinned False, ResolveFailed) unless a test names a fake Hub in model.hf.endpoint.
+NO_HUB = f"http://127.0.0.1:{_closed_port()}"
+
+
 @pytest.fixture(scope="session")
 def apiserver() -> Iterator[BackgroundApiServer]:
     with BackgroundApiServer() as server:
@@ -75,7 +86,7 @@ def operator(kubeconfig: Path, kube: Kube) -> Iterator[OperatorConfig]:
     )
     previous = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(kubeconfig)
-    flags = ["--standalone", "--resync-seconds", str(RESYNC_SECONDS), "--default-image", IMAGE]
+    flags = ["--standalone", "--resync-seconds", str(RESYNC_SECONDS), "--default-image", IMAGE, "--hf-endpoint", NO_HUB, "--revision-recheck-seconds", "1"]
     flags += ["--health-port", str(free_port()), "--metrics-port", str(free_port())]
     config = parse_args(flags, env={})
     stop, ready = threading.Event(), threading.Event()

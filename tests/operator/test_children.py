@@ -7,6 +7,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from llm_operator.children import desired_children
+from llm_operator.naming import HubPin
 from llm_operator.spec import parse_spec
 
 from tests.operator.builders import example, llmd
@@ -395,12 +396,12 @@ def test_a_hub_mirror_and_its_ca_reach_the_downloader() -> None:
 
 def test_the_operators_default_endpoint_applies_unless_the_spec_names_one() -> None:
     body = llmd()
-    default = desired_children(body, parse_spec(body["spec"]), IMAGE, hf_endpoint="http://mirror:8080")
+    default = desired_children(body, parse_spec(body["spec"]), IMAGE, hub=HubPin(endpoint="http://mirror:8080"))
     dep = next(c for c in default if c["kind"] == "Deployment")
     init = dep["spec"]["template"]["spec"]["initContainers"][0]
     assert {"name": "HF_ENDPOINT", "value": "http://mirror:8080"} in init["env"]
     own = llmd(model={"hf": {"repo": "org/m", "endpoint": "https://other"}, "tokenizer": "org/tok"})
-    children = {c["kind"]: c for c in desired_children(own, parse_spec(own["spec"]), IMAGE, hf_endpoint="http://mirror:8080")}
+    children = {c["kind"]: c for c in desired_children(own, parse_spec(own["spec"]), IMAGE, hub=HubPin(endpoint="http://mirror:8080"))}
     for name in ("model-download", "server"):  # a Hub tokenizer is fetched by the server: it needs the mirror too
         assert {"name": "HF_ENDPOINT", "value": "https://other"} in container(children, name)["env"]
     secret = build(llmd(model={"hf": {"repo": "org/m", "caBundle": {"secretName": "ca", "key": "bundle.pem"}}}))

@@ -63,6 +63,8 @@ def test_subresources_make_scale_and_wait_work() -> None:
         "Replicas": ".status.replicas",
         "Phase": ".status.phase",
         "Endpoint": ".status.endpoint",
+        "Seqs": ".status.capacity.maxConcurrentSequences",  # -o wide
+        "Revision": ".status.resolvedRevision",  # -o wide
         "Age": ".metadata.creationTimestamp",
     }
     assert crd()["spec"]["names"]["shortNames"] == ["llmd"]

@@ -491,3 +491,83 @@ def test_operator_serves_health_and_its_own_metrics(
     assert "fleetlm_operator_reconcile_duration_seconds_bucket" in text
     assert "fleetlm_operator_reconcile_errors_total" in text
     assert RESYNC_SECONDS > 0
+
+
+LLAMA_8B_CONFIG = json.dumps({
+    "model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "hidden_size": 4096, "torch_dtype": "bfloat16",
+}).encode()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hub():
+    from tests.hub_server import FakeHub
+
+    with FakeHub() as fake:
+        yield fake
+
+
+def _init_args(kube: Kube, namespace: str, name: str) -> dict[str, str]:
+    dep = kube.get("apps/v1", "Deployment", namespace, name)
+    args = dep["spec"]["template"]["spec"]["initContainers"][0]["args"] if dep else []
+    return dict(zip(args[::2], args[1::2], strict=False))
+
+
+def test_a_branch_is_pinned_to_its_commit_reported_when_it_moves_and_moved_on_request(hub, kube: Kube, namespace: str) -> None:
+    first = hub.add_repo("org/pinned", {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"x" * 64})
+    create(kube, namespace, "pin", model={"hf": {"repo": "org/pinned", "revision": "main", "endpoint": hub.url}})
+    eventually(lambda: _init_args(kube, namespace, "pin").get("--revision") == first, what="the pinned commit")
+    assert _init_args(kube, namespace, "pin")["--dest"] == f"/models/hf/org--pinned/{first}"
+    cond = wait_condition(kube, namespace, "pin", "RevisionPinned", "True", "Pinned")
+    assert first in cond["message"]
+    status = llmd(kube, namespace, "pin")["status"]
+    assert (status["resolvedRevision"], status["resolvedFrom"], status["model"]) == (first, "main", f"hf://org/pinned@{first}")
+
+    # The branch moves: reported, the pods stay.
+    second = hub.add_repo("org/pinned", {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"y" * 64})
+    cond = wait_condition(kube, namespace, "pin", "RevisionPinned", "True", "BranchMoved")
+    assert second in cond["message"] and first in cond["message"]
+    assert _init_args(kube, namespace, "pin")["--revision"] == first
+    assert any(e["reason"] == "BranchMoved" and e["type"] == "Warning" for e in events(kube, namespace, "pin"))
+
+    # Asked to, it moves the pin.
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "pin", {"metadata": {"annotations": {"fleetlm.dev/repin": "2026-12-02"}}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    eventually(lambda: _init_args(kube, namespace, "pin").get("--revision") == second, what="the new pin")
+    wait_condition(kube, namespace, "pin", "RevisionPinned", "True", "Pinned")
+    assert llmd(kube, namespace, "pin")["status"]["repinRequest"] == "2026-12-02"
+
+
+def test_an_unreachable_hub_leaves_the_revision_unpinned_and_says_why(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "nohub")  # the operator's --hf-endpoint refuses connections
+    cond = wait_condition(kube, namespace, "nohub", "RevisionPinned", "False", "ResolveFailed")
+    assert "api/models/HuggingFaceTB/SmolLM2-135M-Instruct" in cond["message"]
+    assert _init_args(kube, namespace, "nohub")["--revision"] == "main"
+
+
+def test_a_model_that_cannot_fit_its_gpu_is_refused_before_any_pod(hub, kube: Kube, namespace: str) -> None:
+    hub.add_repo("org/eight-b", {"config.json": LLAMA_8B_CONFIG, "model.safetensors": b"\0" * 1024})
+    gpu = {"gpu": {"count": 1, "product": "NVIDIA-L4", "memory": "24Gi"}}
+    model = {"hf": {"repo": "org/eight-b", "endpoint": hub.url}}
+    # 1 KiB of weights, but 128 KiB of KV cache a token: 90% of 24 GiB less 1 GiB holds 168,755 tokens,
+    # not one sequence of 262,144.
+    create(kube, namespace, "huge", model=model, resources=gpu, engine={"maxSeqLen": 262144})
+    cond = wait_condition(kube, namespace, "huge", "Degraded", "True", "DoesNotFit")
+    assert "128 KiB/token" in cond["message"] and "less than one engine.maxSeqLen (262144) sequence" in cond["message"]
+    capacity = llmd(kube, namespace, "huge")["status"]["capacity"]
+    assert capacity["fits"] is False and capacity["maxContextTokens"] == 168_755
+    assert capacity["maxConcurrentSequences"] == 0
+    assert kube.get("apps/v1", "Deployment", namespace, "huge") is None
+
+
+def test_a_model_that_fits_reports_its_capacity(hub, kube: Kube, namespace: str) -> None:
+    hub.add_repo("org/eight-b-fits", {"config.json": LLAMA_8B_CONFIG, "model.safetensors": b"\0" * 1024})
+    model = {"hf": {"repo": "org/eight-b-fits", "endpoint": hub.url}}
+    gpu = {"gpu": {"count": 1, "product": "NVIDIA-A100-SXM4-80GB"}}
+    create(kube, namespace, "fits", model=model, resources=gpu, engine={"maxSeqLen": 8192, "maxBatchSize": 16})
+    child(kube, "apps/v1", "Deployment", namespace, "fits")
+    capacity = eventually(lambda: llmd(kube, namespace, "fits").get("status", {}).get("capacity"), what="status.capacity")
+    assert capacity["fits"] is True and capacity["maxConcurrentSequences"] == 16
+    assert capacity["gpuMemoryBytes"] == 81920 * 2**20 and capacity["kvBytesPerToken"] == 131_072

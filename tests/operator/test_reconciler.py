@@ -17,10 +17,10 @@ from llm_operator.kube import Kube
 from llm_operator.reconciler import Reconciler, TransientError
 
 from tests.operator.apiserver import BackgroundApiServer
-from tests.operator.conftest import client, write_kubeconfig
+from tests.operator.conftest import NO_HUB, client, write_kubeconfig
 
 GROUP, VERSION, PLURAL = "fleetlm.dev", "v1alpha1", "llmdeployments"
-CONFIG = parse_args(["--standalone", "--default-image", "img:test"], env={})
+CONFIG = parse_args(["--standalone", "--default-image", "img:test", "--hf-endpoint", NO_HUB], env={})
 
 
 @pytest.fixture(scope="module")

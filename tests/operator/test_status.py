@@ -70,7 +70,10 @@ def status(
         deployment=dep,
         report=diagnose(pods, dep, MODEL),
         blocker=seen.pop("blocker", None),
+        pin=seen.pop("pin", None),
+        capacity=seen.pop("capacity", None),
     )
+    assert not seen, seen
     return compute_status(old or {}, obs, now)
 
 
@@ -86,6 +89,7 @@ def test_nothing_yet_is_pending_and_progressing() -> None:
         "Progressing": ("True", "RollingOut"),
         "Degraded": ("False", "AsExpected"),
         "ModelCached": ("False", "NotYetDownloaded"),
+        "RevisionPinned": ("Unknown", "NotResolved"),
     }
     assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] == T0 for c in s["conditions"])
 
@@ -255,7 +259,7 @@ def test_transition_time_moves_only_when_status_changes() -> None:
     assert again == first  # nothing changed: nothing to write
     ready = status([pod(server({"running": {}}, ready=True))], deployment(ready=1), old=first, now=T1)
     times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
-    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0, "ModelCached": T1}
+    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0, "ModelCached": T1, "RevisionPinned": T0}
 
 
 def test_events_on_new_problems_and_on_becoming_ready() -> None:
@@ -269,3 +273,23 @@ def test_events_on_new_problems_and_on_becoming_ready() -> None:
         ("Normal", "Serving"),
         ("Normal", "Downloaded"),
     }
+
+
+def test_the_pin_and_the_capacity_are_reported() -> None:
+    from llm_operator.naming import HubPin
+    from llm_operator.pinning import PinState
+
+    a, b = "a" * 40, "b" * 40
+    pinned = PinState(HubPin(None, a), "main", a, None, None, None)
+    s = status([], None, pin=pinned, capacity={"maxConcurrentSequences": 4})
+    assert (s["resolvedRevision"], s["resolvedFrom"]) == (a, "main") and "repinRequest" not in s
+    assert conds(s)["RevisionPinned"] == ("True", "Pinned") and s["capacity"] == {"maxConcurrentSequences": 4}
+    moved = status([], None, old=s, pin=PinState(HubPin(None, a), "main", b, "1", None, None))
+    cond = next(c for c in moved["conditions"] if c["type"] == "RevisionPinned")
+    assert (cond["status"], cond["reason"]) == ("True", "BranchMoved") and b in cond["message"] and a in cond["message"]
+    assert "fleetlm.dev/repin" in cond["message"] and moved["repinRequest"] == "1"
+    assert "capacity" not in moved  # a plan is only reported while it is known
+    failed = status([], None, pin=PinState(HubPin(None, None), None, None, None, "http://hub: refused", None))
+    assert conds(failed)["RevisionPinned"] == ("False", "ResolveFailed") and "resolvedRevision" not in failed
+    volume = status([], None, from_volume=True)
+    assert conds(volume)["RevisionPinned"] == ("True", "ServedFromVolume")
