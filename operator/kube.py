@@ -91,16 +91,24 @@ class Kube:
                 raise
 
     def patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
-        """Replace the status of an LLMDeployment, only if it is unchanged since `body` was read (else 409)."""
+        """Replace the status of an LLMDeployment, only if it is unchanged since `body` was read (else 409).
+        A merge patch keeps keys it does not mention: those the new status dropped are sent as null."""
         group, version = body["apiVersion"].split("/")
         meta = body["metadata"]
-        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+        replacing = merge_patch(body.get("status") or {}, status)
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": replacing}
         return _json(
             self.custom.patch_namespaced_custom_object_status(
                 group, version, meta["namespace"], "llmdeployments", meta["name"], patch,
                 _content_type=MERGE, _preload_content=False,
             )
         )  # fmt: skip
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
+        response = self.core.read_namespaced_pod_log(
+            name, namespace, container=container, tail_lines=tail_lines, _preload_content=False
+        )
+        return response.data.decode("utf-8", errors="replace")
 
     def create_event(self, namespace: str, event: dict[str, Any]) -> None:
         self.core.create_namespaced_event(namespace, event, _preload_content=False)
@@ -133,6 +141,15 @@ class Kube:
             method = getattr(self.custom, f"{_custom_verb(verb)}_cluster_custom_object")
             positional = [group, version, plural] + ([name] if name else [])
         return _json(method(*positional, **kwargs))
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: removed keys become null."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        patch[key] = merge_patch(before, value) if isinstance(value, dict) and isinstance(before, dict) else value
+    return patch
 
 
 def api_error_message(error: ApiException) -> str:

@@ -20,11 +20,11 @@ from typing import Any
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
-from llm_operator import metrics, naming
+from llm_operator import metrics, naming, startup
 from llm_operator.capacity import Capacity, fit
 from llm_operator.children import claim_conflicts, desired_children, manages_cache
 from llm_operator.config import OperatorConfig
-from llm_operator.deployment import desired_replicas
+from llm_operator.deployment import DOWNLOAD_CONTAINER, desired_replicas
 from llm_operator.diagnosis import Problem, diagnose
 from llm_operator.drift import drifted
 from llm_operator.hub import Resolver
@@ -48,6 +48,7 @@ CHILD_KINDS = (
 )
 MONITORING = ("monitoring.coreos.com", "v1", "servicemonitors")
 APPLY_ATTEMPTS = 3
+LOG_TAIL_LINES = 20  # the downloader logs a progress line every 10 s among a few per-file lines
 STATUS_ATTEMPTS = 5
 # Refusals a retry cannot fix: the spec (or the operator's RBAC) must change first.
 REFUSALS = {400: "ChildRejected", 404: "ChildRejected", 422: "ChildRejected", 403: "OperatorForbidden"}
@@ -268,6 +269,7 @@ class Reconciler:
             notes=notes,
             pin=pin,
             capacity=capacity.status() if capacity is not None else None,
+            startup=self._startup(namespace, pods, model),
         )
         for _ in range(STATUS_ATTEMPTS):
             old = body.get("status") or {}
@@ -288,6 +290,20 @@ class Reconciler:
                 self._event(body, change.type, change.reason, change.message)
             return
         raise TransientError(f"the status of {namespace}/{name} kept changing under the operator")
+
+    def _startup(self, namespace: str, pods: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+        """The newest pod of the current model's cold-start timeline (status.startup)."""
+        current = [p for p in pods if p["metadata"].get("annotations", {}).get(naming.MODEL_ANNOTATION) == model]
+        pod = startup.newest_pod(current)
+        if pod is None:
+            return None
+        log_tail = None
+        if startup.downloading(pod):
+            try:
+                log_tail = self.kube.pod_log(namespace, pod["metadata"]["name"], DOWNLOAD_CONTAINER, LOG_TAIL_LINES)
+            except ApiException as error:  # pods/log forbidden, or not yet readable: times only
+                logger.debug(f"no download progress from the log: {api_error_message(error)}")
+        return startup.timeline(pod, log_tail)
 
     def _event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
         meta = body["metadata"]

@@ -30,6 +30,7 @@ class Observation:
     notes: tuple[Problem, ...] = ()  # what of the applied spec could not be honoured (e.g. an immutable claim)
     pin: PinState | None = None  # the Hub revision's pin (None: a pvc source, or the spec is not valid)
     capacity: dict[str, Any] | None = None  # the fit check's plan (status.capacity)
+    startup: dict[str, Any] | None = None  # the newest pod's cold-start timeline (status.startup)
 
 
 def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str, Any]:
@@ -106,6 +107,8 @@ def compute_status(old: dict[str, Any], seen: Observation, now: str) -> dict[str
     capacity = seen.capacity if seen.capacity is not None else (old.get("capacity") if seen.pin is None else None)
     if capacity is not None:
         status["capacity"] = capacity
+    if seen.startup is not None:
+        status["startup"] = seen.startup
     return status
 
 

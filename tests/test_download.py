@@ -251,6 +251,25 @@ def test_progress_is_logged_per_file_and_periodically(fake_hub, tmp_path, monkey
     assert weights[-1].bytes == 1_000_000 and weights[-1].downloaded_bytes == 1_000_000
 
 
+def test_the_whole_models_progress_is_logged_with_an_eta(fake_hub, tmp_path, monkeypatch, caplog):
+    """One "download progress" line over every file (the operator reads the latest for status.startup)."""
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 100_000)
+    files = model_files(weights_size=600_000)
+    fake_hub.add_repo("org/tiny", files)
+    caplog.set_level("INFO", logger="fleetlm.download")
+    download_model("org/tiny", None, tmp_path)
+    wanted = sum(len(files[name]) for name in ("config.json", "generation_config.json", "tokenizer.json",
+                                                 "tokenizer_config.json", "model.safetensors"))  # fmt: skip
+    (plan,) = [r for r in caplog.records if r.msg == "download planned"]
+    assert plan.total_bytes == wanted and plan.files == 5
+    lines = [r for r in caplog.records if r.msg == "download progress"]
+    assert lines and all(r.total_bytes == wanted for r in lines)
+    done = [r.downloaded_bytes for r in lines]
+    assert done == sorted(done) and done[-1] == wanted and lines[-1].percent == 100.0
+    assert lines[-1].eta_s == 0 and all(r.eta_s is None or r.eta_s >= 0 for r in lines)
+
+
 def test_progress_bar_fits_huggingface_hubs_xet_reporter():
     """The real Hub serves weights through xet, which the fake Hub cannot: check the bar against xet's reporter."""
     transfer = Transfer("model.safetensors", 1000)

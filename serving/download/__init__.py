@@ -25,7 +25,7 @@ from serving.config import program_name
 from serving.download import hub, model_dir
 from serving.download.errors import DownloadError, ExitCode
 from serving.download.model_files import select_files
-from serving.download.progress import Transfer
+from serving.download.progress import ModelProgress, Transfer
 from serving.logs import setup_logging
 
 __all__ = ["DownloadError", "ExitCode", "copy_model", "download_model", "main"]
@@ -222,10 +222,12 @@ def _fetch_from_hub(
 
     files = select_files(remote.sizes, read_index, origin=f"{repo} at {revision}", gguf_file=gguf_file)
     _remove_unneeded(dest, previous, files)
+    whole = ModelProgress(sum(remote.sizes[path] or 0 for path in files))
+    logger.info("download planned", extra={"files": len(files), "total_bytes": whole.total})
     pool = ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="download")
     try:
         pending = [
-            pool.submit(hub.fetch, repo, remote.commit, path, dest, token, remote.sizes[path])
+            pool.submit(hub.fetch, repo, remote.commit, path, dest, token, remote.sizes[path], whole)
             for path in files
         ]
         for done in as_completed(pending):

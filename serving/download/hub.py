@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import httpx, validate_repo_id  # httpx: httpx2 in huggingface_hub 2
 
 from serving.download.errors import DownloadError, ExitCode
-from serving.download.progress import Transfer
+from serving.download.progress import ModelProgress, Transfer
 
 logger = logging.getLogger("fleetlm.download")
 
@@ -63,9 +63,11 @@ def resolve(repo: str, revision: str, token: str | None) -> RemoteRevision:
     return RemoteRevision(info.sha, {sibling.rfilename: sibling.size for sibling in info.siblings or []})
 
 
-def fetch(repo: str, commit: str, path: str, dest: Path, token: str | None, size: int | None) -> None:
+def fetch(
+    repo: str, commit: str, path: str, dest: Path, token: str | None, size: int | None, whole: ModelProgress | None = None
+) -> None:
     """Download `path` at `commit` into `dest`; a file already there from that commit is kept as is."""
-    transfer = Transfer(path, size)
+    transfer = Transfer(path, size, whole=whole)
     logger.info("file started", extra={"file": path, "bytes": size})
     with _translated_errors(repo, commit, token, path):
         hf_hub_download(

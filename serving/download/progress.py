@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -12,16 +13,51 @@ PROGRESS_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
+class ModelProgress:
+    """Bytes of the whole model, over files downloaded in parallel: one "download progress" line
+    (downloaded_bytes, total_bytes, percent, eta_s) every PROGRESS_INTERVAL_S. The operator reads the
+    latest from the init container's log for status.startup."""
+
+    total: int
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_logged: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.received += n
+            now = time.monotonic()
+            if now - self.last_logged < PROGRESS_INTERVAL_S:
+                return
+            self.last_logged = now
+            received, elapsed = self.received, now - self.started
+        rate = received / elapsed if elapsed > 0 else 0.0
+        logger.info(
+            "download progress",
+            extra={
+                "downloaded_bytes": received,
+                "total_bytes": self.total,
+                "percent": round(100 * received / self.total, 1) if self.total else None,
+                "eta_s": round((self.total - received) / rate) if rate > 0 and self.total >= received else None,
+            },
+        )
+
+
+@dataclass(slots=True)
 class Transfer:
     path: str
     total: int | None
     received: int = 0
     started: float = field(default_factory=time.monotonic)
     last_logged: float = field(default_factory=time.monotonic)
+    whole: ModelProgress | None = None  # the model's progress this file counts towards
 
     def advance(self, n: int) -> None:
         """Count `n` more bytes (negative when a resumed download has to start over)."""
         self.received += n
+        if self.whole is not None:
+            self.whole.add(n)
         now = time.monotonic()
         if now - self.last_logged >= PROGRESS_INTERVAL_S:
             self.last_logged = now

@@ -32,7 +32,7 @@ RESOURCES = {
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, []),
     "v1/namespaces": ("Namespace", False, []),
     "v1/nodes": ("Node", False, ["status"]),
-    "v1/pods": ("Pod", True, ["status"]),
+    "v1/pods": ("Pod", True, ["status", "log"]),
     "v1/services": ("Service", True, ["status"]),
     "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, ["status"]),
     "v1/secrets": ("Secret", True, []),
@@ -48,8 +48,17 @@ SERVICE_MONITORS = "monitoring.coreos.com/v1/servicemonitors"
 
 class ApiServer(kmock.KubernetesEmulator):
     _versions = itertools.count(1)
+    # What containers have written, as the kubelet would serve it: (namespace, pod, container) -> text.
+    pod_logs: dict[tuple[str, str, str], str] = {}
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and request.resource.plural == "pods" and request.subresource == "log":
+            key = (request.namespace or "", request.name or "", request.params.get("container", ""))
+            if key not in self.pod_logs:
+                raise kmock.KubernetesError(400, "BadRequest", f'container "{key[2]}" in pod "{key[1]}" is waiting to start')
+            lines = self.pod_logs[key].splitlines(keepends=True)
+            tail = int(request.params.get("tailLines", len(lines)))
+            return aiohttp.web.Response(text="".join(lines[-tail:] if tail else []))
         if request.resource is not None and request.action == enums.action.CREATE:
             # In place: kmock routes only the very request objects it has recorded.
             request.data.setdefault("metadata", {}).update(self._stamped(request.data)["metadata"])
@@ -139,6 +148,9 @@ class BackgroundApiServer:
     def __exit__(self, *_: object) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+    def set_pod_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+        self._loop.call_soon_threadsafe(self.emulator.pod_logs.__setitem__, (namespace, pod, container), text)
 
     def serve_service_monitors(self, served: bool) -> None:
         def change() -> None:

@@ -147,6 +147,7 @@ def test_rbac_grants_what_the_operator_does() -> None:
         ("", "pods", "watch"),
         ("", "secrets", "get"),
         ("", "configmaps", "get"),  # a mirror's CA bundle (preflight)
+        ("", "pods/log", "get"),  # download progress (status.startup)
         ("", "events", "create"),
         ("", "nodes", "list"),
         ("scheduling.k8s.io", "priorityclasses", "get"),

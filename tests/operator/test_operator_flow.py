@@ -571,3 +571,71 @@ def test_a_model_that_fits_reports_its_capacity(hub, kube: Kube, namespace: str)
     capacity = eventually(lambda: llmd(kube, namespace, "fits").get("status", {}).get("capacity"), what="status.capacity")
     assert capacity["fits"] is True and capacity["maxConcurrentSequences"] == 16
     assert capacity["gpuMemoryBytes"] == 81920 * 2**20 and capacity["kvBytesPerToken"] == 131_072
+
+
+def _progress_log(done: int, total: int) -> str:
+    """What the downloader writes while it runs: its real progress line, through the real JSON formatter."""
+    import io
+    import logging
+
+    from serving.download import progress
+    from serving.logs import JsonFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("fleetlm.download")
+    logger.addHandler(handler)
+    level, interval = logger.level, progress.PROGRESS_INTERVAL_S
+    logger.setLevel(logging.INFO)
+    progress.PROGRESS_INTERVAL_S = 0.0
+    try:
+        whole = progress.ModelProgress(total)
+        whole.started -= 10  # ten seconds in
+        whole.add(done)
+    finally:
+        progress.PROGRESS_INTERVAL_S = interval
+        logger.setLevel(level)
+        logger.removeHandler(handler)
+    return '{"ts": "x", "level": "info", "logger": "fleetlm.download", "msg": "file started", "file": "a"}\n' + out.getvalue()
+
+
+def test_the_cold_start_timeline_follows_the_newest_pod(apiserver: BackgroundApiServer, kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "cold")
+    child(kube, "apps/v1", "Deployment", namespace, "cold")
+    scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-02T10:00:00Z"}
+    downloading = {
+        "phase": "Pending",
+        "conditions": [scheduled],
+        "initContainerStatuses": [{"name": "model-download", "state": {"running": {"startedAt": "2026-12-02T10:00:30Z"}}}],
+    }
+    set_pod(kube, namespace, pod("cold-1", "cold", MODEL, downloading))
+    apiserver.set_pod_log(namespace, "cold-1", "model-download", _progress_log(250_000_000, 1_000_000_000))
+
+    def startup() -> dict[str, Any] | None:
+        found = llmd(kube, namespace, "cold").get("status", {}).get("startup")
+        return found if found and found.get("download") else None
+
+    seen = eventually(startup, what="status.startup with download progress")
+    assert seen["pod"] == "cold-1" and seen["phase"] == "Downloading"
+    assert (seen["scheduledAt"], seen["imagePulledAt"]) == ("2026-12-02T10:00:00Z", "2026-12-02T10:00:30Z")
+    download = seen["download"]
+    assert (download["downloadedBytes"], download["totalBytes"], download["percent"]) == (250_000_000, 1_000_000_000, 25.0)
+    assert 25 <= download["etaSeconds"] <= 35  # 750 MB to go at 25 MB/s
+
+    ready = {
+        "phase": "Running",
+        "conditions": [scheduled, {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-02T10:03:10Z"}],
+        "initContainerStatuses": [{"name": "model-download", "state": {"terminated": {
+            "exitCode": 0, "startedAt": "2026-12-02T10:00:30Z", "finishedAt": "2026-12-02T10:02:00Z"}}}],
+        "containerStatuses": [{"name": "server", "ready": True, "state": {"running": {"startedAt": "2026-12-02T10:02:01Z"}}}],
+    }  # fmt: skip
+    set_pod(kube, namespace, pod("cold-1", "cold", MODEL, ready))
+    done = eventually(
+        lambda: (s := llmd(kube, namespace, "cold")["status"].get("startup", {})).get("phase") == "Ready" and s,
+        what="the timeline to reach Ready",
+    )
+    assert done == {
+        "pod": "cold-1", "phase": "Ready", "scheduledAt": "2026-12-02T10:00:00Z", "imagePulledAt": "2026-12-02T10:00:30Z",
+        "downloadedAt": "2026-12-02T10:02:00Z", "serverStartedAt": "2026-12-02T10:02:01Z", "readyAt": "2026-12-02T10:03:10Z",
+    }  # fmt: skip

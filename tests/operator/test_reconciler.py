@@ -198,3 +198,11 @@ def test_drift_sees_changed_or_missing_declared_fields(edit: Any) -> None:
     edit(live)
     assert drifted(DESIRED, live)
     assert drifted(DESIRED, None)
+
+
+def test_status_patches_remove_what_the_new_status_dropped() -> None:
+    from llm_operator.kube import merge_patch
+
+    old = {"phase": "Pending", "startup": {"phase": "Downloading", "download": {"percent": 25.0}}, "capacity": {"fits": True}}
+    new = {"phase": "Ready", "startup": {"phase": "Ready"}}
+    assert merge_patch(old, new) == {"phase": "Ready", "startup": {"phase": "Ready", "download": None}, "capacity": None}

@@ -293,3 +293,24 @@ def test_the_pin_and_the_capacity_are_reported() -> None:
     assert conds(failed)["RevisionPinned"] == ("False", "ResolveFailed") and "resolvedRevision" not in failed
     volume = status([], None, from_volume=True)
     assert conds(volume)["RevisionPinned"] == ("True", "ServedFromVolume")
+
+
+def test_the_startup_timeline_names_the_phase_a_pod_is_in() -> None:
+    from llm_operator.startup import download_progress, newest_pod, timeline
+
+    def at(**status: Any) -> dict[str, Any]:
+        return {"metadata": {"name": "p", "creationTimestamp": "2026-12-02T10:00:00Z"}, "status": status}
+
+    scheduled = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": "t0"}]
+    assert timeline(at())["phase"] == "Scheduling"
+    assert timeline(at(conditions=scheduled))["phase"] == "PullingImage"
+    waiting = [{"name": "model-download", "state": {"terminated": {"exitCode": 0, "startedAt": "t1", "finishedAt": "t2"}}}]
+    loading = timeline(at(conditions=scheduled, initContainerStatuses=waiting,
+                          containerStatuses=[{"name": "server", "state": {"running": {"startedAt": "t3"}}}]))  # fmt: skip
+    assert loading == {"pod": "p", "phase": "LoadingWeights", "scheduledAt": "t0", "imagePulledAt": "t1",
+                       "downloadedAt": "t2", "serverStartedAt": "t3"}  # fmt: skip
+    assert download_progress('not json\n{"msg": "file progress"}') is None
+    older = {"metadata": {"name": "a", "creationTimestamp": "2026-12-02T09:00:00Z"}}
+    newer = {"metadata": {"name": "b", "creationTimestamp": "2026-12-02T11:00:00Z"}}
+    gone = {"metadata": {"name": "c", "creationTimestamp": "2026-12-02T12:00:00Z", "deletionTimestamp": "x"}}
+    assert newest_pod([older, newer, gone])["metadata"]["name"] == "b"
