@@ -69,7 +69,8 @@ def operator(kube: Kube, namespace: str) -> Iterator[None]:
     image = os.environ.get("FLEETLM_E2E_IMAGE", "ghcr.io/fleetlm/fleetlm:0.1.0")
     config = parse_args(
         ["--standalone", "--namespaces", namespace, "--health-port", "0", "--metrics-port", "0", "--resync-seconds", "10",
-         "--default-image", image, "--no-require-gpu-nodes",
+         "--default-image", image, "--default-cpu-image", os.environ.get("FLEETLM_E2E_CPU_IMAGE", image),
+         "--no-require-gpu-nodes",
          *(["--hf-endpoint", os.environ["FLEETLM_E2E_HF_ENDPOINT"]] if os.environ.get("FLEETLM_E2E_HF_ENDPOINT") else [])],
         env={},
     )  # fmt: skip

@@ -12,12 +12,14 @@ from importlib.metadata import PackageNotFoundError, version
 ENV_PREFIX = "FLEETLM_OPERATOR_"
 
 
-def default_image() -> str:
+def default_image(variant: str = "") -> str:
+    """The serving image of this release: the CUDA one, or with variant "cpu" the CPU-only one (no CUDA
+    libraries: a fraction of the size, for pods without GPUs). The chart's defaults are the same."""
     try:
         tag = version("fleetlm")
     except PackageNotFoundError:
         tag = "latest"
-    return f"ghcr.io/fleetlm/fleetlm:{tag}"
+    return f"ghcr.io/fleetlm/fleetlm:{tag}" + (f"-{variant}" if variant else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,7 @@ class OperatorConfig:
     log_level: str
     hf_endpoint: str | None = None
     revision_recheck_seconds: float = 600.0
+    default_cpu_image: str | None = None  # None: default_image for CPU pods too
 
     @property
     def clusterwide(self) -> bool:
@@ -52,7 +55,16 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         default=default("namespaces", ""),
         help="comma-separated namespaces to watch; empty (the default) watches all",
     )
-    parser.add_argument("--default-image", default=default("default-image", default_image()))
+    parser.add_argument(
+        "--default-image",
+        default=default("default-image", default_image()),
+        help="serving image of GPU LLMDeployments that set no spec.image",
+    )
+    parser.add_argument(
+        "--default-cpu-image",
+        default=default("default-cpu-image", default_image("cpu")),
+        help="serving image of CPU-only LLMDeployments that set no spec.image; empty: --default-image",
+    )
     parser.add_argument(
         "--health-port", type=int, default=int(default("health-port", "8081")), help="0 disables /healthz"
     )
@@ -113,4 +125,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         log_level=args.log_level,
         hf_endpoint=args.hf_endpoint or None,
         revision_recheck_seconds=args.revision_recheck_seconds,
+        default_cpu_image=args.default_cpu_image or None,
     )

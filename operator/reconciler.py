@@ -151,7 +151,7 @@ class Reconciler:
                 live_claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
             notes = tuple(claim_conflicts(spec, live_claim))
             desired = self._servable(
-                body, desired_children(body, spec, self.config.default_image, live_claim, hub), first_time
+                body, desired_children(body, spec, self._default_image(spec), live_claim, hub), first_time
             )
             if apply_all or first_time:
                 blocker = self._apply_all(body, desired, dry_run_first=first_time)
@@ -164,6 +164,12 @@ class Reconciler:
             )
         self._publish(body, spec, blocker, generation, notes, pin, capacity)
         return "degraded" if blocker or notes else "ok"
+
+    def _default_image(self, spec: LLMDeploymentSpec) -> str:
+        gpu = spec.resources.gpu
+        if (gpu is None or gpu.count == 0) and self.config.default_cpu_image:
+            return self.config.default_cpu_image
+        return self.config.default_image
 
     def _servable(
         self, body: dict[str, Any], desired: list[dict[str, Any]], announce: bool

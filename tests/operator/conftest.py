@@ -86,7 +86,7 @@ def operator(kubeconfig: Path, kube: Kube) -> Iterator[OperatorConfig]:
     )
     previous = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(kubeconfig)
-    flags = ["--standalone", "--resync-seconds", str(RESYNC_SECONDS), "--default-image", IMAGE, "--hf-endpoint", NO_HUB, "--revision-recheck-seconds", "1"]
+    flags = ["--standalone", "--resync-seconds", str(RESYNC_SECONDS), "--default-image", IMAGE, "--default-cpu-image", IMAGE, "--hf-endpoint", NO_HUB, "--revision-recheck-seconds", "1"]
     flags += ["--health-port", str(free_port()), "--metrics-port", str(free_port())]
     config = parse_args(flags, env={})
     stop, ready = threading.Event(), threading.Event()

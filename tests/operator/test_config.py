@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from llm_operator.config import parse_args
 
 
@@ -38,3 +40,35 @@ def test_environment_sets_defaults_and_flags_win() -> None:
 def test_replicas_get_distinct_priorities_by_default() -> None:
     # Peering lets only the highest priority work: equal priorities would make both replicas active.
     assert len({parse_args([], env={}).priority for _ in range(20)}) > 1
+
+
+def test_cpu_pods_get_the_cpu_image_and_the_defaults_match_the_chart() -> None:
+    from llm_operator.reconciler import Reconciler
+    from llm_operator.spec import parse_spec
+
+    from tests.operator.builders import llmd
+    from tests.operator.test_chart import operator_env, render
+
+    config = parse_args([], env={})
+    assert config.default_image == "ghcr.io/fleetlm/fleetlm:0.1.0"
+    assert config.default_cpu_image == "ghcr.io/fleetlm/fleetlm:0.1.0-cpu"
+    chart = parse_args([], env=operator_env(render()))
+    assert (chart.default_image, chart.default_cpu_image) == (config.default_image, config.default_cpu_image)
+    reconciler = Reconciler(kube=None, config=config)  # type: ignore[arg-type]  # choosing an image needs no API
+    cpu, gpu = parse_spec(llmd()["spec"]), parse_spec(llmd(resources={"gpu": {"count": 1}})["spec"])
+    assert reconciler._default_image(cpu).endswith("-cpu") and reconciler._default_image(gpu) == config.default_image
+    one = parse_args(["--default-cpu-image", ""], env={})
+    assert Reconciler(kube=None, config=one)._default_image(cpu) == one.default_image  # type: ignore[arg-type]
+
+
+def test_the_images_build_what_ci_tests() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    ci = (root / ".ci" / "run").read_text()
+    serving = (root / "images" / "serving" / "Dockerfile").read_text()
+    operator = (root / "images" / "operator" / "Dockerfile").read_text()
+    torch = re.search(r"torch==([0-9.]+)", ci)[1]
+    assert f"ARG TORCH_VERSION={torch}" in serving
+    base = re.compile(r"ARG PYTHON_IMAGE=(\S+)")
+    assert base.search(serving)[1] == base.search(operator)[1]  # one Python for both images
