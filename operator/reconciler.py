@@ -7,6 +7,7 @@ kopf calls in for the resource, its children, its pods and the periodic resync o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -115,6 +116,9 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:
             self._locks.pop((namespace, name), None)
+        for gauge in (metrics.READY_REPLICAS, metrics.DESIRED_REPLICAS, metrics.DEGRADED):
+            with contextlib.suppress(KeyError):  # never exported
+                gauge.remove(namespace, name)
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -280,6 +284,7 @@ class Reconciler:
         for _ in range(STATUS_ATTEMPTS):
             old = body.get("status") or {}
             new = compute_status(old, seen, self.now().strftime("%Y-%m-%dT%H:%M:%SZ"))
+            _export(namespace, name, new, seen.desired_replicas)
             if new == old:
                 return
             try:
@@ -339,6 +344,14 @@ class Reconciler:
             self.kube.create_event(meta["namespace"], event)
         except ApiException as error:  # Events are for humans; losing one must not fail the reconciliation
             logger.warning(f"could not post Event {reason}: {api_error_message(error)}")
+
+
+def _export(namespace: str, name: str, status: dict[str, Any], desired: int) -> None:
+    """The observed state as the operator's per-LLMDeployment gauges."""
+    degraded = any(c["type"] == "Degraded" and c["status"] == "True" for c in status.get("conditions", []))
+    metrics.READY_REPLICAS.labels(namespace, name).set(status.get("readyReplicas", 0))
+    metrics.DESIRED_REPLICAS.labels(namespace, name).set(desired)
+    metrics.DEGRADED.labels(namespace, name).set(1 if degraded else 0)
 
 
 def _refusal(child: dict[str, Any], error: ApiException) -> Problem:

@@ -54,7 +54,12 @@ def test_chart_lints_clean(values: dict[str, Any] | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "values", [{}, {"watchNamespaces": ["ml", "research"], "metrics": {"serviceMonitor": {"enabled": True}}}]
+    "values",
+    [
+        {},
+        {"watchNamespaces": ["ml", "research"], "metrics": {"serviceMonitor": {"enabled": True}}},
+        {"monitoring": {"dashboard": {"enabled": True}, "prometheusRule": {"enabled": True}}, "replicaCount": 1},
+    ],
 )
 @pytest.mark.parametrize("version", ["1.29", "1.37"])
 def test_rendered_objects_are_valid_kubernetes(values: dict[str, Any], version: str) -> None:
@@ -224,3 +229,46 @@ def test_every_default_value_is_in_the_schema() -> None:
     for key, value in defaults.items():
         if isinstance(value, dict) and schema["properties"][key].get("additionalProperties") is False:
             assert set(value) <= set(schema["properties"][key]["properties"]), key
+
+
+MONITORING = {"monitoring": {"dashboard": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+
+
+def _exposed_metric_names() -> set[str]:
+    """Every sample name the serving pod and the operator expose (counters with _total, histograms with
+    _bucket/_sum/_count)."""
+    import llm_operator.metrics  # noqa: F401 - registers the operator's metrics
+    from prometheus_client import REGISTRY
+
+    from serving.metrics import Metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    families = [*Metrics("m").registry.collect(), *REGISTRY.collect()]  # labelled ones may have no samples yet
+    return {f.name + end for f in families for end in suffixes.get(f.type, ("",))}
+
+
+def test_monitoring_is_installed_by_a_toggle_and_reads_only_metrics_that_exist() -> None:
+    import json
+    import re
+
+    docs = render(MONITORING)
+    (dashboard,) = by_kind(docs, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(dashboard["data"]["fleetlm.json"])
+    (rule,) = by_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"FleetLMNoReadyReplicas", "FleetLMDegraded", "FleetLMQueueGrowing", "FleetLMKVCacheFull",
+                           "FleetLMSlowFirstToken"}  # fmt: skip
+    assert "> 5" in alerts["FleetLMSlowFirstToken"]["expr"]  # the values' threshold
+    assert "{{ $labels.namespace }}" in alerts["FleetLMNoReadyReplicas"]["annotations"]["summary"]
+    adapter = yaml.safe_load((CHART / "prometheus-adapter-values.yaml").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]] + [a["expr"] for a in alerts.values()]
+    exprs += [r["seriesQuery"] for r in adapter["rules"]["custom"]]
+    used = {m for e in exprs for m in re.findall(r"\b((?:llm|fleetlm)_[a-z_]+)\b", e)}
+    assert used and used - _exposed_metric_names() == set()
+    # The adapter serves exactly the metrics the operator's HPAs ask for.
+    from llm_operator.children import METRIC_NAMES
+
+    assert {r["name"]["as"] for r in adapter["rules"]["custom"]} == set(METRIC_NAMES.values())
+    assert not {"ConfigMap", "PrometheusRule"} & {d["kind"] for d in render()}  # off by default
+    assert helm.lint(str(CHART), MONITORING, strict=True)["errors"] == []

@@ -206,3 +206,15 @@ def test_status_patches_remove_what_the_new_status_dropped() -> None:
     old = {"phase": "Pending", "startup": {"phase": "Downloading", "download": {"percent": 25.0}}, "capacity": {"fits": True}}
     new = {"phase": "Ready", "startup": {"phase": "Ready"}}
     assert merge_patch(old, new) == {"phase": "Ready", "startup": {"phase": "Ready", "download": None}, "capacity": None}
+
+
+def test_each_llmdeployment_is_exported_for_the_alerts_and_forgotten_when_gone(kube: Kube, namespace: str) -> None:
+    create(kube, namespace, "watched", replicas=3)
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "watched", trigger="test", apply_all=True)
+    assert metrics.DESIRED_REPLICAS.labels(namespace, "watched")._value.get() == 3
+    assert metrics.READY_REPLICAS.labels(namespace, "watched")._value.get() == 0
+    assert metrics.DEGRADED.labels(namespace, "watched")._value.get() == 0
+    reconciler.forget(namespace, "watched")
+    exported = {s.labels.get("llmdeployment") for s in next(iter(metrics.DESIRED_REPLICAS.collect())).samples}
+    assert "watched" not in exported
