@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 from llm_operator.spec import LLMDeploymentSpec
 
 GIB = 1 << 30
@@ -77,14 +78,16 @@ class Capacity:
         }
 
 
-def gpu_memory_bytes(spec: LLMDeploymentSpec) -> int | None:
+def gpu_memory_bytes(spec: LLMDeploymentSpec, table: dict[str, int] | None = None) -> int | None:
+    """One GPU's memory: resources.gpu.memory, else the product's in `table` (the operator's --gpu-memory
+    entries, in bytes), else in GPU_MEMORY_MIB."""
     gpu = spec.resources.gpu
     if gpu is None or gpu.count == 0:
         return None
     if gpu.memory is not None:
-        from kubernetes.utils.quantity import parse_quantity
-
         return int(parse_quantity(str(gpu.memory)))
+    if gpu.product and table and gpu.product in table:
+        return table[gpu.product]
     mib = GPU_MEMORY_MIB.get(gpu.product or "")
     return mib * MIB if mib is not None else None
 
@@ -117,10 +120,10 @@ def served_weight_bytes(spec: LLMDeploymentSpec, facts: ModelFacts) -> int:
     return int(facts.weight_bytes * target / per_weight)
 
 
-def fit(spec: LLMDeploymentSpec, facts: ModelFacts) -> Capacity | None:
+def fit(spec: LLMDeploymentSpec, facts: ModelFacts, table: dict[str, int] | None = None) -> Capacity | None:
     """The plan on one GPU of the requested product, or None when that product's memory is unknown (CPU
     pods, a product missing from the table without resources.gpu.memory)."""
-    memory = gpu_memory_bytes(spec)
+    memory = gpu_memory_bytes(spec, table)
     if memory is None:
         return None
     weights = served_weight_bytes(spec, facts)

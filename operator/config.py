@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
+from kubernetes.utils.quantity import parse_quantity
+
 ENV_PREFIX = "FLEETLM_OPERATOR_"
 
 
@@ -37,6 +39,7 @@ class OperatorConfig:
     hf_endpoint: str | None = None
     revision_recheck_seconds: float = 600.0
     default_cpu_image: str | None = None  # None: default_image for CPU pods too
+    gpu_memory: tuple[tuple[str, int], ...] = ()  # (product, bytes) beside the fit check's own table
 
     @property
     def clusterwide(self) -> bool:
@@ -109,9 +112,24 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         help="how often a pinned branch or tag is looked up again, to report that it moved",
     )
     parser.add_argument(
+        "--gpu-memory",
+        default=default("gpu-memory", ""),
+        help="GPU memory per product for the fit check, beside its own table: "
+        "PRODUCT=QUANTITY[,...], e.g. NVIDIA-H100-80GB-HBM3=80Gi (products as the nvidia.com/gpu.product label)",
+    )
+    parser.add_argument(
         "--log-level", default=default("log-level", "info"), choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
+    gpu_memory = []
+    for entry in filter(None, (e.strip() for e in args.gpu_memory.split(","))):
+        product, sep, quantity = entry.partition("=")
+        try:
+            gpu_memory.append((product.strip(), int(parse_quantity(quantity.strip()))))
+        except ValueError:
+            parser.error(f"--gpu-memory: {entry!r} is not PRODUCT=QUANTITY (e.g. NVIDIA-L4=24Gi)")
+        if not sep or not product.strip():
+            parser.error(f"--gpu-memory: {entry!r} is not PRODUCT=QUANTITY (e.g. NVIDIA-L4=24Gi)")
     return OperatorConfig(
         namespaces=tuple(ns.strip() for ns in args.namespaces.split(",") if ns.strip()),
         default_image=args.default_image,
@@ -126,4 +144,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         hf_endpoint=args.hf_endpoint or None,
         revision_recheck_seconds=args.revision_recheck_seconds,
         default_cpu_image=args.default_cpu_image or None,
+        gpu_memory=tuple(gpu_memory),
     )

@@ -145,7 +145,7 @@ class Reconciler:
         if spec is not None and blocker is None:
             pin = pin_revision(self.kube, self.resolver, body, spec, self.config.hf_endpoint)
             if pin is not None and pin.facts is not None:
-                capacity = fit(spec, pin.facts)
+                capacity = fit(spec, pin.facts, dict(self.config.gpu_memory))
                 if capacity is not None and not capacity.fits:
                     blocker = Problem("DoesNotFit", f"the model {capacity.message}")
         if spec is not None and blocker is None:

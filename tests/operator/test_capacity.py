@@ -79,3 +79,19 @@ def test_quantization_shrinks_the_weights_and_an_override_sets_the_memory() -> N
 ])  # fmt: skip
 def test_kv_bytes_from_other_config_shapes(config, expected) -> None:
     assert kv_bytes_per_token(config, 2) == expected
+
+
+def test_the_operators_table_adds_products_and_the_chart_passes_it() -> None:
+    import pytest as _pytest
+    from llm_operator.config import parse_args
+
+    from tests.operator.test_chart import operator_env, render
+
+    config = parse_args(["--gpu-memory", "NVIDIA-GH200-480GB=96Gi, Some-New-GPU=48Gi"], env={})
+    assert dict(config.gpu_memory) == {"NVIDIA-GH200-480GB": 96 * 2**30, "Some-New-GPU": 48 * 2**30}
+    got = fit(spec(product="Some-New-GPU"), ModelFacts(LLAMA_8B, LLAMA_8B_BYTES), dict(config.gpu_memory))
+    assert got is not None and got.gpu_memory_bytes == 48 * 2**30
+    chart = parse_args([], env=operator_env(render({"gpuMemory": {"Some-New-GPU": "48Gi"}})))
+    assert chart.gpu_memory == (("Some-New-GPU", 48 * 2**30),)
+    with _pytest.raises(SystemExit):
+        parse_args(["--gpu-memory", "NVIDIA-L4"], env={})

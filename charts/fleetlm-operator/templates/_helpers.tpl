@@ -29,3 +29,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "fleetlm-operator.gpuMemory" -}}
+{{- $entries := list -}}
+{{- range $product, $memory := .Values.gpuMemory -}}
+{{- $entries = append $entries (printf "%s=%v" $product $memory) -}}
+{{- end -}}
+{{- join "," $entries -}}
+{{- end -}}
