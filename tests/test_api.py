@@ -241,7 +241,7 @@ def test_completion_errors_are_openai_error_objects(server, body, status, needle
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "image_url"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "json_schema"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 600}]}, "maximum context length"),
     ],

@@ -18,6 +18,7 @@ from serving.engine.async_engine import (
     QueueFullError,
     SlowReaderError,
 )
+from serving.engine.grammar import JSON_OBJECT, GrammarError, GrammarSpec, json_schema_spec
 from serving.engine.output_processor import ChoiceDelta
 from serving.engine.protocol import RequestRejected
 from serving.engine.sampling_params import SamplingParams
@@ -87,7 +88,35 @@ def completion_budget(state: AppState, req: _Request, requested: int | None, exp
     return requested
 
 
-def sampling_params(state: AppState, req: _Request, max_tokens: int, logprobs: int | None, prompt_logprobs: bool) -> SamplingParams:
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+
+
+async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
+    """The request's response_format as a grammar, compiled once here (cached) so that a schema the
+    grammar library refuses, or one that takes too long, is a 400 before any response starts."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    spec = JSON_OBJECT if fmt.type == "json_object" else json_schema_spec(fmt.json_schema.schema_)  # type: ignore[union-attr]
+    try:
+        await asyncio.wait_for(state.run_blocking(state.grammars.compile, spec), GRAMMAR_COMPILE_TIMEOUT_S)
+    except GrammarError as exc:
+        raise bad_request(f"response_format: the schema cannot be used: {exc}", param="response_format") from exc
+    except TimeoutError as exc:
+        raise bad_request(
+            f"response_format: the schema took more than {GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile", param="response_format"
+        ) from exc
+    return spec
+
+
+def sampling_params(
+    state: AppState,
+    req: _Request,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: bool,
+    grammar: GrammarSpec | None = None,
+) -> SamplingParams:
     assert state.model is not None
     vocab = state.model.vocab_size
     bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
@@ -111,6 +140,7 @@ def sampling_params(state: AppState, req: _Request, max_tokens: int, logprobs: i
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         logit_bias=bias,
+        grammar=grammar,
     )
 
 

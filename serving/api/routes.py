@@ -19,6 +19,7 @@ from serving.api.generation import (
     Prompt,
     admit,
     check_n,
+    compile_grammar,
     completion_budget,
     encode_chat,
     encode_completion_prompt,
@@ -252,7 +253,8 @@ async def completions():
     explicit = "max_tokens" in req.model_fields_set
     budgets = [completion_budget(st, req, req.max_tokens, explicit, p, "prompt") for p in prompts]
     fmt = CompletionFormat(st, prompts, req.n, req.echo, req.logprobs)
-    params = sampling_params(st, req, min(budgets), req.logprobs, fmt.prompt_logprobs)
+    grammar = await compile_grammar(st, req)
+    params = sampling_params(st, req, min(budgets), req.logprobs, fmt.prompt_logprobs, grammar)
     return await generate(st, req, prompts, params, fmt)
 
 
@@ -272,7 +274,7 @@ async def chat_completions():
     explicit = req.completion_limit is not None
     max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(st, req, max_tokens, top, False)
+    params = sampling_params(st, req, max_tokens, top, False, await compile_grammar(st, req))
     return await generate(st, req, [prompt], params, ChatFormat(st, req.n, bool(req.logprobs)))
 
 

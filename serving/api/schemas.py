@@ -37,6 +37,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object), or json_schema
+    (JSON valid under the schema). Decoding is constrained by a grammar, so the output always parses."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
+
+
 class _Request(BaseModel):
     # Unknown fields are refused, as OpenAI does: a misspelt option must not silently do nothing.
     model_config = ConfigDict(extra="forbid")
@@ -65,6 +88,7 @@ class _Request(BaseModel):
     stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -87,6 +111,8 @@ class _Request(BaseModel):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.min_tokens and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("min_tokens cannot be combined with a JSON response_format (the grammar decides when it ends)")
         return self
 
 
@@ -168,7 +194,6 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -186,8 +211,6 @@ class ChatCompletionRequest(_Request):
                 raise ValueError(f"{name} is not supported by this server")
         if self.tool_choice not in (None, "none"):
             raise ValueError("tool_choice is not supported by this server (tools are not)")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
         if self.modalities and self.modalities != ["text"]:
             raise ValueError("only the 'text' modality is supported")
         if self.top_logprobs is not None and not self.logprobs:

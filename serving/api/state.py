@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from serving.config import ServeConfig
 from serving.engine.async_engine import AsyncEngine
+from serving.engine.grammar import Grammars
 from serving.engine.protocol import ModelInfo
 from serving.metrics import Metrics
 
@@ -49,6 +50,17 @@ class AppState:
     draining: bool = False
     in_flight: int = 0
     _token_text: dict[int, str] = field(default_factory=dict)
+    _grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """Compiles requests' grammars up front, so that a schema the library refuses is a 400."""
+        assert self.model is not None
+        if self._grammars is None:
+            tokenizer = self.model.tokenizer
+            stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+            self._grammars = Grammars(lambda: tokenizer, self.model.vocab_size, stop)
+        return self._grammars
 
     @property
     def ready(self) -> bool:

@@ -12,9 +12,10 @@ import torch
 
 from serving.config import ConfigError, ServeConfig
 from serving.engine.block_manager import BlockManager
+from serving.engine.grammar import Grammars
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.protocol import ModelInfo
-from serving.models.loader import LoadedModel, load_model
+from serving.models.loader import LoadedModel, load_model, load_tokenizer
 
 log = logging.getLogger("fleetlm.engine")
 
@@ -119,6 +120,10 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
         max_batched_tokens=max(batched, cfg.max_batch_size),
         max_model_len=model.max_model_len,
         eos_token_ids=model.eos_token_ids,
+        # Loaded on the first constrained request only: the engine process needs no tokenizer otherwise.
+        grammars=Grammars(
+            lambda: load_tokenizer(cfg, model.directory, model.gguf_file), runner.vocab_size, model.eos_token_ids
+        ),
     )
     info = ModelInfo(
         name=model.name,

@@ -7,14 +7,17 @@ which aborts a sequence whose text hit a stop string.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 
 import torch
 
 from serving.engine.block_manager import BlockManager
+from serving.engine.grammar import Grammars, apply_masks
 from serving.engine.protocol import FinishReason, RequestRejected, SequenceOutput, StepStats, TokenLogprob
 from serving.engine.sampler import SampleResult, prompt_logprobs, sample
 from serving.engine.sampling_params import SamplingParams
@@ -34,6 +37,7 @@ class LLMEngine:
         max_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
+        grammars: Grammars | None = None,
     ):
         self.runner = runner
         self.blocks = blocks
@@ -44,10 +48,13 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.last_stats: StepStats | None = None
         self._totals = [0, 0, 0]  # preempted, prefix queries, prefix hits
+        self.grammars = grammars
+        # Sequences whose grammar is being compiled (in a worker thread): scheduled once it is ready.
+        self._compiling: list[tuple[Future, list[Sequence]]] = []
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._compiling)
 
     @property
     def num_waiting(self) -> int:
@@ -90,6 +97,12 @@ class LLMEngine:
             )
             for index in range(n)
         ]
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise RequestRejected("this engine was built without grammar support")
+            self._requests[request_id] = seqs
+            self._compiling.append((self.grammars.submit(params.grammar), seqs))
+            return
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -108,6 +121,32 @@ class LLMEngine:
         for seq in list(self._requests.get(request_id, [])):
             if not seq.is_finished and (indices is None or seq.index in indices):
                 self._retire(seq, "abort")
+        self._compiling = [(f, seqs) for f, seqs in self._compiling if not all(s.is_finished for s in seqs)]
+
+    def _admit_compiled(self) -> list[SequenceOutput]:
+        """Schedule the sequences whose grammar is ready; fail those whose grammar failed. With nothing
+        else to do, wait a moment for a compilation rather than spin."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_work:
+            concurrent.futures.wait([f for f, _ in self._compiling], timeout=0.05, return_when="FIRST_COMPLETED")
+        outputs: list[SequenceOutput] = []
+        pending = []
+        for future, seqs in self._compiling:
+            if not future.done():
+                pending.append((future, seqs))
+                continue
+            error = future.exception()
+            for seq in seqs:
+                if seq.is_finished:
+                    continue
+                if error is not None:
+                    outputs.append(self._fail(seq, error))
+                else:
+                    seq.grammar = Grammars.matcher(future.result())
+                    self.scheduler.add(seq)
+        self._compiling = pending
+        return outputs
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
@@ -122,6 +161,7 @@ class LLMEngine:
 
     def step(self) -> list[SequenceOutput]:
         started = time.perf_counter()
+        failed = self._admit_compiled()
         batch = self.scheduler.schedule()
         for seq in batch.preempted:
             self.runner.release(seq.seq_id)
@@ -139,7 +179,7 @@ class LLMEngine:
                 self.blocks.confirm_step()
                 outputs = self._outputs(logits, score_rows, samplers)
         self.last_stats = self._stats(batch, time.perf_counter() - started)
-        return outputs
+        return failed + outputs
 
     def _stats(self, batch: ScheduledBatch, duration: float) -> StepStats:
         totals = self._totals
@@ -201,7 +241,12 @@ class LLMEngine:
             offset += count
         if not samplers:
             return []
-        results = self._sample(logits[offset:], samplers)
+        rows = logits[offset:]
+        if any(s.grammar is not None for s in samplers):
+            # Constrained rows keep only what their grammar allows; the logprobs reported are then of
+            # that masked distribution, the one the token is drawn from.
+            rows = apply_masks(rows, [s.grammar for s in samplers])
+        results = self._sample(rows, samplers)
         outputs = []
         for seq, result in zip(samplers, results, strict=True):
             if isinstance(result, Exception):
@@ -235,9 +280,14 @@ class LLMEngine:
         first = seq.num_output_tokens == 0
         seq.token_ids.append(token)
         reason: FinishReason | None = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if seq.grammar is not None:
+            if not seq.grammar.accept_token(token):
+                return self._fail(seq, RuntimeError(f"token {token} was sampled outside the grammar"))
+            if seq.grammar.is_terminated():
+                reason = "stop"  # the grammar is complete and its stop token sampled
+        if reason is None and (token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)):
             reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         out = SequenceOutput(
             request_id=seq.request_id,

@@ -23,6 +23,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
     logprobs: int | None = None  # None: none; k: the chosen token plus the k most likely
     prompt_logprobs: bool = False  # echo with logprobs: score the prompt too
+    grammar: tuple[str, str] | None = None  # constrained decoding (engine/grammar.py GrammarSpec)
     extra_eos_ids: tuple[int, ...] = field(default=())  # filled by the engine from the model
 
     @property

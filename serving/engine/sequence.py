@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class Sequence:
     cached_prompt_tokens: int | None = None  # prefix-cache hit at first admission; None until admitted
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    grammar: Any = None  # its xgrammar matcher, advanced by each sampled token (engine/grammar.py)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,120 @@
+"""Grammar-constrained decoding with xgrammar: a sequence with a grammar only samples tokens the grammar
+allows, so its output always parses (a JSON object, JSON valid under a schema).
+
+Why xgrammar: it is what vLLM and SGLang use by default; it compiles a JSON schema against our tokenizers
+in milliseconds (the 512-token demo: 1.4 ms; cached per schema afterwards), its per-step mask is one
+bitmask tensor for the whole batch applied in place on CPU or CUDA, and rows without a grammar are left
+untouched, so unconstrained sequences pay nothing. llguidance was the other candidate; it is not measured
+here yet (see the issue's note).
+
+Both processes use it: the API compiles a request's grammar first, so that a schema the library refuses is
+a 400 naming the problem before any response starts; the engine compiles again (cached) in a worker
+thread, off its step loop, and keeps one matcher per sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+# ("json_object", "") or ("json_schema", the schema as canonical JSON).
+GrammarSpec = tuple[str, str]
+CACHE_SIZE = 256
+
+
+class GrammarError(ValueError):
+    """The grammar cannot be compiled: the message says why."""
+
+
+def json_schema_spec(schema: dict[str, Any]) -> GrammarSpec:
+    return ("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+
+
+JSON_OBJECT: GrammarSpec = ("json_object", "")
+
+
+class Grammars:
+    """Compiled grammars for one tokenizer, cached by spec; the tokenizer is loaded on first use."""
+
+    def __init__(self, tokenizer: Callable[[], Any], vocab_size: int, stop_token_ids: tuple[int, ...]):
+        self._tokenizer, self.vocab_size, self._stop = tokenizer, vocab_size, list(stop_token_ids)
+        self._compiler: Any = None
+        self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _get_compiler(self) -> Any:
+        import xgrammar as xgr
+
+        with self._lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self._stop or None
+                )
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            return self._compiler
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        """The compiled grammar (cached), or GrammarError."""
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        compiler = self._get_compiler()
+        kind, text = spec
+        try:
+            if kind == "json_object":  # OpenAI's JSON mode: any JSON object (not an array), no runaway whitespace
+                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            elif kind == "json_schema":
+                compiled = compiler.compile_json_schema(text, any_whitespace=False)
+            else:
+                raise GrammarError(f"unknown grammar kind {kind!r}")
+        except GrammarError:
+            raise
+        except Exception as exc:  # xgrammar reports schema problems as RuntimeError/ValueError
+            raise GrammarError(_first_line(str(exc))) from exc
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def submit(self, spec: GrammarSpec) -> Future:
+        """Compile in a worker thread (the engine's step loop must not wait for a large schema)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        return self._pool.submit(self.compile, spec)
+
+    @staticmethod
+    def matcher(compiled: Any) -> Any:
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled)
+
+
+def apply_masks(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tensor:
+    """Mask each constrained row to the tokens its grammar allows next (one bitmask for the batch);
+    rows without a matcher are returned unchanged. `logits` is [len(matchers), vocab], float32."""
+    import xgrammar as xgr
+
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    logits = logits.float().contiguous().clone()
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    return logits
+
+
+def _first_line(message: str) -> str:
+    """xgrammar's messages start with a source location: keep what it says."""
+    line = message.strip().splitlines()[0] if message.strip() else "the grammar could not be compiled"
+    return line.split(": ", 1)[1] if line.startswith("[") and ": " in line else line
