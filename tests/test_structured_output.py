@@ -144,3 +144,32 @@ def test_unconstrained_batch_mates_are_token_identical_to_their_solo_runs(tmp_pa
                                                         grammar=json_schema_spec(SCHEMA))})  # fmt: skip
     assert mixed["plain"] == solo
     assert mixed["json"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "check"),
+    [
+        ({"guided_choice": ["yes", "no", "maybe"]}, lambda t: t in ("yes", "no", "maybe")),
+        ({"structured_outputs": {"choice": ["red", "blue"]}}, lambda t: t in ("red", "blue")),
+        ({"guided_regex": "[0-9]{3}-[a-z]{2}"}, lambda t: __import__("re").fullmatch("[0-9]{3}-[a-z]{2}", t)),
+        ({"structured_outputs": {"regex": "(cat|dog)s?"}}, lambda t: __import__("re").fullmatch("(cat|dog)s?", t)),
+        ({"guided_json": SCHEMA}, _valid),
+        ({"structured_outputs": {"json": SCHEMA}}, _valid),
+    ],
+)
+def test_vllms_guided_extensions(client, extra, check):
+    for seed in range(3):
+        r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=200, temperature=1.0,
+                                      seed=seed, extra_body=extra)  # fmt: skip
+        assert r.choices[0].finish_reason == "stop", r.choices[0].text
+        assert check(r.choices[0].text), r.choices[0].text
+
+
+def test_one_constraint_at_a_time_and_bad_regexes_are_400s(server):
+    base = {"model": MODEL, "prompt": "x", "max_tokens": 5}
+    both = httpx.post(server.base_url + "/v1/completions", json={**base, "guided_regex": "a+", "guided_choice": ["b"]})
+    assert both.status_code == 400 and "one output constraint" in both.json()["error"]["message"]
+    bad = httpx.post(server.base_url + "/v1/completions", json={**base, "guided_regex": "(unclosed"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex", bad.text
+    mixed = httpx.post(server.base_url + "/v1/completions", json={**base, "guided_choice": ["a"], "min_tokens": 2})
+    assert mixed.status_code == 400 and "min_tokens" in mixed.json()["error"]["message"]

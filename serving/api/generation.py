@@ -18,7 +18,7 @@ from serving.engine.async_engine import (
     QueueFullError,
     SlowReaderError,
 )
-from serving.engine.grammar import JSON_OBJECT, GrammarError, GrammarSpec, json_schema_spec
+from serving.engine.grammar import JSON_OBJECT, GrammarError, GrammarSpec, choice_spec, json_schema_spec
 from serving.engine.output_processor import ChoiceDelta
 from serving.engine.protocol import RequestRejected
 from serving.engine.sampling_params import SamplingParams
@@ -94,18 +94,24 @@ GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
     """The request's response_format as a grammar, compiled once here (cached) so that a schema the
     grammar library refuses, or one that takes too long, is a 400 before any response starts."""
-    fmt = req.response_format
-    if fmt is None or fmt.type == "text":
+    constraint = req.constraint
+    if constraint is None:
         return None
-    spec = JSON_OBJECT if fmt.type == "json_object" else json_schema_spec(fmt.json_schema.schema_)  # type: ignore[union-attr]
+    field, kind, value = constraint
+    if kind == "json_object":
+        spec = JSON_OBJECT
+    elif kind == "json_schema":
+        spec = json_schema_spec(value)
+    elif kind == "regex":
+        spec = ("regex", value)
+    else:
+        spec = choice_spec(value)
     try:
         await asyncio.wait_for(state.run_blocking(state.grammars.compile, spec), GRAMMAR_COMPILE_TIMEOUT_S)
     except GrammarError as exc:
-        raise bad_request(f"response_format: the schema cannot be used: {exc}", param="response_format") from exc
+        raise bad_request(f"{field}: the {kind} cannot be used: {exc}", param=field) from exc
     except TimeoutError as exc:
-        raise bad_request(
-            f"response_format: the schema took more than {GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile", param="response_format"
-        ) from exc
+        raise bad_request(f"{field}: the {kind} took more than {GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile", param=field) from exc
     return spec
 
 

@@ -60,6 +60,15 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs object (its newer form of guided_json / guided_regex / guided_choice)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1, max_length=4096)
+    choice: list[NonEmptyStr] | None = Field(None, min_length=1, max_length=1024)
+
+
 class _Request(BaseModel):
     # Unknown fields are refused, as OpenAI does: a misspelt option must not silently do nothing.
     model_config = ConfigDict(extra="forbid")
@@ -89,6 +98,35 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     response_format: ResponseFormat | None = None
+    # vLLM's extensions for the same: exactly one constraint per request.
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=4096)
+    guided_choice: list[NonEmptyStr] | None = Field(None, min_length=1, max_length=1024)
+
+    @property
+    def constraint(self) -> tuple[str, str, Any] | None:
+        """(field, kind, value) of the request's one output constraint, if any."""
+        found = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format", "json_object", None))
+        elif fmt is not None and fmt.type == "json_schema":
+            found.append(("response_format", "json_schema", fmt.json_schema.schema_))  # type: ignore[union-attr]
+        so = self.structured_outputs
+        for field, kind, value in (
+            ("guided_json", "json_schema", self.guided_json),
+            ("guided_regex", "regex", self.guided_regex),
+            ("guided_choice", "choice", self.guided_choice),
+            ("structured_outputs", "json_schema", so.json_ if so else None),
+            ("structured_outputs", "regex", so.regex if so else None),
+            ("structured_outputs", "choice", so.choice if so else None),
+        ):
+            if value is not None:
+                found.append((field, kind, value))
+        if len(found) > 1:
+            raise ValueError(f"give one output constraint, not {len(found)}: {', '.join(f for f, _, _ in found)}")
+        return found[0] if found else None
 
     @field_validator("stop")
     @classmethod
@@ -111,8 +149,8 @@ class _Request(BaseModel):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.min_tokens and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("min_tokens cannot be combined with a JSON response_format (the grammar decides when it ends)")
+        if self.constraint is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with an output constraint (the grammar decides when it ends)")
         return self
 
 

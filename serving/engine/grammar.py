@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-# ("json_object", "") or ("json_schema", the schema as canonical JSON).
+# ("json_object", ""), ("json_schema", the schema as canonical JSON), ("regex", a pattern) or
+# ("choice", a JSON list of the strings allowed).
 GrammarSpec = tuple[str, str]
 CACHE_SIZE = 256
 
@@ -37,6 +38,10 @@ def json_schema_spec(schema: dict[str, Any]) -> GrammarSpec:
 
 
 JSON_OBJECT: GrammarSpec = ("json_object", "")
+
+
+def choice_spec(options: list[str]) -> GrammarSpec:
+    return ("choice", json.dumps(list(options)))
 
 
 class Grammars:
@@ -73,6 +78,11 @@ class Grammars:
                 compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             elif kind == "json_schema":
                 compiled = compiler.compile_json_schema(text, any_whitespace=False)
+            elif kind == "regex":
+                compiled = compiler.compile_regex(text)
+            elif kind == "choice":
+                options = json.loads(text)
+                compiled = compiler.compile_grammar("root ::= " + " | ".join(json.dumps(o) for o in options))
             else:
                 raise GrammarError(f"unknown grammar kind {kind!r}")
         except GrammarError:
