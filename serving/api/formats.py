@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.api import tools
 from serving.api.generation import Prompt
 from serving.api.state import AppState
 from serving.engine.output_processor import ChoiceDelta
@@ -125,8 +126,25 @@ class ChatFormat(Format):
 
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, st: AppState, n: int, logprobs: bool):
+    def __init__(self, st: AppState, n: int, logprobs: bool, functions: list[dict[str, Any]] | None = None, tool_mode: Any = "none"):
         self.st, self.n, self.logprobs = st, n, logprobs
+        # With tools, a choice's text is held until it ends and then parsed: it is either a message or
+        # tool calls, which the openai SDK accumulates from one delta each.
+        self.functions, self.tool_mode = functions or [], tool_mode
+        self._held: dict[int, list[str]] = {}
+
+    @property
+    def tools(self) -> bool:
+        return self.tool_mode != "none"
+
+    def _message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The assistant message of a whole choice, and its finish reason ("tool_calls" for calls)."""
+        if not self.tools:
+            return {"role": "assistant", "content": text}, finish_reason
+        content, calls = tools.parse(text, self.functions, self.tool_mode)
+        if not calls:
+            return {"role": "assistant", "content": content}, finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
     def opening(self) -> list[dict[str, Any]]:
         return [
@@ -135,6 +153,19 @@ class ChatFormat(Format):
         ]
 
     def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        if self.tools:
+            held = self._held.setdefault(index, [])
+            held.append(delta.text)
+            if not delta.finish_reason:
+                return []
+            message, reason = self._message("".join(held), delta.finish_reason)
+            body: dict[str, Any] = {}
+            if message.get("content"):
+                body["content"] = message["content"]
+            if "tool_calls" in message:
+                body["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+            out = [{"index": index, "delta": body, "logprobs": None, "finish_reason": None}] if body else []
+            return out + [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
         out = []
         if delta.text or (self.logprobs and delta.logprobs):
             lp = chat_logprobs(self.st, delta.logprobs) if self.logprobs else None
@@ -144,9 +175,10 @@ class ChatFormat(Format):
         return out
 
     def finished(self, index: int, choice: Choice) -> dict[str, Any]:
+        message, reason = self._message("".join(choice.text), choice.finish_reason)
         return {
             "index": index,
-            "message": {"role": "assistant", "content": "".join(choice.text)},
+            "message": message,
             "logprobs": chat_logprobs(self.st, choice.logprobs) if self.logprobs else None,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": reason,
         }

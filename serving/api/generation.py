@@ -12,6 +12,7 @@ from jinja2 import TemplateError
 from serving.api.errors import APIError, bad_request
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, _Request
 from serving.api.state import AppState
+from serving.api.tools import forced_schema
 from serving.engine.async_engine import (
     EngineInternalError,
     EngineStoppedError,
@@ -56,8 +57,10 @@ def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:
         )
     messages = [m.for_template() for m in req.messages]
     try:
+        tools = [{"type": "function", "function": f} for f in req.tool_functions()] if req.tool_mode != "none" else None
         text = tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
@@ -95,6 +98,8 @@ async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
     """The request's response_format as a grammar, compiled once here (cached) so that a schema the
     grammar library refuses, or one that takes too long, is a 400 before any response starts."""
     constraint = req.constraint
+    if isinstance(req, ChatCompletionRequest) and req.forced_tools:
+        constraint = ("tool_choice", "json_schema", forced_schema(req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False))
     if constraint is None:
         return None
     field, kind, value = constraint

@@ -275,7 +275,8 @@ async def chat_completions():
     max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(st, req, max_tokens, top, False, await compile_grammar(st, req))
-    return await generate(st, req, [prompt], params, ChatFormat(st, req.n, bool(req.logprobs)))
+    fmt = ChatFormat(st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode)
+    return await generate(st, req, [prompt], params, fmt)
 
 
 # -- models, tokenizer ----------------------------------------------------------------------

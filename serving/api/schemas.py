@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -193,6 +195,31 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool_call_id, tool_calls ... pass through to the template
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -214,12 +241,18 @@ class ChatMessage(BaseModel):
     def for_template(self) -> dict[str, Any]:
         data = self.model_dump(exclude_none=True)
         data.setdefault("content", "")
+        # OpenAI sends a call's arguments as a JSON string; chat templates iterate over them as a mapping.
+        for call in data.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                with contextlib.suppress(ValueError):  # not JSON: the template gets the string
+                    function["arguments"] = json.loads(function["arguments"])
         if data["role"] == "developer":  # OpenAI's newer name for the system role
             data["role"] = "system"
         return data
 
 
-_UNSUPPORTED_CHAT = ("tools", "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort")
+_UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort")
 
 
 class ChatCompletionRequest(_Request):
@@ -227,8 +260,8 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
@@ -247,8 +280,14 @@ class ChatCompletionRequest(_Request):
         for name in _UNSUPPORTED_CHAT:
             if getattr(self, name):
                 raise ValueError(f"{name} is not supported by this server")
-        if self.tool_choice not in (None, "none"):
-            raise ValueError("tool_choice is not supported by this server (tools are not)")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+            t.function.name for t in self.tools or []
+        }:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
+        if self.forced_tools and self.constraint is not None:
+            raise ValueError("a forced tool_choice cannot be combined with another output constraint")
         if self.modalities and self.modalities != ["text"]:
             raise ValueError("only the 'text' modality is supported")
         if self.top_logprobs is not None and not self.logprobs:
@@ -256,6 +295,22 @@ class ChatCompletionRequest(_Request):
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         return self
+
+    @property
+    def tool_mode(self) -> Any:
+        """"none", "auto", "required" or the named choice as a dict; "none" without tools."""
+        if not self.tools:
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return self.tool_choice if isinstance(self.tool_choice, str) else self.tool_choice.model_dump()
+
+    @property
+    def forced_tools(self) -> bool:
+        return self.tool_mode == "required" or isinstance(self.tool_mode, dict)
+
+    def tool_functions(self) -> list[dict[str, Any]]:
+        return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
 
     @property
     def completion_limit(self) -> int | None:

@@ -1,0 +1,102 @@
+"""Tool calling on /v1/chat/completions: what the grammar enforces and how the output becomes OpenAI
+`tool_calls`.
+
+- tool_choice "required" or a named function: decoding is constrained (engine/grammar.py) to a JSON
+  array of calls (one at most unless parallel_tool_calls) or one call object, each naming a declared
+  function with arguments valid under its parameters schema, so the call always parses.
+- "auto": the model writes what it writes; its calls are parsed in the formats of the families we serve:
+  Hermes/Qwen `<tool_call>{...}</tool_call>` blocks, Mistral `[TOOL_CALLS] [...]`, and a bare JSON object
+  `{"name": ..., "arguments"|"parameters": ...}` (Llama 3.x). Text that is no call stays content.
+- "none" (or no tools): plain chat.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_MISTRAL = "[TOOL_CALLS]"
+
+
+def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, "arguments": function.get("parameters") or {"type": "object"}},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def forced_schema(functions: list[dict[str, Any]], choice: Any, parallel: bool) -> dict[str, Any] | None:
+    """The JSON schema a forced tool choice constrains the output to, or None for auto/none."""
+    if isinstance(choice, dict):
+        (function,) = [f for f in functions if f["name"] == choice["function"]["name"]]
+        return _call_schema(function)
+    if choice == "required":
+        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": [_call_schema(f) for f in functions]}, "minItems": 1}
+        if not parallel:
+            schema["maxItems"] = 1
+        return schema
+    return None
+
+
+def _call(name: str, arguments: Any) -> dict[str, Any]:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": text}}
+
+
+def _as_call(value: Any, names: set[str]) -> dict[str, Any] | None:
+    if not isinstance(value, dict) or value.get("name") not in names:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    return _call(value["name"], arguments) if isinstance(arguments, dict) else None
+
+
+def parse(text: str, functions: list[dict[str, Any]], choice: Any) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool_calls) of a finished output."""
+    names = {f["name"] for f in functions}
+    if choice == "required" or isinstance(choice, dict):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text, []  # cut by max_tokens: the client sees what was written
+        values = value if isinstance(value, list) else [value]
+        calls = [c for c in (_as_call(v, names) for v in values) if c]
+        return None, calls
+    calls = []
+    for block in _HERMES.findall(text):
+        try:
+            call = _as_call(json.loads(block), names)
+        except ValueError:
+            call = None
+        if call:
+            calls.append(call)
+    if calls:
+        rest = _HERMES.sub("", text).strip()
+        return rest or None, calls
+    stripped = text.strip()
+    if stripped.startswith(_MISTRAL):
+        try:
+            value = json.loads(stripped[len(_MISTRAL) :].strip())
+        except ValueError:
+            value = None
+        values = value if isinstance(value, list) else [value]
+        calls = [c for c in (_as_call(v, names) for v in values) if c]
+        if calls:
+            return None, calls
+    if stripped.startswith("{"):
+        try:
+            call = _as_call(json.loads(stripped), names)
+        except ValueError:
+            call = None
+        if call:
+            return None, [call]
+    return text, []
