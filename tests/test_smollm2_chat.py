@@ -35,3 +35,37 @@ def test_chat_names_paris_streaming_and_not(smollm2_server):
     assert "<|im_end|>" not in content
     stream = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=30, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == content
+
+
+def test_structured_output_and_tools_on_a_real_chat_model(smollm2_server):
+    """A real tokenizer (49k tokens, byte-level BPE) under the grammar: schema-valid JSON at temperature
+    0 and 1, a required tool call, a named one."""
+    import json
+
+    import jsonschema
+
+    client = openai.OpenAI(base_url=smollm2_server.base_url + "/v1", api_key="unused", max_retries=0)
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20},
+                       "population_millions": {"type": "integer", "minimum": 0, "maximum": 100}, "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3}},
+        "required": ["city", "country", "population_millions", "landmarks"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    for temperature in (0.0, 1.0):
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, response_format=fmt,
+                                           temperature=temperature, seed=2, n=2, max_tokens=200)  # fmt: skip
+        for choice in r.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            value = json.loads(choice.message.content)
+            jsonschema.validate(value, schema)
+            assert list(value) == list(schema["properties"])  # in the schema's order
+    tools = [{"type": "function", "function": {"name": "lookup_capital", "parameters": {
+        "type": "object", "properties": {"country": {"type": "string", "maxLength": 30}}, "required": ["country"]}}}]  # fmt: skip
+    for choice in ("required", {"type": "function", "function": {"name": "lookup_capital"}}):
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, tools=tools, tool_choice=choice,
+                                           temperature=0, max_tokens=100, parallel_tool_calls=False)  # fmt: skip
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "lookup_capital"
+        assert isinstance(json.loads(call.function.arguments)["country"], str)

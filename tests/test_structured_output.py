@@ -51,6 +51,7 @@ def client(server):
 def _valid(text: str) -> dict:
     value = json.loads(text)
     jsonschema.validate(value, SCHEMA)
+    assert list(value) == list(SCHEMA["properties"])  # written in the schema's order
     return value
 
 

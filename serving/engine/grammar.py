@@ -34,7 +34,8 @@ class GrammarError(ValueError):
 
 
 def json_schema_spec(schema: dict[str, Any]) -> GrammarSpec:
-    return ("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    # Keys keep their order: the grammar writes an object's properties in the order the schema lists them.
+    return ("json_schema", json.dumps(schema, separators=(",", ":")))
 
 
 JSON_OBJECT: GrammarSpec = ("json_object", "")

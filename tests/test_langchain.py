@@ -1,0 +1,41 @@
+"""LangChain's ChatOpenAI against the server: with_structured_output and bind_tools work unmodified.
+Needs the `langchain` extra (pip install -e '.[langchain]'); skipped with that reason without it."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
+
+langchain_openai = pytest.importorskip("langchain_openai", reason="the langchain extra is not installed")
+
+MODEL = "stories260k"
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=10)
+    kind: str = Field(json_schema_extra={"enum": ["cat", "dog"]})
+
+
+@pytest.fixture(scope="module")
+def chat():
+    with RunningServer(chat_template=TEST_CHAT_TEMPLATE) as s:
+        yield langchain_openai.ChatOpenAI(base_url=s.base_url + "/v1", api_key="unused", model=MODEL, max_tokens=120,
+                                          temperature=0, max_retries=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_with_structured_output(chat, method):
+    pet = chat.with_structured_output(Pet, method=method).invoke("Name a pet")
+    assert isinstance(pet, Pet) and pet.kind in ("cat", "dog")
+
+
+def test_bind_tools(chat):
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str)
