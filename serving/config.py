@@ -63,6 +63,11 @@ class ServeConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1 routes")
     chat_template: str | None = Field(None, description="Jinja chat template, inline or a file path")
+    tool_call_parser: Literal["auto", "hermes", "mistral", "llama3_json"] = Field(
+        "auto",
+        description="how tool_choice=auto output is read as calls: hermes (<tool_call> blocks, Qwen too), "
+        "mistral ([TOOL_CALLS]), llama3_json (a bare JSON call), or auto (each of them)",
+    )
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
     kv_cache_tokens: int | None = Field(None, ge=16, description="KV cache capacity in tokens (default: from memory)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory FleetLM may use")

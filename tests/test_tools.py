@@ -136,3 +136,18 @@ def test_auto_leaves_text_and_unknown_functions_alone():
     assert tool_parsing.parse("Hello there", FUNCTIONS, "auto") == ("Hello there", [])
     text = '<tool_call>{"name": "launch_rockets", "arguments": {}}</tool_call>'
     assert tool_parsing.parse(text, FUNCTIONS, "auto") == (text, [])
+
+
+def test_tools_with_an_unusable_parameters_schema_are_a_400(server):
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/none"}}}}}]
+    for choice in ("auto", "required"):
+        r = httpx.post(server.base_url + "/v1/chat/completions",
+                       json={"model": MODEL, "messages": ASK, "tools": bad, "tool_choice": choice}, timeout=30)  # fmt: skip
+        assert r.status_code == 400, r.text
+        assert "none" in r.json()["error"]["message"]
+
+
+def test_the_parser_flag_restricts_the_auto_formats():
+    text = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]'
+    assert tool_parsing.parse(text, FUNCTIONS, "auto", "mistral")[1]
+    assert tool_parsing.parse(text, FUNCTIONS, "auto", "hermes") == (text, [])

@@ -126,7 +126,9 @@ class ChatFormat(Format):
 
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, st: AppState, n: int, logprobs: bool, functions: list[dict[str, Any]] | None = None, tool_mode: Any = "none"):
+    def __init__(
+        self, st: AppState, n: int, logprobs: bool, functions: list[dict[str, Any]] | None = None, tool_mode: Any = "none"
+    ):
         self.st, self.n, self.logprobs = st, n, logprobs
         # With tools, a choice's text is held until it ends and then parsed: it is either a message or
         # tool calls, which the openai SDK accumulates from one delta each.
@@ -141,7 +143,7 @@ class ChatFormat(Format):
         """The assistant message of a whole choice, and its finish reason ("tool_calls" for calls)."""
         if not self.tools:
             return {"role": "assistant", "content": text}, finish_reason
-        content, calls = tools.parse(text, self.functions, self.tool_mode)
+        content, calls = tools.parse(text, self.functions, self.tool_mode, self.st.config.tool_call_parser)
         if not calls:
             return {"role": "assistant", "content": content}, finish_reason
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"

@@ -98,6 +98,13 @@ async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
     """The request's response_format as a grammar, compiled once here (cached) so that a schema the
     grammar library refuses, or one that takes too long, is a 400 before any response starts."""
     constraint = req.constraint
+    if isinstance(req, ChatCompletionRequest) and req.tool_mode == "auto":
+        # Not constrained, but a tool whose parameters are not a usable JSON schema is refused all the same.
+        schema = forced_schema(req.tool_functions(), "required", True)
+        try:
+            await asyncio.wait_for(state.run_blocking(state.grammars.compile, json_schema_spec(schema)), GRAMMAR_COMPILE_TIMEOUT_S)
+        except (GrammarError, TimeoutError) as exc:
+            raise bad_request(f"tools: a function's parameters are not a usable JSON schema: {exc}", param="tools") from exc
     if isinstance(req, ChatCompletionRequest) and req.forced_tools:
         constraint = ("tool_choice", "json_schema", forced_schema(req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False))
     if constraint is None:

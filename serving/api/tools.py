@@ -60,8 +60,14 @@ def _as_call(value: Any, names: set[str]) -> dict[str, Any] | None:
     return _call(value["name"], arguments) if isinstance(arguments, dict) else None
 
 
-def parse(text: str, functions: list[dict[str, Any]], choice: Any) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, tool_calls) of a finished output."""
+PARSERS = ("hermes", "mistral", "llama3_json")
+
+
+def parse(
+    text: str, functions: list[dict[str, Any]], choice: Any, parser: str = "auto"
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool_calls) of a finished output; `parser` (--tool-call-parser) picks the auto format."""
+    use = set(PARSERS) if parser == "auto" else {parser}
     names = {f["name"] for f in functions}
     if choice == "required" or isinstance(choice, dict):
         try:
@@ -72,7 +78,7 @@ def parse(text: str, functions: list[dict[str, Any]], choice: Any) -> tuple[str 
         calls = [c for c in (_as_call(v, names) for v in values) if c]
         return None, calls
     calls = []
-    for block in _HERMES.findall(text):
+    for block in _HERMES.findall(text) if "hermes" in use else []:
         try:
             call = _as_call(json.loads(block), names)
         except ValueError:
@@ -83,7 +89,7 @@ def parse(text: str, functions: list[dict[str, Any]], choice: Any) -> tuple[str 
         rest = _HERMES.sub("", text).strip()
         return rest or None, calls
     stripped = text.strip()
-    if stripped.startswith(_MISTRAL):
+    if "mistral" in use and stripped.startswith(_MISTRAL):
         try:
             value = json.loads(stripped[len(_MISTRAL) :].strip())
         except ValueError:
@@ -92,7 +98,7 @@ def parse(text: str, functions: list[dict[str, Any]], choice: Any) -> tuple[str 
         calls = [c for c in (_as_call(v, names) for v in values) if c]
         if calls:
             return None, calls
-    if stripped.startswith("{"):
+    if "llama3_json" in use and stripped.startswith("{"):
         try:
             call = _as_call(json.loads(stripped), names)
         except ValueError:
