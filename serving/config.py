@@ -49,6 +49,11 @@ class ServeConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)"
     )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto",
+        description="dummy: random weights of the config's shapes (benchmarks of real architectures without "
+        "their weights; bench/configs)",
+    )
     quantization: Literal["none", "q8_0", "q4_0"] = Field(
         "none", description="weight-only quantization of linear layers at load time"
     )

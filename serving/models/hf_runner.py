@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from serving.models.quant import quantize_linears
 from serving.models.runner import ForwardChunk, kv_bytes_per_token
@@ -58,10 +58,14 @@ class TransformersRunner:
 
 
 def build_transformers_runner(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, quantization: str
+    source: ModelSource, device: torch.device, dtype: torch.dtype, quantization: str, dummy: bool = False
 ) -> TransformersRunner:
     kwargs = {"gguf_file": source.gguf_file.name} if source.gguf_file is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs).to(device)
+    if dummy:  # random weights of the config's shapes (transformers' own initialisation)
+        config = AutoConfig.from_pretrained(source.directory)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs).to(device)
     if quantization != "none":
         quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
     return TransformersRunner(model, device, dtype)

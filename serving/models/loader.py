@@ -186,7 +186,9 @@ def load_model(cfg: ServeConfig) -> LoadedModel:
     architecture = choose_architecture(cfg.model_arch, config)
     if architecture == "native":
         try:
-            runner = build_native_runner(config, source, device, dtype, max_len, cfg.quantization)
+            runner = build_native_runner(
+                config, source, device, dtype, max_len, cfg.quantization, dummy=cfg.load_format == "dummy"
+            )
             architecture = config.model_type
         except UnsupportedModel as exc:
             if cfg.model_arch != "auto":
@@ -197,7 +199,7 @@ def load_model(cfg: ServeConfig) -> LoadedModel:
         # Imported here: transformers' model classes cost the process 70 MB the native runner never uses.
         from serving.models.hf_runner import build_transformers_runner
 
-        runner = build_transformers_runner(source, device, dtype, cfg.quantization)
+        runner = build_transformers_runner(source, device, dtype, cfg.quantization, dummy=cfg.load_format == "dummy")
     _return_freed_memory()
     return LoadedModel(
         runner=runner,

@@ -118,20 +118,23 @@ def build_native_runner(
     dtype: torch.dtype,
     max_len: int,
     quantization: str,
+    dummy: bool = False,
 ) -> NativeRunner:
     """Our model, built on the meta device and materialised on `device`, weights copied in. GGUF
     tensors in a block format we compute with (Q4_0, Q4_1, Q8_0) stay in it; `quantization`
-    quantizes the linear layers still in floats. Raises UnsupportedModel when the checkpoint needs
-    the transformers runner."""
+    quantizes the linear layers still in floats; `dummy` fills random weights instead of reading
+    any. Raises UnsupportedModel when the checkpoint needs the transformers runner."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions=max_len)
     # Layers that will keep GGUF blocks are swapped out before materialising: their float weights
     # are never allocated.
-    plan = _plan_block_layers(model, source.gguf_file) if source.gguf_file is not None else None
+    plan = _plan_block_layers(model, source.gguf_file) if source.gguf_file is not None and not dummy else None
     model = model.to(dtype).to_empty(device=device)
     model.rotary.build_tables(device)
     optional = ("lm_head.weight",) if model.shape.tie_word_embeddings else ()
-    if plan is not None:
+    if dummy:
+        _random_weights(model)
+    elif plan is not None:
         _load_gguf(model, plan, dtype, optional)
     else:
         files = safetensors_files(source.directory)
@@ -140,6 +143,20 @@ def build_native_runner(
     if quantization != "none":
         quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
     return NativeRunner(model.eval(), device, dtype)
+
+
+def _random_weights(model: nn.Module, seed: int = 0) -> None:
+    """--load-format dummy: every parameter drawn as a trained model's roughly are (norm weights 1,
+    biases 0, matrices N(0, 0.02)), so benchmarks see real shapes and finite, varied logits."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0 if "norm" in name else 0.0)
+            else:  # drawn on the CPU in float32 row by row: no full-size float32 copy of a large matrix
+                for row in range(0, param.shape[0], 4096):
+                    chunk = torch.empty(param[row : row + 4096].shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+                    param[row : row + 4096].copy_(chunk)
 
 
 class _Pending(nn.Module):
