@@ -1,6 +1,8 @@
 """Run under TRITON_INTERPRET=1 by tests/test_triton_attention.py: the Triton paged decode kernel
 against plain torch (gather the blocks, SDPA), on tiny shapes, GQA and MHA, ragged lengths."""
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,7 @@ def reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     return torch.stack(out)
 
 
+DEVICE = os.environ.get("FLEETLM_CHECK_DEVICE", "cpu")  # bench/device_check.sh runs it on cuda, compiled
 torch.manual_seed(0)
 for heads, kv_heads, head_dim in ((4, 2, 16), (8, 8, 32), (6, 1, 16)):
     block_size, blocks = 16, 12
@@ -28,7 +31,8 @@ for heads, kv_heads, head_dim in ((4, 2, 16), (8, 8, 32), (6, 1, 16)):
     v_cache = torch.randn(blocks * block_size, kv_heads, head_dim)
     q = torch.randn(len(lens), heads, head_dim)
     scale = head_dim**-0.5
-    got = paged_decode_attention(q, k_cache, v_cache, tables, lens.to(torch.int32), block_size, scale)
+    on = [t.to(DEVICE) for t in (q, k_cache, v_cache, tables, lens.to(torch.int32))]
+    got = paged_decode_attention(*on[:4], on[4], block_size, scale).cpu()
     want = reference(q, k_cache, v_cache, tables, lens, block_size, scale)
     error = (got - want).abs().max().item()
     assert error < 1e-4, (heads, kv_heads, head_dim, error)
