@@ -5,8 +5,25 @@ from pathlib import Path
 import pytest
 
 from tests.hub_server import FakeHub
+from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The demo model with a test chat template, one server per test module (a module that needs other
+    settings defines its own `server`)."""
+    with RunningServer(chat_template=TEST_CHAT_TEMPLATE, max_batch_size=16) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    """The official openai SDK on the module's server (no retries: an error must show as one)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture

@@ -11,23 +11,10 @@ import httpx
 import openai
 import pytest
 
-from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
-
 MODEL = "stories260k"
 PROMPT = "Once upon a time"
 # The demo model's greedy continuation (SOURCE.md of stories260k).
 GREEDY = ", there was a little girl named Lily. She loved to play outside in the park."
-
-
-@pytest.fixture(scope="module")
-def server():
-    with RunningServer(chat_template=TEST_CHAT_TEMPLATE, max_batch_size=16) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture

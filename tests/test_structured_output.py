@@ -9,7 +9,6 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from pydantic import BaseModel
 
@@ -17,7 +16,6 @@ from serving.config import ServeConfig
 from serving.engine.builder import build_engine
 from serving.engine.grammar import json_schema_spec
 from serving.engine.sampling_params import SamplingParams
-from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
 
 MODEL = "stories260k"
 # Nested objects, arrays, enums, required fields; bounded so the tiny model finishes in max_tokens.
@@ -35,17 +33,6 @@ SCHEMA = {
     "additionalProperties": False,
 }  # fmt: skip
 FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "schema": SCHEMA, "strict": True}}
-
-
-@pytest.fixture(scope="module")
-def server():
-    with RunningServer(chat_template=TEST_CHAT_TEMPLATE, max_batch_size=16) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
 
 def _valid(text: str) -> dict:

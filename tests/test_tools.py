@@ -7,11 +7,9 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from serving.api import tools as tool_parsing
-from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
 
 MODEL = "stories260k"
 WEATHER = {
@@ -27,17 +25,6 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with RunningServer(chat_template=TEST_CHAT_TEMPLATE, max_batch_size=16) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
 
 def _valid_call(call, names=("get_weather", "get_time")):

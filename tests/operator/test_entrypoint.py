@@ -50,27 +50,33 @@ def _reconciled(kube, name: str) -> bool:
     return bool(body and body.get("status", {}).get("observedGeneration") == 1)
 
 
-def test_without_kopfs_peering_it_says_so_and_runs_standalone(tmp_path: Path) -> None:
-    """Run from a checkout against a cluster without kopf's peering CRD (the test API serves none), and
-    without --standalone: kopf alone would wait for peering forever, reconciling nothing."""
+def _reconcile_one(tmp_path: Path, name: str, flags: list[str]) -> list[dict]:
+    """Run the operator process with `flags` until it has reconciled one LLMDeployment; its log lines."""
     from kubernetes import config as kubeconfig
     from llm_operator.kube import Kube
 
     with BackgroundApiServer() as apiserver:
-        process = _start(apiserver, tmp_path, ["--health-port", "0", "--metrics-port", "0", *QUICK_RESYNC])
+        process = _start(apiserver, tmp_path, [*flags, "--health-port", "0", "--metrics-port", "0", *QUICK_RESYNC])
         kube = Kube(kubeconfig.new_client_from_config(config_file=str(tmp_path / "config")))
         body = {
             "apiVersion": "fleetlm.dev/v1alpha1",
             "kind": "LLMDeployment",
-            "metadata": {"name": "lone", "namespace": "ml"},
+            "metadata": {"name": name, "namespace": "ml"},
             "spec": {"model": {"pvc": {"claimName": "weights"}}},
         }
         kube.custom.create_namespaced_custom_object("fleetlm.dev", "v1alpha1", "ml", "llmdeployments", body)
         try:
-            eventually(lambda: _reconciled(kube, "lone") or process.poll() is not None, timeout=60, what="a status")
-            assert _reconciled(kube, "lone")
+            eventually(lambda: _reconciled(kube, name) or process.poll() is not None, timeout=60, what="a status")
+            assert _reconciled(kube, name)
         finally:
             lines = _stop(process)
+    return lines
+
+
+def test_without_kopfs_peering_it_says_so_and_runs_standalone(tmp_path: Path) -> None:
+    """Run from a checkout against a cluster without kopf's peering CRD (the test API serves none), and
+    without --standalone: kopf alone would wait for peering forever, reconciling nothing."""
+    lines = _reconcile_one(tmp_path, "lone", [])
     warning = next(line for line in lines if line["msg"].startswith("peering is unavailable"))
     assert warning["level"] == "warning"
     assert "kopf.dev/v1 clusterkopfpeerings" in warning["msg"] and "running standalone" in warning["msg"]
@@ -78,23 +84,7 @@ def test_without_kopfs_peering_it_says_so_and_runs_standalone(tmp_path: Path) ->
 
 
 def test_the_settings_are_logged_once_not_on_every_line(tmp_path: Path) -> None:
-    from kubernetes import config as kubeconfig
-    from llm_operator.kube import Kube
-
-    with BackgroundApiServer() as apiserver:
-        process = _start(apiserver, tmp_path, ["--standalone", "--health-port", "0", "--metrics-port", "0", *QUICK_RESYNC])
-        kube = Kube(kubeconfig.new_client_from_config(config_file=str(tmp_path / "config")))
-        body = {
-            "apiVersion": "fleetlm.dev/v1alpha1",
-            "kind": "LLMDeployment",
-            "metadata": {"name": "quiet", "namespace": "ml"},
-            "spec": {"model": {"pvc": {"claimName": "weights"}}},
-        }
-        kube.custom.create_namespaced_custom_object("fleetlm.dev", "v1alpha1", "ml", "llmdeployments", body)
-        try:
-            eventually(lambda: _reconciled(kube, "quiet") or process.poll() is not None, timeout=60, what="a status")
-        finally:
-            lines = _stop(process)
+    lines = _reconcile_one(tmp_path, "quiet", ["--standalone"])
     per_object = [line for line in lines if "k8s_ref" in line]
     assert per_object, "kopf logged nothing about the object"
     assert all("settings" not in line and len(json.dumps(line)) < 1500 for line in lines)
@@ -105,24 +95,8 @@ def test_the_settings_are_logged_once_not_on_every_line(tmp_path: Path) -> None:
 def test_process_logs_json_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
     health, metrics = free_port(), free_port()
     with BackgroundApiServer() as apiserver:
-        env = {**os.environ, "KUBECONFIG": str(write_kubeconfig(apiserver, tmp_path / "config"))}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        flags = [
-            "--standalone",
-            "--namespaces",
-            "ml",
-            "--health-port",
-            str(health),
-            "--metrics-port",
-            str(metrics),
-        ]
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llm_operator", *flags],
-            env=env,
-            cwd=tmp_path,  # not the repository: operator/ there would shadow the stdlib module
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        flags = ["--standalone", "--namespaces", "ml", "--health-port", str(health), "--metrics-port", str(metrics)]
+        process = _start(apiserver, tmp_path, flags)
         try:
 
             def healthy() -> bool:
