@@ -81,8 +81,8 @@ class Capacity:
 def gpu_memory_bytes(spec: LLMDeploymentSpec, table: dict[str, int] | None = None) -> int | None:
     """One GPU's memory: resources.gpu.memory, else the product's in `table` (the operator's --gpu-memory
     entries, in bytes), else in GPU_MEMORY_MIB."""
-    gpu = spec.resources.gpu
-    if gpu is None or gpu.count == 0:
+    gpu = spec.resources.requested_gpu
+    if gpu is None:
         return None
     if gpu.memory is not None:
         return int(parse_quantity(str(gpu.memory)))

@@ -220,8 +220,8 @@ def _downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> 
 
 
 def _device(spec: LLMDeploymentSpec) -> str:
-    gpu = spec.resources.gpu
-    if gpu is None or gpu.count == 0:
+    gpu = spec.resources.requested_gpu
+    if gpu is None:
         return "cpu"
     # ROCm builds of torch expose AMD GPUs as "cuda" too; other accelerators are left to the server.
     return "cuda" if gpu.resource_name in ("nvidia.com/gpu", "amd.com/gpu") else "auto"
@@ -235,8 +235,8 @@ def _resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
         requests["cpu"] = str(res.cpu)  # no cpu limit: throttling stalls the token loop
     if res.memory is not None:
         requests["memory"] = limits["memory"] = str(res.memory)
-    if res.gpu is not None and res.gpu.count > 0:
-        limits[res.gpu.resource_name] = str(res.gpu.count)
+    if res.requested_gpu is not None:
+        limits[res.requested_gpu.resource_name] = str(res.requested_gpu.count)
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
@@ -266,8 +266,8 @@ def _schedule(pod: dict[str, Any], spec: LLMDeploymentSpec) -> None:
     sched = spec.scheduling
     node_selector = dict(sched.node_selector)
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
-    gpu = spec.resources.gpu
-    if gpu is not None and gpu.count > 0:
+    gpu = spec.resources.requested_gpu
+    if gpu is not None:
         if gpu.product:
             node_selector["nvidia.com/gpu.product"] = gpu.product
         # GPU node pools are commonly tainted with their resource name.

@@ -56,7 +56,7 @@ def diagnose(pods: list[dict[str, Any]], deployment: dict[str, Any] | None, mode
     for pod in pods:
         if pod["metadata"].get("deletionTimestamp"):
             continue
-        current = pod["metadata"].get("annotations", {}).get(naming.MODEL_ANNOTATION) == model_uri
+        current = naming.runs_model(pod, model_uri)
         _diagnose_pod(pod, current, report)
     for cond in (deployment or {}).get("status", {}).get("conditions", []):
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":

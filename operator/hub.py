@@ -112,11 +112,11 @@ class Resolver:
         repo: str,
         revision: str,
         endpoint: str | None,
-        token: str | None = None,
-        ca_pem: str | None = None,
+        credentials: Callable[[], tuple[str | None, str | None]] = lambda: (None, None),
         fresh: bool = False,
     ) -> Resolution:
-        """Raises HubError (a cached one within retry_s)."""
+        """Raises HubError (a cached one within retry_s). `credentials` (token, CA bundle) is called
+        only when the Hub is asked: a cached answer reads no Secret."""
         key = (endpoint, repo, revision)
         now = time.monotonic()
         with self._lock:
@@ -126,7 +126,7 @@ class Resolver:
         if not fresh and isinstance(hit, tuple) and now - hit[1] < self.retry_s:
             raise hit[0]
         try:
-            result = self.hub.resolve(repo, revision, endpoint, token, ca_pem)
+            result = self.hub.resolve(repo, revision, endpoint, *credentials())
         except HubError as error:
             with self._lock:
                 self._cache[key] = (error, now)

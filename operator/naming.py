@@ -95,6 +95,11 @@ def model_uri(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
     return f"pvc://{spec.model.pvc.claim_name}/{spec.model.pvc.path}".rstrip("/")
 
 
+def runs_model(pod: dict[str, Any], model: str) -> bool:
+    """Whether a serving pod was made for `model` (its annotation, set from model_uri)."""
+    return pod["metadata"].get("annotations", {}).get(MODEL_ANNOTATION) == model
+
+
 def hf_cache_dir(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
     """Where in the cache volume a Hub model lives: one directory per repo and revision (the pinned
     commit, once resolved), so deployments sharing a claim share downloads, and a new revision never

@@ -57,27 +57,26 @@ class PinState:
 NOT_PINNED = ("True", "ServedFromVolume", "the model is read from its volume: nothing to pin")
 
 
-def _secret_value(kube: Kube, namespace: str, name: str, key: str) -> str | None:
-    secret = kube.get("v1", "Secret", namespace, name) or {}
-    if key in (secret.get("stringData") or {}):
-        return secret["stringData"][key]
-    raw = (secret.get("data") or {}).get(key)
-    return base64.b64decode(raw).decode() if raw else None
+def _value(kube: Kube, namespace: str, kind: str, name: str, key: str) -> str | None:
+    """A key of a Secret (base64 in data) or a ConfigMap, or None."""
+    found = kube.get("v1", kind, namespace, name) or {}
+    if key in (found.get("stringData") or {}):
+        return found["stringData"][key]
+    raw = (found.get("data") or {}).get(key)
+    if raw is None:
+        return None
+    return base64.b64decode(raw).decode() if kind == "Secret" else raw
 
 
 def _credentials(kube: Kube, namespace: str, spec: LLMDeploymentSpec) -> tuple[str | None, str | None]:
+    """The model's Hub token and its mirror's CA bundle (PEM), as far as the spec names them."""
     hf, token, ca = spec.model.hf, None, None
     assert hf is not None
     if spec.model.token_secret_ref is not None:
         ref = spec.model.token_secret_ref
-        token = _secret_value(kube, namespace, ref.name, ref.key)
+        token = _value(kube, namespace, "Secret", ref.name, ref.key)
     if hf.ca_bundle is not None:
-        bundle = hf.ca_bundle
-        if bundle.config_map_name:
-            ca = ((kube.get("v1", "ConfigMap", namespace, bundle.config_map_name) or {}).get("data") or {}).get(bundle.key)
-        else:
-            assert bundle.secret_name is not None
-            ca = _secret_value(kube, namespace, bundle.secret_name, bundle.key)
+        ca = _value(kube, namespace, *hf.ca_bundle.source, hf.ca_bundle.key)
     return token, ca
 
 
@@ -97,11 +96,15 @@ def pin_revision(
         kept = None
     if COMMIT.match(hf.revision):
         kept = hf.revision
-    token, ca = _credentials(kube, body["metadata"]["namespace"], spec)
+    namespace = body["metadata"]["namespace"]
+
+    def credentials() -> tuple[str | None, str | None]:
+        return _credentials(kube, namespace, spec)
+
     try:
-        latest = resolver.resolve(hf.repo, hf.revision, endpoint, token, ca, fresh=moving)
+        latest = resolver.resolve(hf.repo, hf.revision, endpoint, credentials, fresh=moving)
         commit = kept or latest.commit
-        facts = latest.facts if latest.commit == commit else resolver.resolve(hf.repo, commit, endpoint, token, ca).facts
+        facts = latest.facts if latest.commit == commit else resolver.resolve(hf.repo, commit, endpoint, credentials).facts
     except HubError as error:
         return PinState(HubPin(endpoint, kept), hf.revision if kept else None, None, repin, str(error), None)
     return PinState(HubPin(endpoint, commit), hf.revision, latest.commit, repin, None, facts)

@@ -66,8 +66,7 @@ def _ca_bundle(kube: Kube, namespace: str, spec: LLMDeploymentSpec) -> Problem |
     ca = spec.model.hf.ca_bundle if spec.model.hf is not None else None
     if ca is None:
         return None
-    kind, name = ("ConfigMap", ca.config_map_name) if ca.config_map_name else ("Secret", ca.secret_name)
-    assert name is not None
+    kind, name = ca.source
     found = kube.get("v1", kind, namespace, name)
     if found is None:
         return Problem("CaBundleNotFound", f"model.hf.caBundle: {kind} {namespace}/{name} does not exist")
@@ -108,8 +107,8 @@ def _priority_class(kube: Kube, spec: LLMDeploymentSpec) -> Problem | None:
 
 
 def _gpu_nodes(kube: Kube, spec: LLMDeploymentSpec) -> Problem | None:
-    gpu = spec.resources.gpu
-    if gpu is None or gpu.count == 0:
+    gpu = spec.resources.requested_gpu
+    if gpu is None:
         return None
     for node in kube.list("v1", "Node", None):
         if int(node.get("status", {}).get("capacity", {}).get(gpu.resource_name, 0)) >= gpu.count:

@@ -170,8 +170,7 @@ class Reconciler:
         return "degraded" if blocker or notes else "ok"
 
     def _default_image(self, spec: LLMDeploymentSpec) -> str:
-        gpu = spec.resources.gpu
-        if (gpu is None or gpu.count == 0) and self.config.default_cpu_image:
+        if spec.resources.requested_gpu is None and self.config.default_cpu_image:
             return self.config.default_cpu_image
         return self.config.default_image
 
@@ -304,7 +303,7 @@ class Reconciler:
 
     def _startup(self, namespace: str, pods: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
         """The newest pod of the current model's cold-start timeline (status.startup)."""
-        current = [p for p in pods if p["metadata"].get("annotations", {}).get(naming.MODEL_ANNOTATION) == model]
+        current = [p for p in pods if naming.runs_model(p, model)]
         pod = startup.newest_pod(current)
         if pod is None:
             return None

@@ -29,6 +29,14 @@ class CaBundleRef(_Model):
     secret_name: str | None = None
     key: str = "ca.crt"
 
+    @property
+    def source(self) -> tuple[str, str]:
+        """(kind, name) of the object holding the bundle."""
+        if self.config_map_name is not None:
+            return "ConfigMap", self.config_map_name
+        assert self.secret_name is not None
+        return "Secret", self.secret_name
+
     @model_validator(mode="after")
     def _one_source(self) -> CaBundleRef:
         if (self.config_map_name is None) == (self.secret_name is None):
@@ -139,6 +147,11 @@ class ResourcesSpec(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
     shm_size: Quantity = "1Gi"
+
+    @property
+    def requested_gpu(self) -> GpuSpec | None:
+        """The GPU request when the pods ask for at least one GPU; None for CPU pods (gpu unset or 0)."""
+        return self.gpu if self.gpu is not None and self.gpu.count > 0 else None
 
 
 class Toleration(_Model):
