@@ -41,6 +41,21 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
+def _mask_us(vocab: int, mask, advance) -> float:
+    """Median microseconds of `mask(logits)` (fill and apply one row) while decoding greedily from random
+    logits under the grammar; `advance(token)` is False once the grammar stops."""
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(STEPS):
+        logits = torch.randn(1, vocab, generator=gen)
+        start = time.perf_counter()
+        mask(logits)
+        times.append(time.perf_counter() - start)
+        if not advance(int(logits.argmax())):
+            break
+    return 1e6 * statistics.median(times)
+
+
 def bench_xgrammar(tokenizer, vocab: int) -> dict:
     import xgrammar as xgr
 
@@ -51,18 +66,13 @@ def bench_xgrammar(tokenizer, vocab: int) -> dict:
     _, t_cached = _timed(lambda: compiler.compile_json_schema(text, any_whitespace=False))
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, vocab)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(STEPS):
-        logits = torch.randn(1, vocab, generator=gen)
-        start = time.perf_counter()
+
+    def mask(logits):
         matcher.fill_next_token_bitmask(bitmask, 0)
         xgr.apply_token_bitmask_inplace(logits, bitmask)
-        times.append(time.perf_counter() - start)
-        token = int(logits.argmax())
-        if not matcher.accept_token(token) or matcher.is_terminated():
-            break
-    return {"tokenizer_s": t_info, "compile_s": t_first, "compile_cached_s": t_cached, "mask_us": 1e6 * statistics.median(times)}
+
+    mask_us = _mask_us(vocab, mask, lambda t: matcher.accept_token(t) and not matcher.is_terminated())
+    return {"tokenizer_s": t_info, "compile_s": t_first, "compile_cached_s": t_cached, "mask_us": mask_us}
 
 
 def bench_llguidance(tokenizer, vocab: int) -> dict:
@@ -76,18 +86,13 @@ def bench_llguidance(tokenizer, vocab: int) -> dict:
     matcher, t_first = _timed(lambda: llguidance.LLMatcher(tok, grammar))
     _, t_cached = _timed(lambda: llguidance.LLMatcher(tok, grammar))  # llguidance compiles lazily, per matcher
     bitmask = lt.allocate_token_bitmask(1, vocab)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(STEPS):
-        logits = torch.randn(1, vocab, generator=gen)
-        start = time.perf_counter()
+
+    def mask(logits):
         lt.fill_next_token_bitmask(matcher, bitmask, 0)
         lt.apply_token_bitmask_inplace(logits, bitmask)
-        times.append(time.perf_counter() - start)
-        token = int(logits.argmax())
-        if not matcher.consume_token(token) or matcher.is_stopped():
-            break
-    return {"tokenizer_s": t_info, "compile_s": t_first, "compile_cached_s": t_cached, "mask_us": 1e6 * statistics.median(times)}
+
+    mask_us = _mask_us(vocab, mask, lambda t: matcher.consume_token(t) and not matcher.is_stopped())
+    return {"tokenizer_s": t_info, "compile_s": t_first, "compile_cached_s": t_cached, "mask_us": mask_us}
 
 
 def bench_engine(model_path: str | None, batch: int = 16, tokens: int = 64) -> dict:

@@ -6,6 +6,7 @@ object names, the first stream events, the choice of one streamed delta, and a f
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ class Choice:
         self.finish_reason = delta.finish_reason or self.finish_reason
 
 
-class Format:
+class Format(ABC):
     id_prefix: str
     object: str
     chunk_object: str
@@ -43,12 +44,13 @@ class Format:
         """Choices of the events sent before the first token."""
         return []
 
+    @abstractmethod
     def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
         """Choices of the events for one delta (none when it carries nothing to show)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def finished(self, index: int, choice: Choice) -> dict[str, Any]:
-        raise NotImplementedError
+        """One choice of the whole response."""
 
 
 def completion_logprobs(st: AppState, token_ids: list[int], entries: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
