@@ -14,8 +14,8 @@ log "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
-log "Triton paged decode kernel, compiled, against torch on cuda (the CPU test runs it interpreted)"
-FLEETLM_CHECK_DEVICE=cuda timeout 120 python tests/triton_decode_check.py 2>&1 | tee "$OUT/triton_check.txt"
+log "Triton attention kernels (decode and prefill), compiled, against torch on cuda (the CPU test runs it interpreted)"
+FLEETLM_CHECK_DEVICE=cuda timeout 120 python tests/triton_attention_check.py 2>&1 | tee "$OUT/triton_check.txt"
 
 log "engine benchmark: Llama-3.1-8B shape, bf16, random weights, against transformers generate"
 timeout 420 python -m bench.gpu_bench --config bench/configs/llama-3.1-8b --device cuda --dtype bfloat16 \

@@ -57,6 +57,16 @@ class ServeConfig(BaseModel):
     quantization: Literal["none", "q8_0", "q4_0"] = Field(
         "none", description="weight-only quantization of linear layers at load time"
     )
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto",
+        description="attention kernels of the native runner: triton (CUDA; reads the paged KV cache in place), "
+        "torch (plain torch, and a C decode kernel on CPU), or auto (triton on CUDA, else torch)",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="replay CUDA graphs for decode steps (CUDA with the triton backend; --no-cuda-graphs runs every "
+        "step eagerly)",
+    )
     workers: int = Field(
         2,
         ge=1,

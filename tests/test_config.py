@@ -54,6 +54,8 @@ def test_help_lists_every_setting():
         (["--device", "cuda"], "no CUDA device"),
         (["--quantization", "q2"], "--quantization"),
         (["--model-path", "./no/such/dir"], "no such file or directory"),
+        (["--device", "cpu", "--attention-backend", "triton"], "--attention-backend triton runs on CUDA"),
+        (["--attention-backend", "flash"], "--attention-backend"),
     ],
 )
 def test_start_up_errors_exit_2_with_a_clear_message(argv, needle):

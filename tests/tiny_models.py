@@ -49,13 +49,28 @@ def make_tiny_model(root: Path, arch: str, seed: int = 0, **overrides) -> Path:
     return out
 
 
-def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(
+    model_dir: Path, prompt_ids: list[int], max_new_tokens: int, device: str = "cpu", dtype: str = "float32"
+) -> list[int]:
     """transformers' own greedy generate, the oracle, ignoring EOS."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False
+            torch.tensor([prompt_ids], device=device), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def hf_choice_gaps(
+    model_dir: Path, prompt_ids: list[int], output_ids: list[int], device: str = "cpu", dtype: str = "float32"
+) -> list[float]:
+    """For each of our output tokens, how far its logit lies below the best one at that position when
+    transformers scores the whole sequence (teacher-forced): 0 where it is transformers' argmax too."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    ids = torch.tensor([prompt_ids + output_ids[:-1]], device=device)
+    with torch.inference_mode():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 :].float()
+    chosen = logits.gather(1, torch.tensor(output_ids, device=device).unsqueeze(1)).squeeze(1)
+    return (logits.max(dim=-1).values - chosen).tolist()

@@ -15,7 +15,11 @@ from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.protocol import ModelInfo
+from serving.engine.sampler import sample
+from serving.engine.sampling_params import SamplingParams
+from serving.engine.sequence import Sequence
 from serving.models.loader import LoadedModel, load_model, load_tokenizer
+from serving.models.native import NativeRunner
 
 log = logging.getLogger("fleetlm.engine")
 
@@ -71,10 +75,75 @@ def available_memory(cgroup_root: Path = _CGROUP_ROOT) -> tuple[int, str]:
     return available, source
 
 
+def gpu_kv_budget(
+    total: int, free: int, reserved: int, weights: int, activations: int, utilization: float, graph_pool: int = 0
+) -> int:
+    """Bytes the KV cache may take on a GPU: the `utilization` share of its memory, less the weights,
+    the peak activations of the largest step (profiled), the CUDA graphs' memory pool, and what lies
+    outside torch's allocator (the CUDA context, cuBLAS workspaces, other processes: total - free -
+    what torch has reserved)."""
+    outside_torch = max(0, total - free - reserved)
+    return max(0, int(total * utilization) - weights - activations - graph_pool - outside_torch)
+
+
+def _profile_sequences(count: int, vocab: int) -> list[Sequence]:
+    """Sequences whose sampling takes every [batch, vocab] temporary the sampler can make (penalties,
+    top-k and top-p sorting, logprobs)."""
+    params = SamplingParams(
+        max_tokens=1, temperature=0.7, top_p=0.9, top_k=50, min_p=0.01, repetition_penalty=1.1, frequency_penalty=0.1, logprobs=5
+    )
+    return [Sequence(i, "profile", 0, [i % vocab], 1, params) for i in range(count)]
+
+
+def profile_activations(runner: NativeRunner, num_tokens: int, num_seqs: int) -> int:
+    """Peak bytes a step of num_tokens prompt tokens over num_seqs sequences takes on the GPU beyond
+    what is allocated before it (the weights): the forward pass, then sampling its logits."""
+    device = runner.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    logits = runner.profile_run(num_tokens, num_seqs, BLOCK_SIZE)
+    sample(logits, _profile_sequences(logits.shape[0], runner.vocab_size))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del logits
+    torch.cuda.empty_cache()
+    return peak - before
+
+
+def profiled_kv_tokens(cfg: ServeConfig, runner: NativeRunner, max_batched: int) -> int:
+    """KV capacity on a GPU from a warm-up profile: the largest step's peak activation memory is
+    measured, not guessed, so a large --gpu-memory-utilization cannot run out of memory mid-traffic."""
+    device = runner.device
+    activations = profile_activations(runner, max_batched, cfg.max_batch_size)
+    graphs = cfg.cuda_graphs and runner.backend == "triton"
+    # The decode graphs' pool holds the activations of the largest batch's step.
+    graph_pool = profile_activations(runner, cfg.max_batch_size, cfg.max_batch_size) if graphs else 0
+    weights = torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    budget = gpu_kv_budget(total, free, reserved, weights, activations, cfg.gpu_memory_utilization, graph_pool)
+    tokens = budget // runner.kv_bytes_per_token
+    log.info(
+        "KV cache sized",
+        extra={
+            "kv_cache_tokens": tokens,
+            "gpu_total_bytes": total,
+            "weights_bytes": weights,
+            "peak_activation_bytes": activations,
+            "graph_pool_bytes": graph_pool,
+            "outside_torch_bytes": max(0, total - free - reserved),
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        },
+    )
+    return tokens
+
+
 def kv_cache_tokens(cfg: ServeConfig, device: torch.device, bytes_per_token: int, max_len: int) -> int:
     if cfg.kv_cache_tokens is not None:
         return cfg.kv_cache_tokens
-    if device.type == "cuda":
+    if device.type == "cuda":  # the transformers runner: no profile, free memory as it stands
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - cfg.gpu_memory_utilization) * total
         return max(0, int(budget // bytes_per_token))
@@ -104,20 +173,28 @@ class BuiltEngine:
 def build_engine(cfg: ServeConfig) -> BuiltEngine:
     model = load_model(cfg)
     runner = model.runner
-    num_blocks = kv_cache_tokens(cfg, model.device, runner.kv_bytes_per_token, model.max_model_len) // BLOCK_SIZE
+    batched = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
+    batched = max(batched, cfg.max_batch_size)
+    native_gpu = isinstance(runner, NativeRunner) and model.device.type == "cuda"
+    if native_gpu and cfg.kv_cache_tokens is None:
+        tokens = profiled_kv_tokens(cfg, runner, batched)
+    else:
+        tokens = kv_cache_tokens(cfg, model.device, runner.kv_bytes_per_token, model.max_model_len)
+    num_blocks = tokens // BLOCK_SIZE
     if num_blocks * BLOCK_SIZE < model.max_model_len:
         raise ConfigError(
             f"the KV cache holds {num_blocks * BLOCK_SIZE} tokens, less than one full-length sequence "
             f"({model.max_model_len}): lower --max-seq-len, or raise --kv-cache-tokens / --gpu-memory-utilization"
         )
     runner.allocate_kv_cache(num_blocks, BLOCK_SIZE)
+    if native_gpu and cfg.cuda_graphs and runner.backend == "triton":
+        runner.use_decode_graphs(cfg.max_batch_size, model.max_model_len, capture=True)
     prefix_caching = cfg.prefix_caching and runner.supports_prefix_caching
-    batched = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
     engine = LLMEngine(
         runner=runner,
         blocks=BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=prefix_caching),
         max_batch_size=cfg.max_batch_size,
-        max_batched_tokens=max(batched, cfg.max_batch_size),
+        max_batched_tokens=batched,
         max_model_len=model.max_model_len,
         eos_token_ids=model.eos_token_ids,
         # Loaded on the first constrained request only: the engine process needs no tokenizer otherwise.
@@ -145,6 +222,8 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
             "device": info.device,
             "dtype": info.dtype,
             "quantization": cfg.quantization,
+            "attention": getattr(runner, "backend", "transformers"),
+            "cuda_graphs": getattr(runner, "graphs", None) is not None,
             "max_seq_len": info.max_model_len,
             "kv_cache_tokens": info.kv_cache_tokens,
             "kv_cache_bytes": info.kv_cache_tokens * runner.kv_bytes_per_token,

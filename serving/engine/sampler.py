@@ -22,6 +22,19 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list as a tensor on `device`: to a GPU from pinned memory, asynchronously (a plain
+    torch.tensor(..., device="cuda") waits for the device to drain its queue first)."""
+    host = torch.tensor(values, dtype=dtype)
+    return _to(device, host)
+
+
+def _to(device: torch.device, host: torch.Tensor) -> torch.Tensor:
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """Rows of token ids as one tensor, padded with -1."""
     width = max((len(r) for r in rows), default=0)
@@ -29,7 +42,7 @@ def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     for i, r in enumerate(rows):
         if r:
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+    return _to(device, out)
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -42,15 +55,15 @@ def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> to
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     vocab, device = logits.shape[-1], logits.device
     params = [s.params for s in seqs]
-    rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
-    if (rep != 1.0).any():
+    if any(p.repetition_penalty != 1.0 for p in params):
+        rep = _on(device, [p.repetition_penalty for p in params]).unsqueeze(1)
         # Like Hugging Face's RepetitionPenaltyLogitsProcessor: over prompt and output tokens.
         seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
-    freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
-    pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
-    if (freq != 0).any() or (pres != 0).any():
+    if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
+        freq = _on(device, [p.frequency_penalty for p in params]).unsqueeze(1)
+        pres = _on(device, [p.presence_penalty for p in params]).unsqueeze(1)
         # OpenAI's definition: over generated tokens only.
         counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
         logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
@@ -61,7 +74,7 @@ def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     for i, s in enumerate(seqs):
         if s.params.logit_bias:
             ids, biases = zip(*s.params.logit_bias, strict=True)
-            logits[i, list(ids)] += torch.tensor(biases, device=logits.device)
+            logits[i, list(ids)] += _on(logits.device, list(biases))
     return logits
 
 
@@ -78,12 +91,11 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, then top-k / top-p / min-p masks, all per row."""
     device = logits.device
     params = [s.params for s in seqs]
-    temp = torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1)
-    logits = logits / temp
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    if (top_k < logits.shape[-1]).any() or (top_p < 1.0).any():
+    vocab = logits.shape[-1]
+    logits = logits / _on(device, [p.temperature or 1.0 for p in params]).unsqueeze(1)
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        top_k = _on(device, [p.top_k if p.top_k > 0 else vocab for p in params])
+        top_p = _on(device, [p.top_p for p in params])
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[-1], device=device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)
@@ -92,7 +104,8 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-    if (min_p > 0).any():
+    if any(p.min_p > 0 for p in params):
+        min_p = _on(device, [p.min_p for p in params])
         probs = logits.softmax(dim=-1)
         threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -135,9 +148,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = apply_penalties(logits, seqs)
     if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
         logits = _block_early_stop(logits.clone(), seqs)
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
     chosen = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
+    if not all(s.params.greedy for s in seqs):
+        greedy = _on(logits.device, [s.params.greedy for s in seqs])
         probs = _filter(logits, seqs).softmax(dim=-1)
         drawn = (probs / _exponential_noise(seqs, logits.shape[-1], logits.device)).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, drawn)

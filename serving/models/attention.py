@@ -1,12 +1,15 @@
-"""Paged attention over a flat KV cache, in plain torch (the reference path; CPU and any GPU), with
-decode attention in a C kernel for float32 on CPU (cpu_ops.paged_decode_attention).
+"""Paged attention over a flat KV cache: in plain torch (the reference path; CPU and any GPU), with
+decode attention in a C kernel for float32 on CPU (cpu_ops.paged_decode_attention); or, with the
+step's `backend` "triton" (CUDA), by the Triton kernels of triton_attention.py, which read the cache
+in place for decode and prefill alike.
 
 The cache of one layer is a pair of tensors [num_blocks * block_size, kv_heads, head_dim];
 a token's slot is block_table[pos // block_size] * block_size + pos % block_size. Each step
 the new tokens' K/V are written to their slots first, then every query attends to its
 sequence's cached keys. Decoding sequences (one query each) are batched into one SDPA call;
-prefill chunks each get their own call. A fused kernel (e.g. flash-attn's paged decode) can
-replace `PagedAttention.forward` without touching the model, the runner or the scheduler.
+prefill chunks each get their own call. The Triton backend takes one launch for all decodes and
+one for all prefill chunks (`PackedPrefills`), and reads no tensor's value on the host, so a
+pure-decode step can be captured in a CUDA graph (cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PackedPrefills:
+    """The step's prefill chunks as the Triton kernel reads them: chunk c is rows starts[c] ..
+    starts[c] + lens[c] of the packed batch, after cached[c] tokens of its sequence already in the
+    cache, whose blocks are tables[c] (padded with 0; read only below the chunk's end)."""
+
+    starts: torch.Tensor  # [C]
+    lens: torch.Tensor  # [C]
+    cached: torch.Tensor  # [C]
+    tables: torch.Tensor  # [C, max_blocks]
+    max_len: int  # the longest chunk (sizes the kernel's grid)
+
+
+@dataclass(slots=True)
 class AttentionBatch:
     """Per-step attention metadata, shared by all layers."""
 
@@ -37,6 +53,8 @@ class AttentionBatch:
     decode_lens: torch.Tensor | None = None  # [B] their context lengths (query included)
     decodes_first: bool = False  # decode rows are exactly 0..B-1 (the scheduler packs them first)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    backend: str = "torch"  # "torch" (this module) or "triton" (triton_attention.py)
+    packed_prefills: PackedPrefills | None = None  # the prefill chunks, for the Triton backend
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -93,6 +111,8 @@ class PagedAttention:
     ) -> torch.Tensor:
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
+        if batch.backend == "triton":
+            return self._triton(q, k_cache, v_cache, batch)
         decoded = self._decode(q, k_cache, v_cache, batch) if batch.decode_rows is not None else None
         if decoded is not None and batch.decodes_first and not batch.prefills:
             return decoded  # a pure decode step: the output is already in row order
@@ -114,6 +134,24 @@ class PagedAttention:
                 mask = _prefill_mask(chunk.start_pos, length, self.window, q.device)
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             out[chunk.rows] = o.squeeze(0).transpose(0, 1)
+        return out
+
+    def _triton(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        from serving.models import triton_attention  # triton comes with CUDA builds of torch only
+
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if batch.decode_blocks is not None:
+            assert batch.decode_lens is not None
+            rows = None if batch.decodes_first else batch.decode_rows
+            triton_attention.paged_decode_attention(
+                q, k_cache, v_cache, batch.decode_blocks, batch.decode_lens, batch.block_size, self.scale, self.window, rows, out
+            )
+        packed = batch.packed_prefills
+        if packed is not None:
+            triton_attention.paged_prefill_attention(
+                q, k_cache, v_cache, out, packed.starts, packed.lens, packed.cached, packed.tables, packed.max_len,
+                batch.block_size, self.scale, self.window,
+            )  # fmt: skip
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:

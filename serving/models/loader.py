@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,11 @@ log = logging.getLogger("fleetlm.loader")
 
 
 def preflight(cfg: ServeConfig) -> None:
-    """Cheap checks worth failing the process on before it binds a port: the device, and for a
+    """Cheap checks worth failing the process on before it binds a port: the device and attention
+    backend, and for a
     local model that the path is a model directory or GGUF file whose config parses and names an
     architecture we (or transformers) know. A Hub model is checked once downloaded."""
-    resolve_device(cfg.device)
+    resolve_attention_backend(cfg.attention_backend, resolve_device(cfg.device))
     check_model_path(cfg)
     if cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists():
         return  # a Hub id
@@ -55,6 +57,30 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError("--device metal: Apple Metal (MPS) is not available on this machine")
         return torch.device("mps")
     return torch.device(name)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401  (comes with CUDA builds of torch)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The native runner's attention kernels: Triton's on CUDA when triton is installed, else torch's.
+    Triton on CPU runs only in its interpreter (TRITON_INTERPRET=1, for tests: slow)."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise ConfigError("--attention-backend triton: triton is not installed (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                f"--attention-backend triton runs on CUDA, not {device.type} "
+                "(on CPU only under TRITON_INTERPRET=1, Triton's slow interpreter, for tests)"
+            )
+    return name
 
 
 def resolve_dtype(name: str, device: torch.device, config: PretrainedConfig) -> torch.dtype:
@@ -187,8 +213,9 @@ def load_model(cfg: ServeConfig) -> LoadedModel:
     if architecture == "native":
         try:
             runner = build_native_runner(
-                config, source, device, dtype, max_len, cfg.quantization, dummy=cfg.load_format == "dummy"
-            )
+                config, source, device, dtype, max_len, cfg.quantization, dummy=cfg.load_format == "dummy",
+                backend=resolve_attention_backend(cfg.attention_backend, device),
+            )  # fmt: skip
             architecture = config.model_type
         except UnsupportedModel as exc:
             if cfg.model_arch != "auto":

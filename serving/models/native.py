@@ -14,7 +14,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from serving.models import gguf
-from serving.models.attention import AttentionBatch, PrefillChunk
+from serving.models.attention import AttentionBatch, PackedPrefills, PrefillChunk
+from serving.models.cuda_graphs import DecodeGraphs
 from serving.models.gguf import BlockRows
 from serving.models.llama import LlamaForCausalLM
 from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear, quantize_linears
@@ -32,20 +33,28 @@ from serving.models.weights import (
 class NativeRunner:
     supports_prefix_caching = True
 
-    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, backend: str = "torch"):
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.backend = backend  # attention: "torch" or "triton" (see attention.py)
         s = model.shape
         self.vocab_size = s.vocab_size
         self.kv_bytes_per_token = kv_bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, dtype)
         self.block_size = 0
+        self.scratch_block = 0
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: DecodeGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """num_blocks for the block manager, plus one scratch block past them that padded rows of a
+        CUDA graph's batch write to (cuda_graphs.py)."""
         s = self.model.shape
         self.block_size = block_size
-        shape = (2 * s.num_layers, num_blocks * block_size, s.num_kv_heads, s.head_dim)
+        self.scratch_block = num_blocks
+        self.graphs = None
+        self.kv_cache = []
+        shape = (2 * s.num_layers, (num_blocks + 1) * block_size, s.num_kv_heads, s.head_dim)
         if self.device.type == "cpu":
             # Anonymous memory is zero pages the OS commits only when first written: the cache takes
             # RAM as blocks come into use (the block manager hands out low blocks first), not up front.
@@ -55,60 +64,156 @@ class NativeRunner:
             cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.kv_cache = [(cache[2 * i], cache[2 * i + 1]) for i in range(s.num_layers)]
 
+    def free_kv_cache(self) -> None:
+        self.graphs = None
+        self.kv_cache = []
+        self.__dict__.pop("_kv_memory", None)
+
+    def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool) -> None:
+        """Pure-decode steps of up to max_batch sequences run over static buffers, replaying a CUDA graph
+        per bucketed batch size when `capture` (CUDA and the Triton backend), else eagerly (tests)."""
+        if capture and (self.device.type != "cuda" or self.backend != "triton"):
+            raise ValueError("CUDA graphs need a CUDA device and the triton attention backend")
+        self.graphs = DecodeGraphs(self, max_batch, max_model_len, capture)
+
+    def profile_run(self, num_tokens: int, num_seqs: int, block_size: int) -> torch.Tensor:
+        """The largest step the scheduler can make, num_tokens prompt tokens over num_seqs sequences, on a
+        temporary KV cache just large enough; returns their last rows' logits [num_seqs, vocab]. The
+        builder measures the device's peak memory across this (and the sampler on its logits) to size
+        the real cache."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        tables, first = [], 0
+        for n in lengths:
+            count = -(-n // block_size)
+            tables.append(list(range(first, first + count)))
+            first += count
+        self.allocate_kv_cache(first, block_size)
+        try:
+            chunks = [ForwardChunk(i, [0] * n, 0, t, False) for i, (n, t) in enumerate(zip(lengths, tables, strict=True))]
+            rows = [sum(lengths[: i + 1]) - 1 for i in range(num_seqs)]
+            return self.execute(chunks, rows)
+        finally:
+            self.free_kv_cache()
+
     def release(self, key: int) -> None:
         """KV blocks belong to the engine's block manager; nothing is kept per stream here."""
 
-    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def _decode_blocks(self, chunks: list[ForwardChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, max_blocks] block tables of the decoding chunks (padding points at block 0, masked out
-        by length) and [B] context lengths (query included)."""
-        lengths = [c.start + 1 for c in chunks]
-        width = max(-(-n // self.block_size) for n in lengths)
-        tables = [table + [0] * (width - len(table)) for table in (c.block_table[:width] for c in chunks)]
-        return (
-            torch.tensor(tables, dtype=torch.long, device=self.device),
-            torch.tensor(lengths, dtype=torch.long, device=self.device),
-        )
-
     @torch.inference_mode()
     def execute(self, chunks: list[ForwardChunk], logit_rows: list[int]) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(chunks):
+            logits = self.graphs.run(chunks)
+            return logits if logit_rows == list(range(len(chunks))) else logits[logit_rows]
+        step = StepInputs.build(chunks, logit_rows, self.block_size, self.backend, self.device)
+        hidden = self.model(step.token_ids, step.positions, self.kv_cache, step.batch)
+        return self.model.logits(hidden.index_select(0, step.logit_rows)).float()
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's model inputs on the device: packed token ids and positions, the rows to compute
+    logits for, and the attention metadata of the chosen backend."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    logit_rows: torch.Tensor
+    batch: AttentionBatch
+
+    @classmethod
+    def build(
+        cls, chunks: list[ForwardChunk], logit_rows: list[int], block_size: int, backend: str, device: torch.device
+    ) -> StepInputs:
+        """Every integer the step needs goes to the device in one copy: gathered into one host tensor
+        (pinned, for a CUDA device: the copy is asynchronous and the host goes on building nothing
+        else that waits for it), then sliced there into the tensors below."""
+        ints = _HostInts()
         token_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
+        slots: list[int] = []
         decode_rows: list[int] = []
         decoding: list[ForwardChunk] = []
-        prefills: list[PrefillChunk] = []
-        dev = self.device
+        prefill: list[tuple[int, ForwardChunk]] = []
         for chunk in chunks:
             n = len(chunk.token_ids)
-            start, end, row = chunk.start, chunk.start + n, len(token_ids)
+            start, row = chunk.start, len(token_ids)
             token_ids.extend(chunk.token_ids)
-            positions.extend(range(start, end))
-            slot_mapping.extend(self._slots(chunk.block_table, start, end))
+            positions.extend(range(start, start + n))
+            slots.extend(_slots(chunk.block_table, start, start + n, block_size))
             if chunk.decode:
                 decode_rows.append(row)
                 decoding.append(chunk)
             else:
-                context = torch.tensor(self._slots(chunk.block_table, 0, end), dtype=torch.long, device=dev)
-                prefills.append(PrefillChunk(slice(row, row + n), start, context))
-        batch = AttentionBatch(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev), block_size=self.block_size, prefills=prefills
-        )
+                prefill.append((row, chunk))
+        t_ids, t_pos, t_slots, t_rows = ints.add(token_ids), ints.add(positions), ints.add(slots), ints.add(logit_rows)
+        d_rows = d_tables = d_lens = None
         if decoding:
-            batch.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            batch.decode_blocks, batch.decode_lens = self._decode_blocks(decoding)
+            lengths = [c.start + 1 for c in decoding]
+            width = max(-(-n // block_size) for n in lengths)
+            d_rows, d_lens = ints.add(decode_rows), ints.add(lengths)
+            d_tables = ints.add_rows([c.block_table[:width] for c in decoding], width)
+        p_parts = p_context = None
+        if prefill and backend == "triton":
+            width = max(-(-(c.start + len(c.token_ids)) // block_size) for _, c in prefill)
+            p_parts = (
+                ints.add([row for row, _ in prefill]),
+                ints.add([len(c.token_ids) for _, c in prefill]),
+                ints.add([c.start for _, c in prefill]),
+                ints.add_rows([c.block_table[:width] for _, c in prefill], width),
+            )
+        elif prefill:
+            p_context = [ints.add(_slots(c.block_table, 0, c.start + len(c.token_ids), block_size)) for _, c in prefill]
+        on = ints.to(device)
+        batch = AttentionBatch(slot_mapping=on(t_slots), block_size=block_size, backend=backend)
+        if decoding:
+            batch.decode_rows, batch.decode_blocks, batch.decode_lens = on(d_rows), on(d_tables), on(d_lens)
             batch.decodes_first = decode_rows == list(range(len(decode_rows)))
-        hidden = self.model(
-            torch.tensor(token_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            self.kv_cache,
-            batch,
-        )
-        rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
-        return self.model.logits(hidden.index_select(0, rows)).float()
+        if p_parts is not None:
+            starts, lens, cached, tables = (on(part) for part in p_parts)
+            batch.packed_prefills = PackedPrefills(starts, lens, cached, tables, max(len(c.token_ids) for _, c in prefill))
+        if p_context is not None:
+            batch.prefills = [
+                PrefillChunk(slice(row, row + len(c.token_ids)), c.start, on(context))
+                for (row, c), context in zip(prefill, p_context, strict=True)
+            ]
+        return cls(on(t_ids), on(t_pos), on(t_rows), batch)
+
+
+def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class _HostInts:
+    """Integer lists laid end to end in one int64 host tensor, moved to the device with one copy."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def add(self, values: list[int]) -> tuple[int, int]:
+        first = len(self.values)
+        self.values.extend(values)
+        return first, len(values)
+
+    def add_rows(self, rows: list[list[int]], width: int) -> tuple[int, int, int]:
+        """Rows padded with 0 to `width` (block tables: padding points at block 0, masked by length)."""
+        first = len(self.values)
+        for row in rows:
+            self.values.extend(row)
+            self.values.extend([0] * (width - len(row)))
+        return first, len(rows) * width, width
+
+    def to(self, device: torch.device):
+        host = torch.tensor(self.values, dtype=torch.long)
+        if device.type == "cuda":
+            on_device = host.pin_memory().to(device, non_blocking=True)
+        else:
+            on_device = host.to(device)
+
+        def view(part: tuple[int, ...]) -> torch.Tensor:
+            first, count, *width = part
+            piece = on_device[first : first + count]
+            return piece.view(-1, width[0]) if width else piece
+
+        return view
 
 
 def build_native_runner(
@@ -119,6 +224,7 @@ def build_native_runner(
     max_len: int,
     quantization: str,
     dummy: bool = False,
+    backend: str = "torch",
 ) -> NativeRunner:
     """Our model, built on the meta device and materialised on `device`, weights copied in. GGUF
     tensors in a block format we compute with (Q4_0, Q4_1, Q8_0) stay in it; `quantization`
@@ -142,7 +248,7 @@ def build_native_runner(
         load_into(model, tensors, optional, stacked=model.stacked_params())
     if quantization != "none":
         quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
-    return NativeRunner(model.eval(), device, dtype)
+    return NativeRunner(model.eval(), device, dtype, backend)
 
 
 def _random_weights(model: nn.Module, seed: int = 0) -> None:

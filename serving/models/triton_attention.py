@@ -1,54 +1,97 @@
-"""Paged decode attention for CUDA in Triton: each decoding sequence's queries read its K/V where the
-paged cache keeps them (through its block table), with no gather-copy of the cache each step.
+"""Paged attention for CUDA in Triton: every query reads its sequence's K/V where the paged cache keeps
+them (through the sequence's block table), with no gather-copy of the cache in any step.
 
-One program per (sequence, KV head) computes all the query heads that share that KV head (GQA) with an
-online softmax over the sequence's cache blocks. Checked on CPU under TRITON_INTERPRET=1 against the
-plain-torch path (tests/test_triton_attention.py); sliding windows stay on the torch path.
+- `paged_decode_attention`: one query per decoding sequence. One program per (sequence, KV head)
+  computes all the query heads that share that KV head (GQA) with an online softmax over the
+  sequence's cache blocks, so each K/V block is read once for the whole group.
+- `paged_prefill_attention`: the prefill chunks of a step, packed back to back as variable-length
+  runs of query rows, each after however many tokens of its sequence are already cached (a prefix
+  cache hit, or an earlier chunk of a chunked prefill). One program per (chunk, tile of queries,
+  query head); the chunk's own new K/V are written to the cache before the kernel runs, so cached
+  prefix and new tokens are read the same way, causally masked by position.
+
+Both take sliding windows (a query at position p sees keys p - window + 1 .. p) and head sizes that
+are not powers of two (padded in registers, masked on load and store). Checked on CPU under
+TRITON_INTERPRET=1 against the plain-torch path (tests/test_triton_attention.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+# The interpreter runs tl.dot in numpy: small tiles keep CI fast there. On a GPU, larger query and key
+# tiles use the tensor cores well (64 x 64 x head_dim per dot).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_PREFILL_M = 16 if _INTERPRETED else 64
+_PREFILL_N = 16 if _INTERPRETED else 64
+_NO_WINDOW = 1 << 30
+
+
+def _precision(q: torch.Tensor) -> str:
+    """float32 models multiply in full float32 (a GPU's default for float32 dots is TF32, 10 bits of
+    mantissa: enough to flip a greedy choice); half-precision inputs use the tensor cores as they are.
+    The interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): there, "upcast" makes
+    float32 copies of the tiles first."""
+    if _INTERPRETED and q.dtype != torch.float32:
+        return "upcast"
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale,
-    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ob, stride_oh, stride_tb,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, tables_ptr, lens_ptr, scale, window,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
+    HAS_ROWS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
+    row = tl.load(rows_ptr + b) if HAS_ROWS else b
     length = tl.load(lens_ptr + b)
     offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
     offs_t = tl.arange(0, BLOCK)
     heads = kv_head * GROUP + offs_g
     in_group = offs_g < GROUP
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=in_group[:, None], other=0.0)
-    q = q.to(tl.float32)
+    in_dim = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=in_group[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for i in range(0, tl.cdiv(length, BLOCK)):
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    first_key = tl.maximum(length - window, 0)  # the oldest key the window still sees
+    for i in range(first_key // BLOCK, tl.cdiv(length, BLOCK)):
         block = tl.load(tables_ptr + b * stride_tb + i)
-        valid = i * BLOCK + offs_t < length
-        slots = block * BLOCK + offs_t
-        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(tl.float32))) * scale
+        pos = i * BLOCK + offs_t
+        valid = (pos < length) & (pos >= first_key)
+        slots = block.to(tl.int64) * BLOCK + offs_t
+        kv_mask = valid[:, None] & in_dim[None, :]
+        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = _dot(q, tl.trans(k), PRECISION) * scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m = m_new
     out = acc / total[:, None]
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=in_group[:, None])  # fmt: skip
+    tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=in_group[:, None] & in_dim[None, :])  # fmt: skip
 
 
 def paged_decode_attention(
@@ -59,18 +102,118 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     block_size: int,
     scale: float,
+    window: int | None = None,
+    rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, H, D] (one query per decoding sequence); caches [slots, KVH, D] with slot = block *
-    block_size + offset; block_tables [B, max_blocks] (int32/64); context_lens [B] (query included).
-    Returns [B, H, D]."""
-    batch, heads, head_dim = q.shape
+    """Decode attention of B sequences' single queries.
+
+    q [T, H, D]: query b is row `rows[b]` of q (rows None: row b); caches [slots, KVH, D] with slot =
+    block * block_size + offset; block_tables [B, max_blocks] (int32/64); context_lens [B] (query
+    included). The output goes to the same rows of `out` ([T, H, D]; a new tensor when None), which is
+    returned. Nothing here reads a tensor's value on the host: the call is CUDA-graph safe."""
+    batch = block_tables.shape[0]
+    _, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
     _paged_decode_kernel[(batch, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale,
+        q, k_cache, v_cache, out, rows if rows is not None else context_lens, block_tables, context_lens, scale,
+        window or _NO_WINDOW,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=block_size,
+        HAS_ROWS=rows is not None, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK=block_size, PRECISION=_precision(q),
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, starts_ptr, lens_ptr, cached_ptr, tables_ptr, scale, window,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    tile = tl.program_id(1)
+    head = tl.program_id(2)
+    length = tl.load(lens_ptr + chunk)
+    if tile * BLOCK_M >= length:
+        return
+    first_row = tl.load(starts_ptr + chunk)
+    cached = tl.load(cached_ptr + chunk)  # tokens of the sequence cached before this chunk
+    kv_head = head // GROUP
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    in_chunk = offs_m < length
+    in_dim = offs_d < HEAD_DIM
+    q_pos = cached + offs_m
+    q = tl.load(q_ptr + (first_row + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=in_chunk[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    last_pos = cached + tl.minimum(tile * BLOCK_M + BLOCK_M, length)  # one past this tile's last query
+    lo = tl.maximum(cached + tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, last_pos, BLOCK_N):
+        k_pos = start + offs_n
+        in_context = k_pos < last_pos
+        pages = tl.load(tables_ptr + chunk * stride_tb + k_pos // PAGE, mask=in_context, other=0)
+        slots = pages.to(tl.int64) * PAGE + k_pos % PAGE
+        kv_mask = in_context[:, None] & in_dim[None, :]
+        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = _dot(q, tl.trans(k), PRECISION) * scale
+        seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window) & in_context[None, :]
+        scores = tl.where(seen, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_ptr + (first_row + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=in_chunk[:, None] & in_dim[None, :])  # fmt: skip
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_lens: torch.Tensor,
+    chunk_cached: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_len: int,
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of C prefill chunks packed in q [T, H, D].
+
+    Chunk c is rows chunk_starts[c] .. + chunk_lens[c] of q, at positions chunk_cached[c] onwards; its
+    keys are its sequence's cache positions 0 .. chunk_cached[c] + chunk_lens[c] - 1, read through
+    block_tables[c] (the chunk's own K/V already written there). max_len >= every chunk_lens[c] (a
+    host value: it sizes the grid). Writes those rows of `out` [T, H, D] and returns it."""
+    chunks = block_tables.shape[0]
+    if chunks == 0 or max_len == 0:
+        return out
+    heads, head_dim = q.shape[1], q.shape[2]
+    group = heads // k_cache.shape[1]
+    grid = (chunks, triton.cdiv(max_len, _PREFILL_M), heads)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, out, chunk_starts, chunk_lens, chunk_cached, block_tables, scale, window or _NO_WINDOW,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size,
+        BLOCK_M=_PREFILL_M, BLOCK_N=_PREFILL_N, PRECISION=_precision(q),
     )  # fmt: skip
     return out
