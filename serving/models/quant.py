@@ -7,13 +7,21 @@ float16 minimum m (w = d*q + m, 20 bytes); the 4-bit formats pack two weights pe
 block holding weights j (low nibble) and j+16 (high). Our quantizer rounds exactly as ggml does, so
 its blocks are byte for byte what llama.cpp writes for the same weights.
 
-`BlockQuantLinear` computes with the weights still in blocks, by one of three paths chosen when it
-is built: on CPU our C kernels (cpu_qmm.py; activations rounded to int8 per block as llama.cpp
-does), else on CPU torch's int4 kernel for the 4-bit formats, else (any device) the exact weights
-dequantized a cache-sized chunk at a time.
+`BlockQuantLinear` computes with the weights still in blocks, by one of four paths chosen when it
+is built: on CUDA a Triton kernel that dequantizes tiles in registers (triton_quant.py; the blocks
+split into aligned arrays, the same bytes); on CPU our C kernels (cpu_qmm.py; activations rounded
+to int8 per block as llama.cpp does), else torch's int4 kernel for the 4-bit formats; else (any
+device) the exact weights dequantized a cache-sized chunk at a time.
+
+FLEETLM_QUANT_PATH=triton|dequantize, read when a layer is built, forces one of the two paths any
+device can take: tests run the Triton path on CPU under Triton's interpreter (TRITON_INTERPRET=1,
+set before triton is imported) and compare it with the dequantizing one.
 """
 
+import functools
+import os
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +137,32 @@ def _int4pack(rows: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]
     return packed, torch.stack((d.t(), zero.t()), dim=-1).bfloat16().contiguous()
 
 
+@functools.cache
+def _triton_quant() -> ModuleType | None:
+    try:  # triton comes with CUDA builds of torch; an import failure just means no Triton path
+        from serving.models import triton_quant
+    except ImportError:
+        return None
+    return triton_quant
+
+
+def _choose_path(device: torch.device, formats: list[str], part_rows: list[int]) -> str:
+    forced = os.environ.get("FLEETLM_QUANT_PATH")
+    if forced:
+        if forced not in ("triton", "dequantize"):
+            raise ValueError(f"FLEETLM_QUANT_PATH={forced!r}: valid values are triton, dequantize")
+        if forced == "triton" and (_triton_quant() is None or (device.type == "cpu" and not _triton_quant().INTERPRETED)):
+            raise ValueError("FLEETLM_QUANT_PATH=triton needs triton, and on CPU its interpreter (TRITON_INTERPRET=1)")
+        return forced
+    if device.type == "cuda" and _triton_quant() is not None:
+        return "triton"
+    if device.type == "cpu" and cpu_qmm.available():
+        return "kernel"
+    if device.type == "cpu" and _has_int4_cpu_kernel() and "q8_0" not in formats and all(n % 16 == 0 for n in part_rows):
+        return "int4"
+    return "dequantize"
+
+
 class BlockQuantLinear(nn.Module):
     """y = x W^T (+ b) with W kept in GGUF block formats.
 
@@ -144,15 +178,7 @@ class BlockQuantLinear(nn.Module):
         self.formats = [fmt for fmt, _ in parts]
         self.part_rows = [rows.shape[0] for _, rows in parts]
         self.out_features = sum(self.part_rows)
-        device = parts[0][1].device
-        if device.type == "cpu" and cpu_qmm.available():
-            self.path = "kernel"
-        elif device.type == "cpu" and _has_int4_cpu_kernel() and all(f != "q8_0" for f in self.formats) and all(
-            n % 16 == 0 for n in self.part_rows
-        ):
-            self.path = "int4"
-        else:
-            self.path = "dequantize"
+        self.path = _choose_path(parts[0][1].device, self.formats, self.part_rows)
         for i, (fmt, rows) in enumerate(parts):
             expected = in_features // BLOCK * BLOCK_BYTES[fmt]
             if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] != expected:
@@ -161,6 +187,11 @@ class BlockQuantLinear(nn.Module):
                 packed, scales_and_zeros = _int4pack(rows, fmt)
                 self.register_buffer(f"packed{i}", packed)
                 self.register_buffer(f"scales_and_zeros{i}", scales_and_zeros)
+            elif self.path == "triton":
+                values, scales, mins = _triton_quant().pack(rows, fmt)
+                self.register_buffer(f"values{i}", values)
+                self.register_buffer(f"scales{i}", scales)
+                self.register_buffer(f"mins{i}", mins)  # None (no buffer) but for Q4_1
             else:
                 self.register_buffer(f"weight{i}", rows.contiguous())
         self.bias = bias
@@ -177,13 +208,26 @@ class BlockQuantLinear(nn.Module):
             f"formats={'+'.join(self.formats)}, path={self.path}"
         )
 
+    def gguf_rows(self, i: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Part i's GGUF bytes (its rows `index`, or all)."""
+        assert self.path != "int4", "the int4 layout keeps no GGUF bytes"
+        if self.path != "triton":
+            weight = getattr(self, f"weight{i}")
+            return weight if index is None else weight.index_select(0, index)
+        arrays = [getattr(self, f"{name}{i}") for name in ("values", "scales", "mins")]
+        if index is not None:
+            arrays = [None if a is None else a.index_select(0, index) for a in arrays]
+        return _triton_quant().gguf_rows(*arrays, self.formats[i])
+
     def dequantize(self) -> torch.Tensor:
         """The exact float32 weight (out_features, in_features); for tests and the fallback path."""
-        assert self.path != "int4", "the int4 layout keeps no GGUF bytes"
-        return torch.cat([dequantize_blocks(getattr(self, f"weight{i}"), f) for i, f in enumerate(self.formats)])
+        return torch.cat([dequantize_blocks(self.gguf_rows(i), f) for i, f in enumerate(self.formats)])
 
     def _part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         fmt, rows = self.formats[i], self.part_rows[i]
+        if self.path == "triton":
+            arrays = (getattr(self, f"{name}{i}") for name in ("values", "scales", "mins"))
+            return _triton_quant().matmul(x, fmt, *arrays)
         if self.path == "kernel":
             return cpu_qmm.matmul(x, getattr(self, f"weight{i}"), fmt, rows)
         if self.path == "int4":
@@ -205,19 +249,23 @@ class BlockQuantLinear(nn.Module):
 
 class BlockQuantEmbedding(nn.Module):
     """An embedding table kept in a GGUF block format: looked-up rows are dequantized, and a tied
-    output projection (logits = hidden @ table^T) multiplies the blocks directly."""
+    output projection (logits = hidden @ table^T) multiplies the blocks directly.
+
+    The table is held once, by the projection, whose rows the lookups read; only torch's int4 layout
+    keeps no GGUF bytes to look rows up in, so on that path the table keeps its own copy.
+    """
 
     def __init__(self, fmt: str, rows: torch.Tensor, embedding_dim: int):
         super().__init__()
         self.fmt, self.embedding_dim = fmt, embedding_dim
         self.num_embeddings = rows.shape[0]
-        self.register_buffer("weight_blocks", rows.contiguous())
-        self.projection = BlockQuantLinear(embedding_dim, [(fmt, self.weight_blocks)])  # the same bytes
+        self.projection = BlockQuantLinear(embedding_dim, [(fmt, rows.contiguous())])
+        self.register_buffer("weight_blocks", rows.contiguous() if self.projection.path == "int4" else None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_blocks(self.weight_blocks.index_select(0, ids.reshape(-1)), self.fmt).view(
-            *ids.shape, self.embedding_dim
-        )
+        flat = ids.reshape(-1)
+        rows = self.projection.gguf_rows(0, flat) if self.weight_blocks is None else self.weight_blocks.index_select(0, flat)
+        return dequantize_blocks(rows, self.fmt).view(*ids.shape, self.embedding_dim)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.projection(hidden)
