@@ -3,22 +3,43 @@
 # 8 minutes so that one rerun fits in the 15 minutes of device time. Results land in $OUT (the device
 # tool fetches it) and bench/results/.
 #
-#   run: bash bench/device_check.sh        (carry the quart/hypercorn/kopf wheels if the HTTP part is added)
+#   here:   bash bench/device_wheels.sh                 (the wheels the device image lacks)
+#   device: run(command="bash bench/device_check.sh", carry=[".device-wheels"], timeout_s=540)
+#
+# Order: what must hold before any figure means anything (kernels compiled against torch, greedy parity
+# with transformers on cuda in fp32 and bf16, CUDA graphs included), then the figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" bench/results
 log() { echo "== $(date +%T) $*"; }
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 log "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+if [ -d .device-wheels ]; then
+  python3 -m pip install -q --no-index --find-links .device-wheels -r .device-wheels/needed.txt 2>&1 | tail -3
+fi
+python3 -m pip install -q --no-index --find-links .device-wheels pytest 2>/dev/null || true
 
-log "Triton attention kernels (decode and prefill), compiled, against torch on cuda (the CPU test runs it interpreted)"
-FLEETLM_CHECK_DEVICE=cuda timeout 120 python tests/triton_attention_check.py 2>&1 | tee "$OUT/triton_check.txt"
+log "Triton attention kernels (decode and prefill), compiled, against torch on cuda"
+FLEETLM_CHECK_DEVICE=cuda timeout 60 python3 tests/triton_attention_check.py 2>&1 | tail -5 | tee "$OUT/triton_check.txt"
+log "Triton quantized matmuls (q8_0, q4_0, q4_1), compiled, against dequantize + matmul on cuda"
+FLEETLM_CHECK_DEVICE=cuda timeout 60 python3 tests/triton_quant_check.py 2>&1 | tail -5 | tee "$OUT/triton_quant_check.txt"
 
-log "engine benchmark: Llama-3.1-8B shape, bf16, random weights, against transformers generate"
-timeout 420 python -m bench.gpu_bench --config bench/configs/llama-3.1-8b --device cuda --dtype bfloat16 \
-  --out "$OUT/gpu_bench.json" 2>&1 | grep -v '^{"ts' | tee "$OUT/gpu_bench.txt"
+# Greedy parity with transformers on tiny models of each architecture, mixed staggered batches, chunked
+# prefill, preemption, prefix caching and the CUDA graphs' padded buckets, on cuda.
+ORACLE="single_request or mixed_staggered or preemption or static_padded or prefix_cache"
+for dtype in float32 bfloat16; do
+  log "engine oracle on cuda, $dtype"
+  FLEETLM_TEST_DEVICE=cuda FLEETLM_TEST_DTYPE=$dtype timeout 100 python3 -m pytest -q -p no:cacheprovider -x \
+    tests/test_engine_oracle.py -k "$ORACLE" 2>&1 | tail -15 | tee "$OUT/oracle_cuda_$dtype.txt"
+done
+
+log "engine benchmark: Llama-3.1-8B shape, bf16, random weights, transformers generate and HTTP at c64"
+timeout 250 python3 -m bench.gpu_bench --config bench/configs/llama-3.1-8b --device cuda --dtype bfloat16 \
+  --out "$OUT/gpu_bench.json" 2>&1 | grep -v '^{"ts' | tail -40 | tee "$OUT/gpu_bench.txt"
 cp "$OUT/gpu_bench.json" bench/results/gpu_bench.json 2>/dev/null || true
+
 log "done"

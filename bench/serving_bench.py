@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
+def start_server(args: argparse.Namespace, extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str, str]:
+    """`python -m serving` on a free port with args' settings plus extra_args (more server flags);
+    returns once /health says ready: the process, its /v1 URL and the served model's name."""
     port = _free_port()
     cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     cmd += ["--max-batch-size", str(args.max_batch_size), "--device", args.device]
@@ -48,6 +51,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
         cmd += ["--model-path", args.model_path]
     if args.threads:
         cmd += ["--num-threads", str(args.threads)]
+    cmd += extra_args
     proc = subprocess.Popen(cmd)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
