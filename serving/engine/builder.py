@@ -112,14 +112,18 @@ def profile_activations(runner: NativeRunner, num_tokens: int, num_seqs: int) ->
     return peak - before
 
 
+def _captures_graphs(cfg: ServeConfig, runner: NativeRunner) -> bool:
+    """Decode steps replay CUDA graphs: on a GPU, with the Triton attention backend, unless turned off."""
+    return cfg.cuda_graphs and runner.device.type == "cuda" and runner.backend == "triton"
+
+
 def profiled_kv_tokens(cfg: ServeConfig, runner: NativeRunner, max_batched: int) -> int:
     """KV capacity on a GPU from a warm-up profile: the largest step's peak activation memory is
     measured, not guessed, so a large --gpu-memory-utilization cannot run out of memory mid-traffic."""
     device = runner.device
     activations = profile_activations(runner, max_batched, cfg.max_batch_size)
-    graphs = cfg.cuda_graphs and runner.backend == "triton"
     # The decode graphs' pool holds the activations of the largest batch's step.
-    graph_pool = profile_activations(runner, cfg.max_batch_size, cfg.max_batch_size) if graphs else 0
+    graph_pool = profile_activations(runner, cfg.max_batch_size, cfg.max_batch_size) if _captures_graphs(cfg, runner) else 0
     weights = torch.cuda.memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
@@ -187,7 +191,7 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
             f"({model.max_model_len}): lower --max-seq-len, or raise --kv-cache-tokens / --gpu-memory-utilization"
         )
     runner.allocate_kv_cache(num_blocks, BLOCK_SIZE)
-    if native_gpu and cfg.cuda_graphs and runner.backend == "triton":
+    if native_gpu and _captures_graphs(cfg, runner):
         runner.use_decode_graphs(cfg.max_batch_size, model.max_model_len, capture=True)
     prefix_caching = cfg.prefix_caching and runner.supports_prefix_caching
     engine = LLMEngine(

@@ -14,6 +14,7 @@ import torch
 
 from serving.engine.protocol import TokenLogprob
 from serving.engine.sequence import Sequence
+from serving.models.host_inputs import to_device
 
 
 @dataclass(slots=True)
@@ -22,17 +23,9 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]
 
 
-def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A host list as a tensor on `device`: to a GPU from pinned memory, asynchronously (a plain
-    torch.tensor(..., device="cuda") waits for the device to drain its queue first)."""
-    host = torch.tensor(values, dtype=dtype)
-    return _to(device, host)
-
-
-def _to(device: torch.device, host: torch.Tensor) -> torch.Tensor:
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+def _on(device: torch.device, values: list) -> torch.Tensor:
+    """A host list as a tensor on `device` (to a GPU from pinned memory, without waiting for it)."""
+    return to_device(torch.tensor(values), device)
 
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -42,7 +35,7 @@ def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     for i, r in enumerate(rows):
         if r:
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return _to(device, out)
+    return to_device(out, device)
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:

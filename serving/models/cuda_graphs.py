@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from serving.models.attention import AttentionBatch
+from serving.models.host_inputs import HostInts, cache_slots
 from serving.models.runner import ForwardChunk
 
 if TYPE_CHECKING:
@@ -113,24 +114,18 @@ class DecodeGraphs:
         pad = b - count
         self.steps += 1
         self.padded_steps += pad > 0
-        values = [c.token_ids[0] for c in chunks] + [0] * pad
-        values += [c.start for c in chunks] + [0] * pad
-        values += [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks] + [self.scratch_slot] * pad
-        values += lengths + [1] * pad
-        scratch = [self.runner.scratch_block] * width
-        for c in chunks:
-            values += c.block_table[:width] + [0] * (width - min(width, len(c.block_table)))
-        values += scratch * pad
-        host = torch.tensor(values, dtype=torch.long)
-        if self.runner.device.type == "cuda":
-            flat = host.pin_memory().to(self.runner.device, non_blocking=True)
-        else:
-            flat = host
-        self.ids[:b].copy_(flat[:b])
-        self.positions[:b].copy_(flat[b : 2 * b])
-        self.slots[:b].copy_(flat[2 * b : 3 * b])
-        self.lens[:b].copy_(flat[3 * b : 4 * b])
-        self.tables[:b, :width].copy_(flat[4 * b :].view(b, width))
+        ints = HostInts()
+        parts = (
+            ints.add([c.token_ids[0] for c in chunks] + [0] * pad),
+            ints.add([c.start for c in chunks] + [0] * pad),
+            ints.add([cache_slots(c.block_table, c.start, c.start + 1, bs)[0] for c in chunks] + [self.scratch_slot] * pad),
+            ints.add(lengths + [1] * pad),
+        )
+        tables = ints.add_rows([c.block_table[:width] for c in chunks] + [[self.runner.scratch_block] * width] * pad, width)
+        on = ints.to(self.runner.device)
+        for static, part in zip((self.ids, self.positions, self.slots, self.lens), parts, strict=True):
+            static[:b].copy_(on(part))
+        self.tables[:b, :width].copy_(on(tables))
         graph = self.graphs.get(b)
         if graph is not None:
             graph.replay()

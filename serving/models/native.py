@@ -17,6 +17,7 @@ from serving.models import gguf
 from serving.models.attention import AttentionBatch, PackedPrefills, PrefillChunk
 from serving.models.cuda_graphs import DecodeGraphs
 from serving.models.gguf import BlockRows
+from serving.models.host_inputs import HostInts, cache_slots
 from serving.models.llama import LlamaForCausalLM
 from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear, quantize_linears
 from serving.models.runner import ForwardChunk, kv_bytes_per_token
@@ -126,7 +127,7 @@ class StepInputs:
         """Every integer the step needs goes to the device in one copy: gathered into one host tensor
         (pinned, for a CUDA device: the copy is asynchronous and the host goes on building nothing
         else that waits for it), then sliced there into the tensors below."""
-        ints = _HostInts()
+        ints = HostInts()
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -138,7 +139,7 @@ class StepInputs:
             start, row = chunk.start, len(token_ids)
             token_ids.extend(chunk.token_ids)
             positions.extend(range(start, start + n))
-            slots.extend(_slots(chunk.block_table, start, start + n, block_size))
+            slots.extend(cache_slots(chunk.block_table, start, start + n, block_size))
             if chunk.decode:
                 decode_rows.append(row)
                 decoding.append(chunk)
@@ -161,7 +162,7 @@ class StepInputs:
                 ints.add_rows([c.block_table[:width] for _, c in prefill], width),
             )
         elif prefill:
-            p_context = [ints.add(_slots(c.block_table, 0, c.start + len(c.token_ids), block_size)) for _, c in prefill]
+            p_context = [ints.add(cache_slots(c.block_table, 0, c.start + len(c.token_ids), block_size)) for _, c in prefill]
         on = ints.to(device)
         batch = AttentionBatch(slot_mapping=on(t_slots), block_size=block_size, backend=backend)
         if decoding:
@@ -176,44 +177,6 @@ class StepInputs:
                 for (row, c), context in zip(prefill, p_context, strict=True)
             ]
         return cls(on(t_ids), on(t_pos), on(t_rows), batch)
-
-
-def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
-class _HostInts:
-    """Integer lists laid end to end in one int64 host tensor, moved to the device with one copy."""
-
-    def __init__(self) -> None:
-        self.values: list[int] = []
-
-    def add(self, values: list[int]) -> tuple[int, int]:
-        first = len(self.values)
-        self.values.extend(values)
-        return first, len(values)
-
-    def add_rows(self, rows: list[list[int]], width: int) -> tuple[int, int, int]:
-        """Rows padded with 0 to `width` (block tables: padding points at block 0, masked by length)."""
-        first = len(self.values)
-        for row in rows:
-            self.values.extend(row)
-            self.values.extend([0] * (width - len(row)))
-        return first, len(rows) * width, width
-
-    def to(self, device: torch.device):
-        host = torch.tensor(self.values, dtype=torch.long)
-        if device.type == "cuda":
-            on_device = host.pin_memory().to(device, non_blocking=True)
-        else:
-            on_device = host.to(device)
-
-        def view(part: tuple[int, ...]) -> torch.Tensor:
-            first, count, *width = part
-            piece = on_device[first : first + count]
-            return piece.view(-1, width[0]) if width else piece
-
-        return view
 
 
 def build_native_runner(

@@ -51,6 +51,20 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(scores, v, m, total, acc, PRECISION: tl.constexpr):
+    """One tile of keys into the online softmax of each query row: (running max, sum of exponentials,
+    weighted sum of values) updated with `scores` [rows, keys] (-inf where masked) and their values.
+    A row whose keys were all masked so far keeps max -inf and adds nothing."""
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    total = total * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return m_new, total, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, tables_ptr, lens_ptr, scale, window,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
@@ -83,12 +97,7 @@ def _paged_decode_kernel(
         v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         scores = _dot(q, tl.trans(k), PRECISION) * scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m = m_new
+        m, total, acc = _softmax_step(scores, v, m, total, acc, PRECISION)
     out = acc / total[:, None]
     tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=in_group[:, None] & in_dim[None, :])  # fmt: skip
@@ -171,13 +180,7 @@ def _paged_prefill_kernel(
         scores = _dot(q, tl.trans(k), PRECISION) * scale
         seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window) & in_context[None, :]
         scores = tl.where(seen, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m = m_new
+        m, total, acc = _softmax_step(scores, v, m, total, acc, PRECISION)
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(out_ptr + (first_row + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_chunk[:, None] & in_dim[None, :])  # fmt: skip

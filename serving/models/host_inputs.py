@@ -1,0 +1,55 @@
+"""Host-built step inputs on their way to the device: one pinned, non-blocking copy to a GPU.
+
+A plain torch.tensor(..., device="cuda") (or .to("cuda") of pageable memory) makes the host wait
+until the device has drained its queue, which serialises building the next inputs behind the GPU's
+work. From pinned memory the copy is queued like a kernel; torch's caching host allocator keeps the
+pinned block alive until the copy has run. The runner, its CUDA-graph path and the sampler all send
+their inputs this way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def cache_slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions start .. end - 1 of a stream whose blocks are `table`."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class HostInts:
+    """Integer lists laid end to end in one int64 host tensor, moved to the device with one copy."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def add(self, values: list[int]) -> tuple[int, int]:
+        first = len(self.values)
+        self.values.extend(values)
+        return first, len(values)
+
+    def add_rows(self, rows: list[list[int]], width: int) -> tuple[int, int, int]:
+        """Rows padded with 0 to `width` (block tables: padding points at block 0, masked by length)."""
+        first = len(self.values)
+        for row in rows:
+            self.values.extend(row)
+            self.values.extend([0] * (width - len(row)))
+        return first, len(rows) * width, width
+
+    def to(self, device: torch.device):
+        """Copy everything added to `device`; returns a function from what add/add_rows returned to that
+        part's tensor there (a view of the one copy)."""
+        on_device = to_device(torch.tensor(self.values, dtype=torch.long), device)
+
+        def view(part: tuple[int, ...]) -> torch.Tensor:
+            first, count, *width = part
+            piece = on_device[first : first + count]
+            return piece.view(-1, width[0]) if width else piece
+
+        return view
