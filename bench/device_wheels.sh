@@ -61,8 +61,9 @@ for item in json.load(open(sys.argv[1]))["install"]:
     print(item["metadata"]["name"].lower().replace("_", "-") + "==" + item["metadata"]["version"])' "$1"
 }
 
-# 1. What the image has: torch, triton, transformers and what they require (CUDA's own packages aside,
-# which are large and surely there).
+# 1. What the image has: torch, triton, transformers and what they require directly (CUDA's own
+# packages aside, large and surely there). Their dependencies' dependencies are carried all the same:
+# today's resolution may need ones that the image's older versions did not (pydantic, through typer).
 resolve "$work/device-top.json" --no-deps "${DEVICE_HAS[@]}"
 mapfile -t device_reqs < <("$PYTHON" -c 'import json, sys
 from pip._vendor.packaging.requirements import Requirement
@@ -73,14 +74,14 @@ for item in json.load(open(sys.argv[1]))["install"]:
             continue
         if not req.name.lower().startswith(("nvidia-", "cuda-", "torch", "triton")):
             print(spec.split(";")[0].strip())' "$work/device-top.json")
-resolve "$work/device.json" "${DEVICE_HAS[@]/%/}" "${device_reqs[@]}" --no-deps 2>/dev/null || true
 resolve "$work/device.json" "${device_reqs[@]}"
-{ names "$work/device.json"; printf '%s\n' "${DEVICE_HAS[@]}"; } | sort -u >"$work/device.txt"
+{ names "$work/device.json"; printf '%s\n' "${DEVICE_HAS[@]}"; } | sort -u >"$work/device.txt"  # pins, for step 2
+{ printf '%s\n' "${DEVICE_HAS[@]%%==*}"
+  printf '%s\n' "${device_reqs[@]}" | sed -E 's/[ <>=!~;\[(].*//' | tr 'A-Z_' 'a-z-'; } | sort -u >"$work/device-names.txt"
 
 # 2. What we need, resolved against those versions; then what the image lacks of it.
 resolve "$work/needed.json" "${NEEDED[@]}" -c "$work/device.txt"
 names "$work/needed.json" | sort -u >"$work/needed-all.txt"
-cut -d= -f1 "$work/device.txt" | sort -u >"$work/device-names.txt"
 mapfile -t carry < <(awk -F'==' 'NR == FNR { have[$1] = 1; next } !($1 in have)' "$work/device-names.txt" "$work/needed-all.txt")
 
 rm -rf "$DEST"
@@ -88,13 +89,13 @@ mkdir -p "$DEST"
 "$PYTHON" -m pip download -q --no-deps "${target[@]}" -d "$DEST" "${carry[@]}" \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 printf '%s\n' "${NEEDED[@]}" >"$DEST/needed.txt"
-cp "$work/device.txt" "$DEST/assumed-on-device.txt"
+cp "$work/device-names.txt" "$DEST/assumed-on-device.txt"
 
 count=$(find "$DEST" -name '*.whl' | wc -l)
 bytes=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
 echo "$count wheels, $((bytes / 1024 / 1024)) MiB ($bytes bytes) in $DEST for Python $PY_VERSION on ${PLATFORMS[0]}:"
 printf '  %s\n' "${carry[@]}"
-echo "left out, assumed on the device: $(cut -d= -f1 "$work/device.txt" | tr '\n' ' ')"
+echo "left out, assumed on the device: $(tr '\n' ' ' <"$work/device-names.txt")"
 if ((bytes > MAX_MIB * 1024 * 1024)); then
   echo "error: over $MAX_MIB MiB: the device tool carries 64 MiB with the working tree" >&2
   exit 1

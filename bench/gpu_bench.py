@@ -10,7 +10,10 @@ transformers' generate in the same run, and the same engine behind its HTTP serv
 
 Phases run one after another, each freeing the GPU before the next loads its weights: engine,
 transformers, then the server (its own process, so the engine here must have let go of the memory).
-Every run draws its own random prompts (bench.workload): no run hits another's prefix cache.
+Every run draws its own random prompts (bench.workload): no run hits another's prefix cache. Prompts
+are token ids and lengths come from `usage`; a config directory without a tokenizer (bench/configs)
+gets a generated one of its vocabulary size (--tokenizer-path), since the server will not start without.
+A JSON is written after each phase, so a run stopped by a time limit keeps what it measured.
 
 Prints a table and writes JSON with the date and commit (bench/results/gpu_bench.json; `python -m
 bench.gpu_table` makes the README's table of it). --quick runs tiny shapes (a CPU smoke test of this
@@ -212,7 +215,12 @@ def vocab_size_of(config_dir: str) -> int:
     return AutoConfig.from_pretrained(config_dir).vocab_size
 
 
-def _machine(device: str) -> dict:
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def machine_info(device: str) -> dict:
+    """What a GPU result is comparable with: torch, the platform, and on CUDA the GPU and CUDA version."""
     info = {"torch": torch.__version__, "platform": platform.platform()}
     if device.startswith("cuda"):
         info |= {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
@@ -240,20 +248,38 @@ def main() -> None:
     if unknown:
         parser.error(f"--http-workloads: unknown {', '.join(sorted(unknown))}")
 
+    commit = git_commit()
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "config": args.config, "device": args.device,
+                    "dtype": args.dtype, "quick": args.quick, "machine": machine_info(args.device), "complete": False}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every phase: a run stopped by its time limit keeps what it measured
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    def row(label: str, tok_s: float, seconds: float, more: str = "") -> None:
+        print(f"{label:<34} {tok_s:>10.1f} {seconds:>8.2f}{more}", flush=True)
+
+    print(f"{'run':<34} {'out tok/s':>10} {'seconds':>8}", flush=True)
     # Phase 1: the engine in this process, offline and (for the HTTP comparison) `concurrency` at a time.
     engine = _engine(args.config, args.device, args.dtype, batch=WORKLOADS["decode_heavy"][0] // scale, seq_len=seq_len)
     results: dict = {"single_stream": single_stream(engine, vocab, 128 // scale, 256 // scale, args.device)}
+    row("single stream (decode)", results["single_stream"]["decode_tok_s"], results["single_stream"]["seconds"])
     batch_warmup = make_workload(WORKLOADS["decode_heavy"][0] // scale, (128 // scale,) * 2, (4, 4), vocab, seed=3)
     _run(engine, batch_warmup, args.device)  # kernels for full batches compile here, not in the first run
     for name, (requests, shape) in runs.items():
         results[name] = {**_run(engine, requests, args.device), "shape": shape}
+        row(name, results[name]["tok_s"], results[name]["seconds"])
     # Fresh prompts (the offline runs' are in the prefix cache now); the server gets the same ones.
     served = {name: workload(name, scale, vocab, tag=f"@c{concurrency}")[0] for name in http_names}
     at_concurrency = {name: _run(engine, reqs, args.device, concurrency) for name, reqs in served.items()}
+    for name, r in at_concurrency.items():
+        row(f"{name}, engine at c{concurrency}", r["tok_s"], r["seconds"])
     del engine
+    report |= {"fleetlm": results, "gpu_reserved_bytes": {"after_engine": _free_gpu(args.device)}}
+    save()
 
     # Phase 2: transformers, one model for both batch sizes.
-    reserved = {"after_engine": _free_gpu(args.device)}
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device(args.device):  # random init where the weights live: minutes faster than on the CPU for 8B
@@ -264,49 +290,38 @@ def main() -> None:
         f"transformers_batch_{static}": transformers_generate(peer, vocab, args.device, static, 128 // scale, 128 // scale),
     }
     del peer
+    for name, r in peers.items():
+        row(name, r["tok_s"], r["seconds"])
+    report["peers"] = peers
+    save()
 
     # Phase 3: the server, in its own process, on the memory the two phases above gave back.
     http_report: dict | None = None
     if http_names:
-        reserved["before_server"] = _free_gpu(args.device)
+        report["gpu_reserved_bytes"]["before_server"] = _free_gpu(args.device)
         warmup = make_workload(concurrency, (128 // scale, 128 // scale), (16 // scale, 16 // scale), vocab, seed=2)
         try:
             http_report = http(args, served, warmup, concurrency, vocab, seq_len)
         except Exception as exc:  # still write what the other phases measured
             http_report = {"concurrency": concurrency, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"HTTP part failed: {http_report['error']}", flush=True)
         for name in http_report.get("workloads", {}):
             through_http, engine_c = http_report["workloads"][name], at_concurrency[name]
+            ratio = through_http["output_tok_s"] / engine_c["tok_s"]
             http_report["workloads"][name] = {
                 "http": through_http,
                 "engine_same_concurrency": engine_c["summary"],
                 "engine_offline_tok_s": results[name]["tok_s"],
-                "ratio_to_engine_same_concurrency": through_http["output_tok_s"] / engine_c["tok_s"],
+                "ratio_to_engine_same_concurrency": ratio,
                 "ratio_to_engine_offline": through_http["output_tok_s"] / results[name]["tok_s"],
                 "shape": runs[name][1],
             }
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"{'run':<34} {'out tok/s':>10} {'seconds':>8}")
-    print(f"{'single stream (decode)':<34} {results['single_stream']['decode_tok_s']:>10.1f} {results['single_stream']['seconds']:>8.2f}")
-    for name in WORKLOADS:
-        print(f"{name:<34} {results[name]['tok_s']:>10.1f} {results[name]['seconds']:>8.2f}")
-    for name, r in peers.items():
-        print(f"{name:<34} {r['tok_s']:>10.1f} {r['seconds']:>8.2f}")
-    for name, r in (http_report or {}).get("workloads", {}).items():
-        h, e = r["http"], r["engine_same_concurrency"]
-        print(f"{f'{name}, engine at c{concurrency}':<34} {e['output_tok_s']:>10.1f} {e['duration_s']:>8.2f}")
-        print(f"{f'{name}, HTTP at c{concurrency}':<34} {h['output_tok_s']:>10.1f} {h['duration_s']:>8.2f}"
-              f"  TTFT p50/p99 {h['ttft_ms']['p50']:.1f}/{h['ttft_ms']['p99']:.1f} ms"
-              f"  TPOT p50/p99 {h['tpot_ms']['p50']:.2f}/{h['tpot_ms']['p99']:.2f} ms"
-              f"  HTTP/engine {r['ratio_to_engine_same_concurrency']:.2f}")  # fmt: skip
-    if http_report and "error" in http_report:
-        print(f"HTTP part failed: {http_report['error']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "config": args.config, "device": args.device,
-              "dtype": args.dtype, "quick": args.quick, "machine": _machine(args.device), "gpu_reserved_bytes": reserved,
-              "fleetlm": results, "peers": peers, "http": http_report}  # fmt: skip
-    out.write_text(json.dumps(report, indent=1) + "\n")
+            ttft, tpot = through_http["ttft_ms"], through_http["tpot_ms"]
+            row(f"{name}, HTTP at c{concurrency}", through_http["output_tok_s"], through_http["duration_s"],
+                f"  TTFT p50/p99 {ttft['p50']:.1f}/{ttft['p99']:.1f} ms  TPOT p50/p99 {tpot['p50']:.2f}/{tpot['p99']:.2f} ms"
+                f"  HTTP/engine {ratio:.2f}")  # fmt: skip
+    report |= {"http": http_report, "complete": True}
+    save()
     if http_report and "error" in http_report:
         raise SystemExit(1)
 

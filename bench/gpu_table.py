@@ -65,7 +65,8 @@ def table(report: dict) -> str:
                      _met(tok_s >= target) if target else "–"))  # fmt: skip
     http = report.get("http") or {}
     if not http:
-        rows.append(("HTTP, concurrency 64", "not run (`--skip-http`)",
+        why = "not run (`--skip-http`)" if "http" in report else "not reached: the run stopped before it"
+        rows.append(("HTTP, concurrency 64", why,
                      f"≥ {HTTP_SHARE_OF_ENGINE:.0%} of the engine; TTFT p50 < {HTTP_TTFT_P50_MS} ms", "–"))  # fmt: skip
     if "error" in http:
         rows.append((f"HTTP, concurrency {http.get('concurrency')}", f"failed: {http['error']}", "", "**no**"))
@@ -96,7 +97,8 @@ def table(report: dict) -> str:
     lines = [
         f"Measured {report['date']} at commit `{report['commit']}` on {device}"
         f"{f' ({software})' if software else ''}: `{report['config']}`, {report['dtype']}, random weights "
-        f"(`--load-format dummy`); output tokens per second. From `bench/results/gpu_bench.json`.",
+        f"(`--load-format dummy`); output tokens per second. From `bench/results/gpu_bench.json`"
+        + ("." if report.get("complete", True) else ", of a run stopped before its end (later rows are missing)."),
         "",
         "| run | measured | target | met |",
         "|---|---|---|---|",

@@ -67,6 +67,14 @@ def test_a_failed_http_part_is_shown_as_failed():
     assert rows["HTTP, concurrency 64"] == ["failed: RuntimeError: server exited with 1", "", "**no**"]
 
 
+def test_a_run_stopped_early_says_so():
+    partial = {k: v for k, v in _report(complete=False).items() if k not in ("peers", "http")}
+    table = gpu_table.table(partial)
+    assert "of a run stopped before its end" in table and "transformers" not in table
+    assert _rows(table)["HTTP, concurrency 64"][0] == "not reached: the run stopped before it"
+    assert "stopped" not in gpu_table.table(_report(complete=True)).splitlines()[0]
+
+
 def test_without_gpu_results_the_block_says_none_were_measured():
     assert gpu_table.block(None) == gpu_table.NOT_MEASURED
     assert gpu_table.block(_report(quick=True)) == gpu_table.NOT_MEASURED

@@ -49,6 +49,16 @@ def make_tiny_model(root: Path, arch: str, seed: int = 0, **overrides) -> Path:
     return out
 
 
+def make_config_only_model(root: Path, arch: str) -> Path:
+    """A model directory holding nothing but its config.json, as bench/configs does: no weights, no
+    tokenizer (what --load-format dummy runs on)."""
+    model_dir = make_tiny_model(root, arch)
+    for file in model_dir.iterdir():
+        if file.name != "config.json":
+            file.unlink()
+    return model_dir
+
+
 def hf_greedy(
     model_dir: Path, prompt_ids: list[int], max_new_tokens: int, device: str = "cpu", dtype: str = "float32"
 ) -> list[int]:
