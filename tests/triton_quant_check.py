@@ -1,5 +1,5 @@
-"""Run under TRITON_INTERPRET=1 by tests/test_triton_quant.py (and compiled on a GPU with
-FLEETLM_CHECK_DEVICE=cuda): the Triton block-quantized matmul against dequantize-then-F.linear.
+"""`python -m tests.triton_quant_check`, run under TRITON_INTERPRET=1 by tests/test_triton_quant.py (and
+compiled on a GPU with FLEETLM_CHECK_DEVICE=cuda): the Triton block-quantized matmul against dequantize-then-F.linear.
 
 - the kernel alone, Q8_0 / Q4_0 / Q4_1, row counts below, at and over a tile (1, 5, 33), K and N that
   are no multiple of the tiles (96, 40), float32 (to float32 rounding) and bfloat16 (to one bfloat16

@@ -66,40 +66,45 @@ def _block_quant_matmul_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     w_cols = cols.to(tl.int64)[None, :]  # a vocabulary-sized layer's N*K passes 2^31
     blocks_per_row = K // 32
+    d_cols = scales_ptr + cols.to(tl.int64) * blocks_per_row
+    m_cols = mins_ptr + cols.to(tl.int64) * blocks_per_row
+    j = tl.arange(0, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FMT == "q8_0":
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_ok = k_ok[:, None] & col_ok[None, :]
-            q = tl.load(values_ptr + w_cols * K + k[:, None], mask=w_ok, other=0)
-            d = tl.load(scales_ptr + w_cols * blocks_per_row + (k // 32)[:, None], mask=w_ok, other=0.0)
-            w = q.to(tl.float32) * d.to(tl.float32)
-            acc = _dot(acc, x, w, PRECISION, UPCAST)
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte b of the row: block b // 16, weights j and j + 16
-            k_lo = (b // 16) * 32 + b % 16
-            k_ok = k_lo < K
-            x_ok = row_ok[:, None] & k_ok[None, :]
-            x_lo = tl.load(x_rows + k_lo[None, :], mask=x_ok, other=0.0)
-            x_hi = tl.load(x_rows + (k_lo + 16)[None, :], mask=x_ok, other=0.0)
-            w_ok = k_ok[:, None] & col_ok[None, :]
-            packed = tl.load(values_ptr + w_cols * (K // 2) + b[:, None], mask=w_ok, other=0)
-            scale = w_cols * blocks_per_row + (b // 16)[:, None]
-            d = tl.load(scales_ptr + scale, mask=w_ok, other=0.0).to(tl.float32)
-            lo = (packed & 15).to(tl.float32)
-            hi = (packed >> 4).to(tl.float32)
-            if FMT == "q4_0":
-                w_lo = (lo - 8.0) * d
-                w_hi = (hi - 8.0) * d
+    for k0 in range(0, K, BLOCK_K):
+        # One 32-weight block a dot: its scale is one per column, loaded once, not once a weight.
+        for i in tl.static_range(BLOCK_K // 32):
+            block = k0 // 32 + i
+            # Past the last block (K need not be a multiple of BLOCK_K) the activations load as zeros and
+            # the scales from the last block: finite, times zero.
+            last = tl.minimum(block, blocks_per_row - 1)
+            d = tl.load(d_cols + last, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if FMT == "q8_0":
+                k = block * 32 + tl.arange(0, 32)
+                k_ok = k < K
+                x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                q = tl.load(values_ptr + w_cols * K + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0)
+                acc = _dot(acc, x, q.to(tl.float32) * d, PRECISION, UPCAST)
             else:
-                m = tl.load(mins_ptr + scale, mask=w_ok, other=0.0).to(tl.float32)
-                w_lo = lo * d + m
-                w_hi = hi * d + m
-            acc = _dot(acc, x_lo, w_lo, PRECISION, UPCAST)
-            acc = _dot(acc, x_hi, w_hi, PRECISION, UPCAST)
+                # Byte j of the block holds weight j (low nibble) and j + 16 (high): two dots of 16, over
+                # the activations' columns j and j + 16, so the nibbles need no reordering.
+                k = block * 32 + j
+                k_ok = k < K
+                x_ok = row_ok[:, None] & k_ok[None, :]
+                x_lo = tl.load(x_rows + k[None, :], mask=x_ok, other=0.0)
+                x_hi = tl.load(x_rows + (k + 16)[None, :], mask=x_ok, other=0.0)
+                w_ok = k_ok[:, None] & col_ok[None, :]
+                packed = tl.load(values_ptr + w_cols * (K // 2) + (block * 16 + j)[:, None], mask=w_ok, other=0)
+                lo = (packed & 15).to(tl.float32)
+                hi = (packed >> 4).to(tl.float32)
+                if FMT == "q4_0":
+                    w_lo = (lo - 8.0) * d
+                    w_hi = (hi - 8.0) * d
+                else:
+                    m = tl.load(m_cols + last, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                    w_lo = lo * d + m
+                    w_hi = hi * d + m
+                acc = _dot(acc, x_lo, w_lo, PRECISION, UPCAST)
+                acc = _dot(acc, x_hi, w_hi, PRECISION, UPCAST)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
