@@ -2,8 +2,9 @@
 them (through the sequence's block table), with no gather-copy of the cache in any step.
 
 - `paged_decode_attention`: one query per decoding sequence. One program per (sequence, KV head)
-  computes all the query heads that share that KV head (GQA) with an online softmax over the
-  sequence's cache blocks, so each K/V block is read once for the whole group.
+  computes all the query heads that share that KV head (GQA) with an online softmax over tiles of
+  the sequence's keys (each tile several cache blocks), so each K/V block is read once for the whole
+  group.
 - `paged_prefill_attention`: the prefill chunks of a step, packed back to back as variable-length
   runs of query rows, each after however many tokens of its sequence are already cached (a prefix
   cache hit, or an earlier chunk of a chunked prefill). One program per (chunk, tile of queries,
@@ -28,6 +29,10 @@ import triton.language as tl
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _PREFILL_M = 16 if _INTERPRETED else 64
 _PREFILL_N = 16 if _INTERPRETED else 64
+# Keys per decode tile: several cache blocks at once (each token's block looked up in the table), so a
+# program has that many loads in flight per step of its loop rather than one 16-token block. 32 under
+# the interpreter still spans two blocks of 16, the path a GPU takes.
+_DECODE_N = 32 if _INTERPRETED else 64
 _NO_WINDOW = 1 << 30
 
 
@@ -69,7 +74,7 @@ def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, tables_ptr, lens_ptr, scale, window,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
     HAS_ROWS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -77,7 +82,7 @@ def _paged_decode_kernel(
     length = tl.load(lens_ptr + b)
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D_PAD)
-    offs_t = tl.arange(0, BLOCK)
+    offs_t = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_g
     in_group = offs_g < GROUP
     in_dim = offs_d < HEAD_DIM
@@ -87,11 +92,11 @@ def _paged_decode_kernel(
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     first_key = tl.maximum(length - window, 0)  # the oldest key the window still sees
-    for i in range(first_key // BLOCK, tl.cdiv(length, BLOCK)):
-        block = tl.load(tables_ptr + b * stride_tb + i)
-        pos = i * BLOCK + offs_t
+    for start in range(first_key // BLOCK_N * BLOCK_N, length, BLOCK_N):
+        pos = start + offs_t
         valid = (pos < length) & (pos >= first_key)
-        slots = block.to(tl.int64) * BLOCK + offs_t
+        pages = tl.load(tables_ptr + b * stride_tb + pos // PAGE, mask=pos < length, other=0)
+        slots = pages.to(tl.int64) * PAGE + pos % PAGE
         kv_mask = valid[:, None] & in_dim[None, :]
         k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -135,7 +140,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
         HAS_ROWS=rows is not None, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK=block_size, PRECISION=_precision(q),
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size, BLOCK_N=_DECODE_N, PRECISION=_precision(q),
     )  # fmt: skip
     return out
 
