@@ -12,7 +12,7 @@
 # --python runs the resolver (default: pythonX.Y for --python-version, else python3): pip evaluates
 # environment markers (python_version < "3.13" ...) for the interpreter it runs under, so one of the
 # device's version resolves exactly. On the device, from the repository root:
-#   python3 -m pip install -q --no-index --find-links .device-wheels -r .device-wheels/needed.txt
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-wheels/*.whl; export PYTHONPATH=/tmp/site
 # (the project itself needs no install: `python -m bench.gpu_bench` and the `python -m serving` it
 # starts import from the repository root).
 set -euo pipefail
