@@ -43,7 +43,7 @@ def test_the_engine_on_triton_kernels_matches_transformers_under_the_interpreter
 
 
 # Shapes a GPU run compiles: Llama-3.1-8B (32 query heads on 8 KV heads, head size 128) in bfloat16 and
-# float32, MQA with a head size that is no power of two and a sliding window (Phi-3 / Mistral style).
+# float32, and 7 query heads per KV head with a head size that is no power of two (both padded).
 COMPILED_SHAPES = [(4, 128, "*bf16", "tf32"), (4, 128, "*fp32", "ieee"), (7, 80, "*bf16", "tf32")]
 
 
@@ -51,31 +51,22 @@ COMPILED_SHAPES = [(4, 128, "*bf16", "tf32"), (4, 128, "*fp32", "ieee"), (7, 80,
 def test_the_kernels_compile_for_a_hopper_gpu(group, head_dim, dtype, precision):
     """No GPU needed to compile: the decode kernel (with and without row indirection) and the prefill
     kernel build to PTX for sm_90, their half-precision dots on tensor cores (MMA), so a GPU run meets no compile error."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no CUDA backend")
     from serving.models import triton_attention as ta
+    from tests.hopper_ptx import sm90_ptx
 
     strides = ["stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_tb"]
-    d_pad = triton.next_power_of_2(head_dim)
     tensors = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], dtype)
     decode = {**tensors, "rows_ptr": "*i32", "tables_ptr": "*i32", "lens_ptr": "*i32"}
     prefill = {**tensors, "starts_ptr": "*i32", "lens_ptr": "*i32", "cached_ptr": "*i32", "tables_ptr": "*i32"}
     kernels = [
-        (ta._paged_decode_kernel, decode, {"HAS_ROWS": rows, "GROUP": group, "GROUP_PAD": max(16, triton.next_power_of_2(group)),
-         "HEAD_DIM": head_dim, "D_PAD": d_pad, "PAGE": 16, "BLOCK_N": ta._DECODE_N, "PRECISION": precision})
+        (ta._paged_decode_kernel, decode, {"HAS_ROWS": rows, "GROUP": group, "GROUP_PAD": ta._pad(group), "HEAD_DIM": head_dim,
+         "D_PAD": ta._pad(head_dim), "PAGE": 16, "BLOCK_N": ta._DECODE_N, "PRECISION": precision})
         for rows in (False, True)
     ]  # fmt: skip
-    kernels.append((ta._paged_prefill_kernel, prefill, {"GROUP": group, "HEAD_DIM": head_dim, "D_PAD": d_pad, "PAGE": 16,
+    kernels.append((ta._paged_prefill_kernel, prefill, {"GROUP": group, "HEAD_DIM": head_dim, "D_PAD": ta._pad(head_dim), "PAGE": 16,
                     "BLOCK_M": ta._PREFILL_M, "BLOCK_N": ta._PREFILL_N, "PRECISION": precision}))  # fmt: skip
     for kernel, pointers, constants in kernels:
-        signature = {**pointers, "scale": "fp32", "window": "i32", **dict.fromkeys(strides, "i32")}
-        signature |= dict.fromkeys(constants, "constexpr")
-        names = list(signature)
-        aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *strides[:-1]] if n != "rows_ptr"}
-        source = ASTSource(kernel, signature, constexprs=constants, attrs=aligned)
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        arguments = {**pointers, "scale": "fp32", "window": "i32", **dict.fromkeys(strides, "i32")}
+        aligned = [n for n in [*pointers, *strides[:-1]] if n != "rows_ptr"]
+        ptx = sm90_ptx(kernel, arguments, constants, aligned, {"num_warps": 4})
         assert precision == "ieee" or "mma" in ptx, (kernel.__name__, constants)  # float32 dots stay off the tensor cores

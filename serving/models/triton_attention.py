@@ -36,6 +36,11 @@ _DECODE_N = 32 if _INTERPRETED else 64
 _NO_WINDOW = 1 << 30
 
 
+def _pad(n: int) -> int:
+    """A block's width for n heads or head dims: a power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def _precision(q: torch.Tensor) -> str:
     """float32 models multiply in full float32 (a GPU's default for float32 dots is TF32, 10 bits of
     mantissa: enough to flip a greedy choice); half-precision inputs use the tensor cores as they are.
@@ -139,8 +144,8 @@ def paged_decode_attention(
         window or _NO_WINDOW,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        HAS_ROWS=rows is not None, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size, BLOCK_N=_DECODE_N, PRECISION=_precision(q),
+        HAS_ROWS=rows is not None, GROUP=group, GROUP_PAD=_pad(group), HEAD_DIM=head_dim,
+        D_PAD=_pad(head_dim), PAGE=block_size, BLOCK_N=_DECODE_N, PRECISION=_precision(q),
     )  # fmt: skip
     return out
 
@@ -221,7 +226,7 @@ def paged_prefill_attention(
         q, k_cache, v_cache, out, chunk_starts, chunk_lens, chunk_cached, block_tables, scale, window or _NO_WINDOW,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size,
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=_pad(head_dim), PAGE=block_size,
         BLOCK_M=_PREFILL_M, BLOCK_N=_PREFILL_N, PRECISION=_precision(q),
     )  # fmt: skip
     return out
