@@ -97,13 +97,12 @@ class BlockManager:
 
     # -- growth and release --------------------------------------------------------------------
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """Blocks still to allocate so that seq can hold num_tokens tokens."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
-
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow seq's block table to hold num_tokens; all or nothing."""
-        needed = self.blocks_needed(seq, num_tokens)
+        """Grow seq's block table to hold num_tokens; all or nothing. (Called for every running sequence
+        every step: the usual answer, room left in its last block, comes first.)"""
+        needed = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if needed <= 0:
+            return True
         if needed > len(self._free):
             return False
         seq.block_table.extend(self._take() for _ in range(needed))

@@ -66,14 +66,17 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_batched_tokens
-        decoding = [s for s in self.running if s.is_decoding]
-        prefilling = [s for s in self.running if not s.is_decoding]
+        decoding: list[Sequence] = []
+        prefilling: list[Sequence] = []
+        for seq in self.running:
+            (decoding if seq.is_decoding else prefilling).append(seq)
+        reserve, running = self.blocks.reserve, SequenceStatus.RUNNING
         for seq in decoding + prefilling:
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+            if seq.status is not running or budget == 0:
                 continue  # preempted earlier in this loop, or out of budget until next step
-            decode = seq.is_decoding
+            decode = seq.num_cached >= seq.prefill_end
             n = 1 if decode else min(seq.prefill_end - seq.num_cached, budget)
-            if self._reserve_or_preempt(seq, seq.num_cached + n, batch):
+            if reserve(seq, seq.num_cached + n) or self._preempt_until_reserved(seq, seq.num_cached + n, batch):
                 batch.chunks.append(ScheduledChunk(seq, n, decode))
                 budget -= n
         # Registered only now: a sequence preempted above never computes what it was scheduled for.
@@ -101,7 +104,8 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _reserve_or_preempt(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+    def _preempt_until_reserved(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Preempt the newest running sequences until seq's blocks fit; False if seq was preempted itself."""
         while not self.blocks.reserve(seq, num_tokens):
             victim = self.running[-1]
             self._preempt(victim, batch)

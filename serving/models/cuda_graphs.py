@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from serving.models.attention import AttentionBatch
-from serving.models.host_inputs import HostInts, cache_slots
+from serving.models.host_inputs import HostInts, cache_slot
 from serving.models.runner import ForwardChunk
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class DecodeGraphs:
         parts = (
             ints.add([c.token_ids[0] for c in chunks] + [0] * pad),
             ints.add([c.start for c in chunks] + [0] * pad),
-            ints.add([cache_slots(c.block_table, c.start, c.start + 1, bs)[0] for c in chunks] + [self.scratch_slot] * pad),
+            ints.add([cache_slot(c.block_table, c.start, bs) for c in chunks] + [self.scratch_slot] * pad),
             ints.add(lengths + [1] * pad),
         )
         tables = ints.add_rows([c.block_table[:width] for c in chunks] + [[self.runner.scratch_block] * width] * pad, width)

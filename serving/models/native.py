@@ -17,7 +17,7 @@ from serving.models import gguf
 from serving.models.attention import AttentionBatch, PackedPrefills, PrefillChunk
 from serving.models.cuda_graphs import DecodeGraphs
 from serving.models.gguf import BlockRows
-from serving.models.host_inputs import HostInts, cache_slots
+from serving.models.host_inputs import HostInts, cache_slot, cache_slots
 from serving.models.llama import LlamaForCausalLM
 from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear, quantize_linears
 from serving.models.runner import ForwardChunk, kv_bytes_per_token
@@ -135,16 +135,19 @@ class StepInputs:
         decoding: list[ForwardChunk] = []
         prefill: list[tuple[int, ForwardChunk]] = []
         for chunk in chunks:
-            n = len(chunk.token_ids)
             start, row = chunk.start, len(token_ids)
+            if chunk.decode:  # most rows of most steps: one token, no ranges
+                token_ids.append(chunk.token_ids[0])
+                positions.append(start)
+                slots.append(cache_slot(chunk.block_table, start, block_size))
+                decode_rows.append(row)
+                decoding.append(chunk)
+                continue
+            n = len(chunk.token_ids)
             token_ids.extend(chunk.token_ids)
             positions.extend(range(start, start + n))
             slots.extend(cache_slots(chunk.block_table, start, start + n, block_size))
-            if chunk.decode:
-                decode_rows.append(row)
-                decoding.append(chunk)
-            else:
-                prefill.append((row, chunk))
+            prefill.append((row, chunk))
         t_ids, t_pos, t_slots, t_rows = ints.add(token_ids), ints.add(positions), ints.add(slots), ints.add(logit_rows)
         d_rows = d_tables = d_lens = None
         if decoding:
