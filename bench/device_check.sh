@@ -38,12 +38,13 @@ log "Triton quantized matmuls (q8_0, q4_0, q4_1), compiled, against dequantize +
 FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 60)" python3 tests/triton_quant_check.py 2>&1 | tail -5 | tee "$OUT/triton_quant_check.txt"
 
 # Greedy parity with transformers on tiny models of each architecture, mixed staggered batches, chunked
-# prefill, preemption, prefix caching and the CUDA graphs' padded buckets, on cuda.
-ORACLE="single_request or mixed_staggered or preemption or static_padded or prefix_cache"
+# prefill, preemption, prefix caching and the CUDA graphs' padded buckets, on cuda; then that a step
+# waits for the GPU once, for its sampled ids (tests/test_cuda_host_sync.py).
+ORACLE="single_request or mixed_staggered or preemption or static_padded or prefix_cache or waits_for_the_gpu_once"
 for dtype in float32 bfloat16; do
   log "engine oracle on cuda, $dtype"
   FLEETLM_TEST_DEVICE=cuda FLEETLM_TEST_DTYPE=$dtype timeout "$(cap 75 300)" python3 -m pytest -q -p no:cacheprovider -x \
-    tests/test_engine_oracle.py -k "$ORACLE" 2>&1 | tail -15 | tee "$OUT/oracle_cuda_$dtype.txt"
+    tests/test_engine_oracle.py tests/test_cuda_host_sync.py -k "$ORACLE" 2>&1 | tail -15 | tee "$OUT/oracle_cuda_$dtype.txt"
 done
 
 log "engine benchmark: Llama-3.1-8B shape, bf16, random weights, transformers generate and HTTP at c64"

@@ -125,3 +125,27 @@ def test_logit_bias_steers_greedy_and_sampling_but_not_reported_logprobs():
     result = sample(logits, [greedy, sampled])
     assert result.token_ids == [target, target]
     assert result.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[target].item(), abs=1e-5)
+
+
+def test_a_token_given_two_biases_takes_the_last_not_their_sum():
+    # "05" and "5" are both token 5 once the API parses logit_bias keys: one bias per token, as a dict has.
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 9] = 1.0  # the argmax without biases
+    once = _seq(0, temperature=0.0, logit_bias=((5, 0.6),))
+    twice = _seq(1, temperature=0.0, logit_bias=((5, 0.6), (5, 0.6)))  # summed, 1.2 would beat token 9
+    assert sample(logits, [once, twice]).token_ids == [9, 9]
+    last = _seq(2, temperature=0.0, logit_bias=((5, -5.0), (5, 3.0)))
+    assert sample(logits[:1], [last]).token_ids == [5]
+
+
+def test_logprobs_of_every_row_come_back_exact_and_rows_without_them_get_none():
+    logits = _logits(3, seed=21)
+    seqs = [_seq(0, temperature=0.0, logprobs=2), _seq(1, temperature=0.0), _seq(2, temperature=0.0, logprobs=0)]
+    result = sample(logits, seqs)
+    expected = logits.float().log_softmax(-1)
+    assert result.token_ids == expected.argmax(-1).tolist()
+    first, none, zero = result.logprobs
+    assert none is None and zero.top == []
+    assert first.logprob == expected[0].max().item()  # float32 values carried exactly, not rounded
+    assert first.top == list(zip(expected[0].topk(2).indices.tolist(), expected[0].topk(2).values.tolist(), strict=True))
+    assert all(isinstance(t, int) for t, _ in first.top) and isinstance(first.token_id, int)

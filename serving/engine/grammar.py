@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from serving.models.host_inputs import to_device
+
 # ("json_object", ""), ("json_schema", the schema as canonical JSON), ("regex", a pattern) or
 # ("choice", a JSON list of the strings allowed).
 GrammarSpec = tuple[str, str]
@@ -121,7 +123,7 @@ def apply_masks(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tenso
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
     for i in rows:
         matchers[i].fill_next_token_bitmask(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device), indices=rows)
     return logits
 
 

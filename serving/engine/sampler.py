@@ -64,19 +64,35 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Every row's biases in one indexed add, indices and values sent like any step input: indexing
+    with a Python list or assigning a Python number copies it from pageable memory, a wait for the GPU."""
+    vocab = logits.shape[-1]
+    rows: list[int] = []
+    cols: list[int] = []
+    biases: list[float] = []
     for i, s in enumerate(seqs):
-        if s.params.logit_bias:
-            ids, biases = zip(*s.params.logit_bias, strict=True)
-            logits[i, list(ids)] += _on(logits.device, list(biases))
-    return logits
+        for token, bias in dict(s.params.logit_bias or ()).items():  # one bias per token: the last given
+            if not 0 <= token < vocab:  # caught here: out of range on a GPU is a device-side assert
+                raise IndexError(f"logit_bias token id {token} is outside the vocabulary (size {vocab})")
+            rows.append(i)
+            cols.append(token)
+            biases.append(bias)
+    device = logits.device
+    at = (_on(device, rows), _on(device, cols))  # each (row, token) once: a plain indexed write adds right
+    return logits.index_put_(at, logits[at] + _on(device, biases).to(logits.dtype))
 
 
 def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    rows: list[int] = []
+    cols: list[int] = []
     for i, s in enumerate(seqs):
         if s.num_output_tokens < s.params.min_tokens:
-            blocked = [t for t in (*s.params.extra_eos_ids, *s.params.stop_token_ids) if t < logits.shape[-1]]
-            if blocked:
-                logits[i, blocked] = float("-inf")
+            blocked = {t for t in (*s.params.extra_eos_ids, *s.params.stop_token_ids) if t < logits.shape[-1]}
+            rows.extend([i] * len(blocked))
+            cols.extend(blocked)
+    if rows:
+        device = logits.device
+        logits.index_put_((_on(device, rows), _on(device, cols)), torch.full((), float("-inf"), device=device))
     return logits
 
 
@@ -113,20 +129,24 @@ def _exponential_noise(seqs: list[Sequence], vocab: int, device: torch.device) -
     return noise
 
 
-def _logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob | None]:
+def _scored(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """(chosen id, its logprob, the k most likely (id, logprob)) of each row, read back in one copy:
+    ids and float32 logprobs side by side in float64, which holds both exactly."""
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))
+    top_vals, top_ids = logprobs.topk(max(k, 1), dim=-1)
+    table = torch.cat([chosen.unsqueeze(1).double(), chosen_lp.double(), top_ids[:, :k].double(), top_vals[:, :k].double()], 1)
+    return [
+        (int(row[0]), row[1], list(zip(map(int, row[2 : 2 + k]), row[2 + k :], strict=True))) for row in table.tolist()
+    ]
+
+
+def _with_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     wanted = [s.params.logprobs for s in seqs]
-    k_max = max(k or 0 for k in wanted)
-    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-    top_vals, top_ids = logprobs.topk(max(k_max, 1), dim=-1)
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    chosen_ids = chosen.tolist()
-    out: list[TokenLogprob | None] = []
-    for i, k in enumerate(wanted):
-        if k is None:
-            out.append(None)
-        else:
-            out.append(TokenLogprob(chosen_ids[i], chosen_lp[i], list(zip(top_ids[i][:k], top_vals[i][:k], strict=True))))
-    return out
+    scored = _scored(logprobs, chosen, max(k or 0 for k in wanted))
+    return SampleResult(
+        [token for token, _, _ in scored],
+        [None if k is None else TokenLogprob(token, lp, top[:k]) for k, (token, lp, top) in zip(wanted, scored, strict=True)],
+    )
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
@@ -147,18 +167,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         probs = _filter(logits, seqs).softmax(dim=-1)
         drawn = (probs / _exponential_noise(seqs, logits.shape[-1], logits.device)).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, drawn)
-    entries = _logprob_entries(raw_logprobs, chosen, seqs) if raw_logprobs is not None else [None] * len(seqs)
-    return SampleResult(chosen.tolist(), entries)
+    # The step's one read of the device: the sampled ids (with their logprobs, in the same copy).
+    if raw_logprobs is None:
+        return SampleResult(chosen.tolist(), [None] * len(seqs))
+    return _with_logprobs(raw_logprobs, chosen, seqs)
 
 
 def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], k: int) -> list[TokenLogprob]:
     """Score each target token under the logits of the position before it (echo + logprobs)."""
     lp = logits.float().log_softmax(dim=-1)
-    targets = torch.tensor(target_ids, device=lp.device)
-    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-    top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    return [
-        TokenLogprob(t, c, list(zip(ids[:k], vals[:k], strict=True)))
-        for t, c, ids, vals in zip(target_ids, chosen, top_ids, top_vals, strict=True)
-    ]
+    return [TokenLogprob(*entry) for entry in _scored(lp, _on(lp.device, target_ids), k)]
