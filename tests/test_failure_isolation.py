@@ -98,3 +98,14 @@ def test_adding_a_request_is_all_or_nothing(engine):
     engine.add_request("overflow", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
     while engine.has_work:
         engine.step()
+
+
+@pytest.mark.parametrize("bad_id", [-1, 512, 10**6])
+def test_a_prompt_token_outside_the_vocabulary_is_refused_before_any_step(engine, bad_id):
+    # The embedding lookup would fail the whole step it ran in (on a GPU, abort the process).
+    with pytest.raises(RequestRejected, match="out of the vocabulary"):
+        engine.add_request("oov", [1, bad_id, 3], SamplingParams(max_tokens=2), n=2)
+    assert not engine.has_work
+    engine.add_request("oov", [1, 511, 3], SamplingParams(max_tokens=2, temperature=0.0))  # the last id is fine
+    while engine.has_work:
+        assert all(o.finish_reason != "error" for o in engine.step())

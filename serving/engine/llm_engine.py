@@ -83,6 +83,12 @@ class LLMEngine:
             )
         if n < 1:
             raise RequestRejected("n must be at least 1")
+        vocab = self.runner.vocab_size
+        if not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab:
+            # The API checks too; here it keeps one bad id from failing a whole step (on a GPU, from a
+            # device-side assert that ends the process).
+            bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
+            raise RequestRejected(f"token id {bad} is out of the vocabulary (size {vocab})")
         params = replace(params, extra_eos_ids=self.eos_token_ids)
         seqs = [
             Sequence(
