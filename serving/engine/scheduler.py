@@ -70,13 +70,12 @@ class Scheduler:
         prefilling: list[Sequence] = []
         for seq in self.running:
             (decoding if seq.is_decoding else prefilling).append(seq)
-        reserve, running = self.blocks.reserve, SequenceStatus.RUNNING
         for seq in decoding + prefilling:
-            if seq.status is not running or budget == 0:
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop, or out of budget until next step
-            decode = seq.num_cached >= seq.prefill_end
+            decode = seq.is_decoding
             n = 1 if decode else min(seq.prefill_end - seq.num_cached, budget)
-            if reserve(seq, seq.num_cached + n) or self._preempt_until_reserved(seq, seq.num_cached + n, batch):
+            if self.blocks.reserve(seq, seq.num_cached + n) or self._preempt_until_reserved(seq, seq.num_cached + n, batch):
                 batch.chunks.append(ScheduledChunk(seq, n, decode))
                 budget -= n
         # Registered only now: a sequence preempted above never computes what it was scheduled for.
