@@ -34,6 +34,8 @@ python3 -c "import torch, triton, quart, hypercorn; print('torch', torch.__versi
 
 log "Triton attention kernels (decode and prefill), compiled, against torch on cuda"
 FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 45)" python3 tests/triton_attention_check.py 2>&1 | tail -5 | tee "$OUT/triton_check.txt"
+log "Triton fused RMS norm, rotary and silu * up, compiled, against the torch path on cuda"
+FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 30)" python3 tests/triton_ops_check.py 2>&1 | tail -5 | tee "$OUT/triton_ops_check.txt"
 log "Triton quantized matmuls (q8_0, q4_0, q4_1), compiled, against dequantize + matmul on cuda"
 FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 60)" python3 tests/triton_quant_check.py 2>&1 | tail -5 | tee "$OUT/triton_quant_check.txt"
 

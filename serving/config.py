@@ -59,7 +59,8 @@ class ServeConfig(BaseModel):
     )
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto",
-        description="attention kernels of the native runner: triton (CUDA; reads the paged KV cache in place), "
+        description="attention kernels of the native runner: triton (CUDA; reads the paged KV cache in place, and "
+        "fuses RMS norm, rotary and silu * up), "
         "torch (plain torch, and a C decode kernel on CPU), or auto (triton on CUDA, else torch)",
     )
     cuda_graphs: bool = Field(

@@ -101,12 +101,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
+        if triton:
+            return _triton_ops().rms_norm(x, self.weight, self.eps)
         return cpu_ops.rms_norm(x, self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual += x (in place), then the norm of the sum: one pass over the rows on CPU."""
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor, triton: bool = False) -> torch.Tensor:
+        """residual += x (in place), then the norm of the sum: one pass over the rows (one kernel on CPU,
+        or with `triton` on a GPU)."""
+        if triton:
+            return _triton_ops().rms_norm(x, self.weight, self.eps, residual=residual)
         return cpu_ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def _triton_ops():
+    """The fused Triton kernels for a step on the Triton backend (triton comes with CUDA builds of torch
+    only, so it is imported when first used)."""
+    from serving.models import triton_ops
+
+    return triton_ops
 
 
 class Rotary(nn.Module):
@@ -125,9 +138,9 @@ class Rotary(nn.Module):
             self.register_buffer("cos", emb.cos() * self.scale, persistent=False)
             self.register_buffer("sin", emb.sin() * self.scale, persistent=False)
 
-    def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+    def step(self, positions: torch.Tensor, dtype: torch.dtype, triton: bool = False) -> RopeStep:
         """What every layer of this step rotates with."""
-        return RopeStep(self, positions, dtype)
+        return RopeStep(self, positions, dtype, triton)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for this step's positions, [T, 1, rotary_dim]; shared by every layer."""
@@ -149,21 +162,23 @@ class Rotary(nn.Module):
 
 
 class RopeStep:
-    """One step's rotation. float32 on CPU: the fused kernel reads the table rows of each position
-    itself; elsewhere the rows are looked up once here, for all layers."""
+    """One step's rotation. float32 on CPU, and on the Triton backend: a fused kernel reads the table
+    rows of each position itself; elsewhere the rows are looked up once here, for all layers."""
 
-    __slots__ = ("rotary", "positions", "cos", "sin")
+    __slots__ = ("rotary", "positions", "cos", "sin", "triton")
 
-    def __init__(self, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype):
-        self.rotary, self.positions = rotary, positions
-        if cpu_ops.available() and dtype is torch.float32 and positions.is_cpu:
+    def __init__(self, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype, triton: bool = False):
+        self.rotary, self.positions, self.triton = rotary, positions, triton
+        if triton or (cpu_ops.available() and dtype is torch.float32 and positions.is_cpu):
             self.cos = self.sin = None
         else:
             self.cos, self.sin = rotary.lookup(positions, dtype)
 
     def apply_(self, x: torch.Tensor, heads: int) -> None:
         """Rotate the first `heads` heads of x [T, >= heads, head_dim] in place."""
-        if self.cos is None:
+        if self.triton:
+            _triton_ops().rotary_(x, heads, self.rotary.cos, self.rotary.sin, self.positions)
+        elif self.cos is None:
             cpu_ops.rotary_(x, heads, self.rotary.cos, self.rotary.sin, self.positions)
         else:
             x[:, :heads] = Rotary.apply(x[:, :heads], self.cos, self.sin)
@@ -212,8 +227,10 @@ class MLP(nn.Module):
         self.silu = shape.hidden_act == "silu"
         self.act = ACT2FN[shape.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.silu and triton:
+            return self.down_proj(_triton_ops().silu_mul(gate_up))
         if self.silu:  # one pass over the rows on CPU
             return self.down_proj(cpu_ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
@@ -239,13 +256,14 @@ class DecoderLayer(nn.Module):
         """(this layer's MLP output, the residual stream before it is added). The sum is made by the
         next norm (add_forward), so each residual add rides on a norm's pass over the rows; the first
         layer gets residual None and x is the embeddings."""
+        triton = rope.triton  # the step's kernels: the Triton backend's fused ones, or the CPU's / torch's
         if residual is None:
             residual = x
-            h = self.input_layernorm(x)
+            h = self.input_layernorm(x, triton)
         else:
-            h = self.input_layernorm.add_forward(x, residual)
-        h = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, kv, batch), residual)
-        return self.mlp(h), residual
+            h = self.input_layernorm.add_forward(x, residual, triton)
+        h = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, kv, batch), residual, triton)
+        return self.mlp(h, triton), residual
 
 
 class DecoderModel(nn.Module):
@@ -276,13 +294,14 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (logits are computed only for the rows that need them)."""
         x = self.model.embed_tokens(input_ids)  # a new tensor: the residual stream, added to in place
-        rope = self.rotary.step(positions, x.dtype)
+        triton = batch.backend == "triton"
+        rope = self.rotary.step(positions, x.dtype, triton)
         residual = None
         for layer, kv in zip(self.model.layers, kv_cache, strict=True):
             x, residual = layer.forward(x, residual, rope, kv, batch)  # no module hooks: skip __call__
         if residual is None:
-            return self.model.norm(x)
-        return self.model.norm.add_forward(x, residual)
+            return self.model.norm(x, triton)
+        return self.model.norm.add_forward(x, residual, triton)
 
     def stacked_params(self) -> dict[str, tuple[str, int, int]]:
         """Checkpoint projections that live inside a fused parameter here:
