@@ -1,7 +1,7 @@
-"""The fused Triton kernels around a step's matmuls (RMS norm with the residual add, rotary, silu * up),
-checked on CPU by Triton's interpreter against the torch path they replace, and compiled for a Hopper
-GPU. Inside the engine they run wherever the Triton backend does: tests/test_triton_attention.py's
-interpreted oracle cases cover them against transformers."""
+"""The fused Triton kernels around a step's matmuls (RMS norm with the residual add, rotary with the
+K/V cache write, silu * up), checked on CPU by Triton's interpreter against the torch path they
+replace, and compiled for a Hopper GPU. Inside the engine they run wherever the Triton backend does:
+tests/test_triton_attention.py's interpreted oracle cases cover them against transformers."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_the_fused_kernels_match_the_torch_path_under_the_interpreter():
 
 @pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
 def test_the_fused_kernels_compile_for_a_hopper_gpu(dtype):
-    """Llama-3.1-8B's sizes: hidden 4096, intermediate 14336, head size 128 (64 per rotated half)."""
+    """Llama-3.1-8B's sizes: hidden 4096, intermediate 14336, head size 128."""
     from serving.models import triton_ops as ops
     from tests.hopper_ptx import sm90_ptx
 
@@ -38,6 +38,8 @@ def test_the_fused_kernels_compile_for_a_hopper_gpu(dtype):
                  {"num_warps": ops._warps(block)})  # fmt: skip
     silu = {"gu_ptr": dtype, "out_ptr": dtype, "stride_g": "i32", "stride_o": "i32", "inter": "i32"}
     sm90_ptx(ops._silu_mul_kernel, silu, {"BLOCK": 1024}, ["gu_ptr", "out_ptr", "inter"], {"num_warps": 4})
-    rotary = {"x_ptr": dtype, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "stride_t": "i32", "stride_h": "i32",
-              "stride_c": "i32", "half": "i32"}  # fmt: skip
-    sm90_ptx(ops._rotary_kernel, rotary, {"BLOCK": ops._block(64)}, ["x_ptr", "cos_ptr", "sin_ptr"], {"num_warps": 4})
+    rotary = {"qk_ptr": dtype, "v_ptr": dtype, "k_cache_ptr": dtype, "v_cache_ptr": dtype, "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+              "pos_ptr": "*i64", "slots_ptr": "*i64", **dict.fromkeys(["stride_qt", "stride_qh", "stride_vt", "stride_vh",
+              "stride_cs", "stride_ch", "stride_c", "q_heads", "kv_heads", "head_dim", "rot_half"], "i32")}  # fmt: skip
+    pointers = [name for name, kind in rotary.items() if kind.startswith("*")]
+    sm90_ptx(ops._rotary_cache_kernel, rotary, {"BLOCK": ops._block(128)}, pointers, {"num_warps": 4})

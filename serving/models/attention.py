@@ -103,16 +103,18 @@ class PagedAttention:
     def forward(
         self,
         q: torch.Tensor,  # [T, H, D]
-        k: torch.Tensor,  # [T, KVH, D]
-        v: torch.Tensor,
+        k: torch.Tensor | None,  # [T, KVH, D]; None (and v None): already in the cache at the step's slots
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,  # [slots, KVH, D]
         v_cache: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        k_cache.index_copy_(0, batch.slot_mapping, k)
-        v_cache.index_copy_(0, batch.slot_mapping, v)
+        if k is not None and v is not None:
+            k_cache.index_copy_(0, batch.slot_mapping, k)
+            v_cache.index_copy_(0, batch.slot_mapping, v)
         if batch.backend == "triton":
             return self._triton(q, k_cache, v_cache, batch)
+        assert k is not None and v is not None, "the torch path attends to the step's own K/V as given"
         decoded = self._decode(q, k_cache, v_cache, batch) if batch.decode_rows is not None else None
         if decoded is not None and batch.decodes_first and not batch.prefills:
             return decoded  # a pure decode step: the output is already in row order

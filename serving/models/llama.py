@@ -162,8 +162,9 @@ class Rotary(nn.Module):
 
 
 class RopeStep:
-    """One step's rotation. float32 on CPU, and on the Triton backend: a fused kernel reads the table
-    rows of each position itself; elsewhere the rows are looked up once here, for all layers."""
+    """One step's rotation. float32 on CPU a fused kernel reads the table rows of each position itself,
+    and so does the Triton backend's, which Attention calls with the step's cache write
+    (triton_ops.rotary_into_cache_); elsewhere the rows are looked up once here, for all layers."""
 
     __slots__ = ("rotary", "positions", "cos", "sin", "triton")
 
@@ -176,9 +177,7 @@ class RopeStep:
 
     def apply_(self, x: torch.Tensor, heads: int) -> None:
         """Rotate the first `heads` heads of x [T, >= heads, head_dim] in place."""
-        if self.triton:
-            _triton_ops().rotary_(x, heads, self.rotary.cos, self.rotary.sin, self.positions)
-        elif self.cos is None:
+        if self.cos is None:
             cpu_ops.rotary_(x, heads, self.rotary.cos, self.rotary.sin, self.positions)
         else:
             x[:, :heads] = Rotary.apply(x[:, :heads], self.cos, self.sin)
@@ -214,8 +213,14 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h : h + kvh])), dim=1)
         else:
             qk = qkv  # q and k are the first h + kvh heads: rotated in place, v left as it is
-        rope.apply_(qk, h + kvh)  # q and k heads rotate together
-        out = self.attn.forward(qk[:, :h], qk[:, h : h + kvh], qkv[:, h + kvh :], kv[0], kv[1], batch)
+        v = qkv[:, h + kvh :]
+        if rope.triton:  # one kernel: q rotated in place, k rotated into the cache, v copied there
+            _triton_ops().rotary_into_cache_(qk, v, h, rope.rotary.cos, rope.rotary.sin, rope.positions, kv[0], kv[1],
+                                             batch.slot_mapping)  # fmt: skip
+            out = self.attn.forward(qk[:, :h], None, None, kv[0], kv[1], batch)
+        else:
+            rope.apply_(qk, h + kvh)  # q and k heads rotate together
+            out = self.attn.forward(qk[:, :h], qk[:, h : h + kvh], v, kv[0], kv[1], batch)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -1,11 +1,12 @@
 """What surrounds the matmuls of a step, for CUDA in Triton: one kernel each for RMS norm (with the
-residual add before it), the rotary embedding of q and k, and silu(gate) * up.
+residual add before it), the rotary embedding of q and k with the step's K/V written into the paged
+cache, and silu(gate) * up.
 
 In plain torch each of these is several elementwise kernels (a bf16 RMS norm alone is seven: upcast,
 square, mean, rsqrt, scale, downcast, weight), some thirty kernels a layer. At batch 1 a kernel of a
 few thousand elements is all launch and no work, a couple of microseconds each even replayed from a
 CUDA graph: some thousand of them would add milliseconds to the ~4 ms an 8B model's weights take to
-read (an estimate, to be measured on a GPU). Fused, a layer is about ten kernels.
+read (an estimate, to be measured on a GPU). Fused, a layer is eight or nine kernels.
 
 Each kernel computes in float32 and rounds where the torch path rounds (cpu_ops' `*_reference`
 functions, Hugging Face's modules): every bf16 torch op computes in float32 and rounds its result,
@@ -91,42 +92,78 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, pos_ptr, stride_t, stride_h, stride_c, half, BLOCK: tl.constexpr,
+def _rotary_cache_kernel(
+    qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, slots_ptr,
+    stride_qt, stride_qh, stride_vt, stride_vh, stride_cs, stride_ch, stride_c, q_heads, kv_heads, head_dim, rot_half,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Program (token, head): a q head rotates in place; a k head rotates into the key cache; a v head
+    (past q_heads + kv_heads) is copied into the value cache."""
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
-    mask = offs < half
-    pos = tl.load(pos_ptr + t)
-    base = x_ptr + t * stride_t + head * stride_h
-    x1 = tl.load(base + offs, mask=mask, other=0.0)
-    x2 = tl.load(base + half + offs, mask=mask, other=0.0)
-    dtype = x1.dtype
-    # The tables' rows in x's dtype, as the torch path and Hugging Face use them.
-    c1 = tl.load(cos_ptr + pos * stride_c + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    c2 = tl.load(cos_ptr + pos * stride_c + half + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    s1 = tl.load(sin_ptr + pos * stride_c + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    s2 = tl.load(sin_ptr + pos * stride_c + half + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    a, b = x1.to(tl.float32), x2.to(tl.float32)
-    # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: each product rounded, then the sum.
-    out1 = (a * c1).to(dtype).to(tl.float32) + (-b * s1).to(dtype).to(tl.float32)
-    out2 = (b * c2).to(dtype).to(tl.float32) + (a * s2).to(dtype).to(tl.float32)
-    tl.store(base + offs, out1.to(dtype), mask=mask)
-    tl.store(base + half + offs, out2.to(dtype), mask=mask)
+    slot = tl.load(slots_ptr + t)
+    if head >= q_heads + kv_heads:
+        kv = head - q_heads - kv_heads
+        mask = offs < head_dim
+        v = tl.load(v_ptr + t * stride_vt + kv * stride_vh + offs, mask=mask)
+        tl.store(v_cache_ptr + slot * stride_cs + kv * stride_ch + offs, v, mask=mask)
+    else:
+        src = qk_ptr + t * stride_qt + head * stride_qh
+        if head < q_heads:  # noqa: SIM108 (a runtime branch in Triton, not a Python expression)
+            dst = src
+        else:
+            dst = k_cache_ptr + slot * stride_cs + (head - q_heads) * stride_ch
+        pos = tl.load(pos_ptr + t)
+        mask = offs < rot_half
+        x1 = tl.load(src + offs, mask=mask, other=0.0)
+        x2 = tl.load(src + rot_half + offs, mask=mask, other=0.0)
+        dtype = x1.dtype
+        # The tables' rows in x's dtype, as the torch path and Hugging Face use them.
+        c1 = tl.load(cos_ptr + pos * stride_c + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        c2 = tl.load(cos_ptr + pos * stride_c + rot_half + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s1 = tl.load(sin_ptr + pos * stride_c + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s2 = tl.load(sin_ptr + pos * stride_c + rot_half + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: each product rounded, then the sum.
+        out1 = (a * c1).to(dtype).to(tl.float32) + (-b * s1).to(dtype).to(tl.float32)
+        out2 = (b * c2).to(dtype).to(tl.float32) + (a * s2).to(dtype).to(tl.float32)
+        tl.store(dst + offs, out1.to(dtype), mask=mask)
+        tl.store(dst + rot_half + offs, out2.to(dtype), mask=mask)
+        if head >= q_heads:  # partial rotary: a key's unrotated dims go to the cache as they are
+            rest = 2 * rot_half + tl.arange(0, BLOCK)
+            keep = rest < head_dim
+            tl.store(dst + rest, tl.load(src + rest, mask=keep), mask=keep)
 
 
-def rotary_(x: torch.Tensor, heads: int, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotates, in place, the first `heads` heads of x [T, >= heads, head_dim] (rows may be strided, as
-    the q and k heads of the fused qkv are) by rows `positions` [T] of cos/sin tables [max_positions,
-    rot_dim] (Rotary.cos / Rotary.sin), rotate_half layout over the first rot_dim dims (partial rotary:
-    the rest untouched), as cpu_ops.rotary_ does. Returns x."""
+def rotary_into_cache_(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    q_heads: int,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """One kernel for what precedes a step's attention: the q heads of qk [T, >= q_heads + KVH, D] rotate
+    in place, its KVH k heads rotate into k_cache [slots, KVH, D] at rows `slots` [T], and v [T, KVH, D]
+    goes into v_cache there (rows of qk and v may be strided, as inside the fused qkv). Rotation by rows
+    `positions` [T] of cos/sin tables [max_positions, rot_dim] (Rotary.cos / Rotary.sin), rotate_half
+    layout over the first rot_dim dims (partial rotary: the rest untouched), as cpu_ops.rotary_ does;
+    the cache writes are PagedAttention's index_copy_."""
+    tokens, kv_heads, head_dim = v.shape
     rot = cos_table.shape[-1]
-    if x.dim() != 3 or x.stride(2) != 1 or rot % 2 or rot > x.shape[2] or cos_table.stride(1) != 1 or sin_table.stride() != cos_table.stride():
-        raise ValueError(f"x {tuple(x.shape)} and tables {tuple(cos_table.shape)} do not match")
-    if x.shape[0] and heads:
-        half = rot // 2
-        _rotary_kernel[(x.shape[0], heads)](
-            x, cos_table, sin_table, positions, x.stride(0), x.stride(1), cos_table.stride(0), half, BLOCK=_block(half)
-        )
-    return x
+    if (
+        qk.dim() != 3 or qk.shape[0] != tokens or qk.shape[1] < q_heads + kv_heads or qk.shape[2] != head_dim
+        or qk.stride(2) != 1 or v.stride(2) != 1 or rot % 2 or rot > head_dim or cos_table.stride(1) != 1
+        or sin_table.stride() != cos_table.stride() or k_cache.stride() != v_cache.stride() or k_cache.stride(2) != 1
+    ):  # fmt: skip
+        raise ValueError(f"qk {tuple(qk.shape)}, v {tuple(v.shape)} and tables {tuple(cos_table.shape)} do not match")
+    if tokens:
+        _rotary_cache_kernel[(tokens, q_heads + 2 * kv_heads)](
+            qk, v, k_cache, v_cache, cos_table, sin_table, positions, slots,
+            qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), cos_table.stride(0),
+            q_heads, kv_heads, head_dim, rot // 2, BLOCK=_block(head_dim),
+        )  # fmt: skip
