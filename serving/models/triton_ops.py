@@ -55,8 +55,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """x [T, dim] -> rms_norm(x) * weight, a new tensor. With `residual` [T, dim]: residual += x first
     (in place), and the norm is of that sum (cpu_ops.add_rms_norm)."""
     dim = weight.numel()
-    if x.dim() != 2 or x.shape[1] != dim or x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
-        raise ValueError(f"x {tuple(x.shape)} (last dim contiguous) does not match weight {tuple(weight.shape)}")
+    if (
+        x.dim() != 2 or x.shape[1] != dim or x.stride(1) != 1
+        or (residual is not None and (residual.shape != x.shape or residual.stride(1) != 1))
+    ):  # fmt: skip
+        raise ValueError(f"x {tuple(x.shape)} (last dim contiguous) does not match weight {tuple(weight.shape)} or the residual")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.shape[0]:
         res = residual if residual is not None else x
