@@ -162,6 +162,7 @@ def rotary_into_cache_(
         qk.dim() != 3 or qk.shape[0] != tokens or qk.shape[1] < q_heads + kv_heads or qk.shape[2] != head_dim
         or qk.stride(2) != 1 or v.stride(2) != 1 or rot % 2 or rot > head_dim or cos_table.stride(1) != 1
         or sin_table.stride() != cos_table.stride() or k_cache.stride() != v_cache.stride() or k_cache.stride(2) != 1
+        or k_cache.shape[1:] != v.shape[1:] or positions.numel() != tokens or slots.numel() != tokens
     ):  # fmt: skip
         raise ValueError(f"qk {tuple(qk.shape)}, v {tuple(v.shape)} and tables {tuple(cos_table.shape)} do not match")
     if tokens:
