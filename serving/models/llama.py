@@ -7,6 +7,7 @@ Parameter names follow Hugging Face's, so checkpoints load without renaming.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -114,9 +115,10 @@ class RMSNorm(nn.Module):
         return cpu_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+@functools.cache
 def _triton_ops():
     """The fused Triton kernels for a step on the Triton backend (triton comes with CUDA builds of torch
-    only, so it is imported when first used)."""
+    only, so it is imported when first used; cached: the layers ask for it several times a step)."""
     from serving.models import triton_ops
 
     return triton_ops
@@ -166,10 +168,10 @@ class RopeStep:
     and so does the Triton backend's, which Attention calls with the step's cache write
     (triton_ops.rotary_into_cache_); elsewhere the rows are looked up once here, for all layers."""
 
-    __slots__ = ("rotary", "positions", "cos", "sin", "triton")
+    __slots__ = ("rotary", "positions", "cos", "sin")
 
     def __init__(self, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype, triton: bool = False):
-        self.rotary, self.positions, self.triton = rotary, positions, triton
+        self.rotary, self.positions = rotary, positions
         if triton or (cpu_ops.available() and dtype is torch.float32 and positions.is_cpu):
             self.cos = self.sin = None
         else:
@@ -214,7 +216,7 @@ class Attention(nn.Module):
         else:
             qk = qkv  # q and k are the first h + kvh heads: rotated in place, v left as it is
         v = qkv[:, h + kvh :]
-        if rope.triton:  # one kernel: q rotated in place, k rotated into the cache, v copied there
+        if batch.backend == "triton":  # one kernel: q rotated in place, k rotated into the cache, v copied there
             _triton_ops().rotary_into_cache_(qk, v, h, rope.rotary.cos, rope.rotary.sin, rope.positions, kv[0], kv[1],
                                              batch.slot_mapping)  # fmt: skip
             out = self.attn.forward(qk[:, :h], None, None, kv[0], kv[1], batch)
@@ -261,7 +263,7 @@ class DecoderLayer(nn.Module):
         """(this layer's MLP output, the residual stream before it is added). The sum is made by the
         next norm (add_forward), so each residual add rides on a norm's pass over the rows; the first
         layer gets residual None and x is the embeddings."""
-        triton = rope.triton  # the step's kernels: the Triton backend's fused ones, or the CPU's / torch's
+        triton = batch.backend == "triton"  # the Triton backend's fused kernels, else the CPU's / torch's
         if residual is None:
             residual = x
             h = self.input_layernorm(x, triton)
