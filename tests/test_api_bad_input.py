@@ -113,3 +113,51 @@ def test_extreme_but_valid_numbers_work(server):
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
     body["seed"] = -(2**63)
     assert _post(server, "/v1/completions", json.dumps(body).encode()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "top_k", False),  # true/false are not the integers 1 and 0 (found by schemathesis)
+        ("/v1/completions", "max_tokens", True),
+        ("/v1/completions", "temperature", True),
+        ("/v1/completions", "stream", "true"),  # nor is a string or a number a boolean
+        ("/v1/completions", "echo", 1),
+        ("/v1/completions", "max_tokens", 2.5),
+        ("/v1/completions", "prompt", [1, True]),
+        ("/v1/completions", "stop_token_ids", [False]),
+        ("/detokenize", "tokens", [False]),
+        ("/v1/chat/completions", "logprobs", "yes"),
+        ("/v1/chat/completions", "function_call", "auto"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_refused(server, path, field, value):
+    import json
+
+    body = {"model": MODEL, "max_tokens": 2}
+    if path == "/v1/completions":
+        body["prompt"] = "Once"
+    elif path == "/v1/chat/completions":
+        body["messages"] = [{"role": "user", "content": "Hi"}]
+    else:
+        body = {"tokens": [1]}
+    body[field] = value
+    r = _post(server, path, json.dumps(body).encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["param"] in (field, None), r.json()
+
+
+def test_integral_floats_are_integers(server):
+    """JSON has one kind of number: 2.0 is the integer 2, as JSON Schema counts it."""
+    import json
+
+    body = {"model": MODEL, "prompt": [1.0, 403.0], "max_tokens": 3.0, "n": 2.0, "seed": 7.0, "top_k": 5.0, "ignore_eos": True}
+    r = _post(server, "/v1/completions", json.dumps(body).encode())
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["usage"]["prompt_tokens"] == 2
+    assert r.json()["usage"]["completion_tokens"] == 6
+    r = _post(server, "/detokenize", json.dumps({"tokens": [403.0]}).encode())
+    assert r.status_code == 200 and r.json()["prompt"] == _post(server, "/detokenize", b'{"tokens": [403]}').json()["prompt"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "function_call": "none"}
+    assert _post(server, "/v1/chat/completions", json.dumps(chat).encode()).status_code == 200

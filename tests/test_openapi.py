@@ -5,6 +5,8 @@ schema, every error an OpenAI error object."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 import schemathesis
@@ -43,7 +45,14 @@ def test_the_document_covers_every_route_and_the_docs_page_serves(server):
     completions = doc["paths"]["/v1/completions"]["post"]
     body = completions["requestBody"]["content"]["application/json"]["schema"]
     props = body["properties"] if "properties" in body else doc["components"]["schemas"]["CompletionRequest"]["properties"]
-    assert props["top_k"]["maximum"] == 2**31 - 1 and props["n"]["maximum"] == 128  # the same bounds as validation
+    assert props["top_k"]["maximum"] == 2**31 - 1  # the same bounds as validation
+    assert props["n"]["maximum"] == 16  # and this server's: --max-batch-size
+    assert completions["requestBody"]["required"] is True
+    # Token ids are bounded by the served model's vocabulary (512), logit_bias's keys too.
+    token_ids = props["prompt"]["anyOf"][2]["items"]
+    assert (token_ids["minimum"], token_ids["maximum"]) == (0, 511)
+    keys = re.compile(props["logit_bias"]["propertyNames"]["pattern"])
+    assert [k for k in ("0", "7", "0511", "511", "512", "1000", "x") if keys.match(k)] == ["0", "7", "0511", "511"]
     assert {"200", "400", "429"} <= set(completions["responses"])
     event = completions["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert event["properties"]["data"]["anyOf"][0]["contentSchema"]["oneOf"][0]["$ref"].endswith("/CompletionChunk")

@@ -16,6 +16,7 @@ from quart import Quart
 from quart_schema import OpenAPIProvider, QuartSchema, document_request, document_response
 
 from serving.api.responses import ErrorResponse
+from serving.api.schemas import TOKEN_ID
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,11 +72,16 @@ class _Provider(OpenAPIProvider):
         doc = super().schema()
         state = self._app.extensions["fleetlm"]
         served = state.model.name if state.model is not None else None
+        if state.model is not None:
+            _bound_token_ids(doc, state.model.vocab_size)
+        _bound_choices(doc, state.config.max_batch_size)
         for path, item in doc["paths"].items():
             for method, operation in item.items():
                 view = self._view(path, method)
-                if served is not None and "requestBody" in operation:
-                    _only_model(operation["requestBody"]["content"]["application/json"]["schema"], served)
+                if "requestBody" in operation:
+                    operation["requestBody"]["required"] = True  # no body is a 400, as any non-object is
+                    if served is not None:
+                        _only_model(operation["requestBody"]["content"]["application/json"]["schema"], served)
                 responses = {int(status): response for status, response in operation.get("responses", {}).items()}
                 for status, response in responses.items():
                     if status in self._REASONS:
@@ -122,6 +128,55 @@ class _Provider(OpenAPIProvider):
             if rule.rule == path and method.upper() in (rule.methods or ()):
                 return self._app.view_functions[rule.endpoint]
         return None
+
+
+def _bound_token_ids(node: Any, vocab_size: int) -> None:
+    """Every schema marked as a token id (schemas.TOKEN_ID) gets the served vocabulary's bound: an
+    integer's maximum, or, for logit_bias's keys, a pattern of the decimal numbers below it."""
+    if isinstance(node, dict):
+        if node.get(TOKEN_ID):
+            if node.get("type") == "integer":
+                node["maximum"] = vocab_size - 1
+            elif "pattern" in node:
+                node["pattern"] = f"^0*{decimal_at_most(vocab_size - 1)}$"
+        for value in node.values():
+            _bound_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, vocab_size)
+
+
+def _bound_choices(doc: dict[str, Any], max_batch_size: int) -> None:
+    """n (and best_of) can be no more than the sequences this server decodes together."""
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        for path in doc["paths"].values():
+            for operation in path.values():
+                body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+                if body.get("title") != name:
+                    continue
+                for field in ("n", "best_of"):
+                    schema = body.get("properties", {}).get(field)
+                    for option in (schema.get("anyOf", [schema]) if schema else []):
+                        if option.get("type") == "integer":
+                            option["maximum"] = min(option.get("maximum", max_batch_size), max_batch_size)
+
+
+def decimal_at_most(limit: int) -> str:
+    """A regular expression (a group) matching the decimal numbers 0 ... limit written without
+    leading zeros."""
+    digits = str(limit)
+    width = len(digits)
+    options = ["[0-9]"] + [f"[1-9][0-9]{{{n - 1}}}" for n in range(2, width)]  # every shorter number
+    if width == 1:
+        options = []
+    for i, digit in enumerate(digits):  # same width: equal to limit up to i, then a smaller digit
+        low = 1 if i == 0 and width > 1 else 0
+        if int(digit) > low:
+            rest = width - i - 1
+            smaller = str(low) if int(digit) - 1 == low else f"[{low}-{int(digit) - 1}]"
+            options.append(digits[:i] + smaller + (f"[0-9]{{{rest}}}" if rest else ""))
+    options.append(digits)
+    return "(?:" + "|".join(options) + ")"
 
 
 def _only_model(body: dict[str, Any], served: str) -> None:

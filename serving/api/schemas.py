@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one kind of number, and JSON Schema counts 16.0 as the integer 16: it is one here too.
+    16.5 is not, nor is true (bodies are validated strictly, routes.parse_body: no bool, string or
+    float stands in for another type)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Goes after the field's constraints in Annotated (Annotated[int, Field(ge=1), INTEGRAL]): before
+# them, pydantic writes "ge" instead of "minimum" into the JSON schema.
+INTEGRAL = BeforeValidator(_integral)
+# Marks a token id's schema: /openapi.json bounds it by the served model's vocabulary (openapi.py).
+TOKEN_ID = "x-fleetlm-token-id"
 
 
 def _non_empty(strings: bool = True, arrays: bool = True):
@@ -29,9 +45,25 @@ def _non_empty(strings: bool = True, arrays: bool = True):
 
 
 # logit_bias keys: token ids in ASCII digits, few enough to convert.
-_TOKEN_ID_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,18}$"}}
+_TOKEN_ID_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,18}$", "maxLength": 18, TOKEN_ID: True}}
 TOP_K_MAX = 2**31 - 1  # any larger top_k means the same as the vocabulary size
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = list[Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID: True}), INTEGRAL]]
+
+
+def _given(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema for "field is there and matches schema"."""
+    return {"required": [field], "properties": {field: schema}}
+
+
+def _document_rules(schema: dict[str, Any], cls: type) -> None:
+    """The model's cross-field rules (its RULES, checked by its validators) in its JSON schema."""
+    schema.setdefault("allOf", []).extend(getattr(cls, "RULES", ()))
+
+
+# An object that gives stream_options must stream (the model validator says so too).
+_STREAM_OPTIONS_NEED_STREAM = {"if": _given("stream_options", {"type": "object"}), "then": _given("stream", {"const": True})}
+# Accepted only to be refused when set (their validator): documented as null or empty.
+_UNSET = {"description": "Not supported: null or empty only", "maxItems": 0, "maxLength": 0, "maxProperties": 0}
 
 
 class StreamOptions(BaseModel):
@@ -51,7 +83,14 @@ class ResponseFormat(BaseModel):
     """OpenAI's response_format: text (no constraint), json_object (any JSON object), or json_schema
     (JSON valid under the schema). Decoding is constrained by a grammar, so the output always parses."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_rules)
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (
+        {
+            "if": _given("type", {"const": "json_schema"}),
+            "then": _given("json_schema", {"type": "object"}),
+            "else": {"properties": {"json_schema": {"type": "null"}}},
+        },
+    )
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -73,32 +112,33 @@ class StructuredOutputs(BaseModel):
 
 class _Request(BaseModel):
     # Unknown fields are refused, as OpenAI does: a misspelt option must not silently do nothing.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_rules)
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (_STREAM_OPTIONS_NEED_STREAM,)
 
     model: NonEmptyStr
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
+    n: Annotated[int, Field(ge=1, le=128), INTEGRAL] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, json_schema_extra=_non_empty(arrays=False))
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, json_schema_extra=_TOKEN_ID_KEYS)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit generator seed
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), INTEGRAL] | None = None  # a 64-bit generator seed
     user: str | None = None
     # Accepted for compatibility; they do not change the result.
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
     # Extensions vLLM users rely on.
-    top_k: int = Field(0, ge=-1, le=TOP_K_MAX)  # 0 or -1: off; beyond the vocabulary: the whole of it
+    top_k: Annotated[int, Field(ge=-1, le=TOP_K_MAX), INTEGRAL] = 0  # 0 or -1: off; beyond the vocabulary: the whole of it
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     response_format: ResponseFormat | None = None
     # vLLM's extensions for the same: exactly one constraint per request.
     structured_outputs: StructuredOutputs | None = None
@@ -158,11 +198,11 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_non_empty())
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16  # OpenAI's default for completions
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1, le=128)
-    suffix: str | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128), INTEGRAL] | None = None
+    suffix: str | None = Field(None, json_schema_extra=_UNSET)
 
     @field_validator("prompt")
     @classmethod
@@ -223,7 +263,13 @@ class NamedToolChoice(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool_call_id, tool_calls ... pass through to the template
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]] | None = Field(
+        None,
+        # What _text_parts_only takes: a string or text parts (it names any other part's type).
+        json_schema_extra=lambda schema: schema.update(
+            anyOf=[{"type": "string"}, {"type": "array", "items": TextPart.model_json_schema()}, {"type": "null"}]
+        ),
+    )
     name: str | None = None
 
     @field_validator("content")
@@ -256,20 +302,28 @@ _UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "prediction", "web_s
 
 
 class ChatCompletionRequest(_Request):
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (
+        _STREAM_OPTIONS_NEED_STREAM,
+        {"if": _given("top_logprobs", {"type": "integer"}), "then": _given("logprobs", {"const": True})},
+        {"if": _given("continue_final_message", {"const": True}), "then": _given("add_generation_prompt", {"const": False})},
+    )
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: Any = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
+    functions: list[dict[str, Any]] | None = Field(None, json_schema_extra=_UNSET)
+    function_call: Any = Field(None, json_schema_extra={"enum": [None, "none"], "description": "Not supported: null or none"})
+    modalities: list[str] | None = Field(
+        None,  # the validator's message names what is supported; the document says it too
+        json_schema_extra=lambda schema: schema["anyOf"][0].update(items={"enum": ["text"]}, maxItems=1),
+    )
+    audio: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
+    prediction: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
+    web_search_options: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
+    reasoning_effort: str | None = Field(None, json_schema_extra=_UNSET)
     # Extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -278,7 +332,8 @@ class ChatCompletionRequest(_Request):
     @model_validator(mode="after")
     def _unsupported(self):
         for name in _UNSUPPORTED_CHAT:
-            if getattr(self, name):
+            value = getattr(self, name)
+            if value if name != "function_call" else value not in (None, "none"):  # "none": no call, as without it
                 raise ValueError(f"{name} is not supported by this server")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice needs tools")
@@ -318,7 +373,16 @@ class ChatCompletionRequest(_Request):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The document says what _one_input enforces: a prompt string or a messages array, not both.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)  # as a chat request takes them
