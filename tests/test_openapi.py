@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import httpx
+import jsonschema
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -77,3 +78,59 @@ def test_the_api_keeps_its_documented_contract(case):
         # properly, unless schemathesis stopped reading a long one (stream_cut_short).
         events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
         assert response.stream_cut_short or (events and events[-1] == "[DONE]"), events[-3:]
+
+
+_CHAT = {"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+_COMPLETION = {"model": "stories260k", "prompt": "Once", "max_tokens": 2}
+# (route, body): the document's verdict on each must be the server's, accepted or refused.
+_VERDICTS = [
+    ("/v1/completions", _COMPLETION),
+    ("/v1/completions", {**_COMPLETION, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {**_COMPLETION, "stream": True, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {**_COMPLETION, "response_format": {"type": "json_schema"}}),
+    ("/v1/completions", {**_COMPLETION, "response_format": {"type": "text", "json_schema": {"schema": {}}}}),
+    ("/v1/completions", {**_COMPLETION, "min_tokens": 2}),
+    ("/v1/completions", {**_COMPLETION, "min_tokens": 2, "guided_regex": "[ab]+"}),
+    ("/v1/completions", {**_COMPLETION, "min_tokens": 2, "structured_outputs": {"choice": ["a", "b"]}}),
+    ("/v1/completions", {**_COMPLETION, "min_tokens": 2, "response_format": {"type": "json_object"}}),
+    ("/v1/completions", {**_COMPLETION, "min_tokens": 2, "response_format": {"type": "text"}}),
+    ("/v1/completions", {**_COMPLETION, "top_k": False}),
+    ("/v1/completions", {**_COMPLETION, "n": 2.0, "top_k": 3.0}),
+    ("/v1/completions", {**_COMPLETION, "n": 17}),
+    ("/v1/completions", {**_COMPLETION, "prompt": [1, 511]}),
+    ("/v1/completions", {**_COMPLETION, "prompt": [1, 512]}),
+    ("/v1/completions", {**_COMPLETION, "logit_bias": {"0511": 5}}),
+    ("/v1/completions", {**_COMPLETION, "logit_bias": {"600": 5}}),
+    ("/v1/completions", {**_COMPLETION, "suffix": "end"}),
+    ("/v1/chat/completions", _CHAT),
+    ("/v1/chat/completions", {**_CHAT, "top_logprobs": 2}),
+    ("/v1/chat/completions", {**_CHAT, "top_logprobs": 2, "logprobs": True}),
+    ("/v1/chat/completions", {**_CHAT, "continue_final_message": True}),
+    ("/v1/chat/completions", {**_CHAT, "functions": [{"name": "f"}]}),
+    ("/v1/chat/completions", {**_CHAT, "functions": [], "function_call": "none"}),
+    ("/v1/chat/completions", {**_CHAT, "function_call": "auto"}),
+    ("/v1/chat/completions", {**_CHAT, "modalities": ["audio"]}),
+    ("/v1/chat/completions", {**_CHAT, "modalities": ["text"]}),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
+    ("/tokenize", {"prompt": "Hi"}),
+    ("/tokenize", {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}),
+    ("/tokenize", {"prompt": None, "messages": None}),
+    ("/detokenize", {"tokens": [1, 2.0]}),
+    ("/detokenize", {"tokens": [True]}),
+]
+
+
+def test_the_document_refuses_exactly_what_the_server_refuses(server):
+    """Cross-field rules, vocabulary and batch bounds, strict types: jsonschema's verdict on a body
+    under the served document is the server's (2xx or a 400)."""
+    doc = httpx.get(server.base_url + "/openapi.json").json()
+    verdicts = []
+    for path, body in _VERDICTS:
+        schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        validator = jsonschema.Draft202012Validator({**schema, "components": doc["components"]})
+        r = httpx.post(server.base_url + path, json=body, timeout=60)
+        assert r.status_code in (200, 400), r.text
+        verdicts.append((path, body, validator.is_valid(body), r.status_code == 200))
+    assert [v for v in verdicts if v[2] != v[3]] == []
+    assert {accepted for *_, accepted in verdicts} == {True, False}  # both kinds are there

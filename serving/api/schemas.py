@@ -62,6 +62,18 @@ def _document_rules(schema: dict[str, Any], cls: type) -> None:
 
 # An object that gives stream_options must stream (the model validator says so too).
 _STREAM_OPTIONS_NEED_STREAM = {"if": _given("stream_options", {"type": "object"}), "then": _given("stream", {"const": True})}
+# An output constraint decides when the output ends: min_tokens must then be 0 (_Request's validator).
+# One if/then a constraint field: schemathesis cannot generate from one `if` over all of them.
+_CONSTRAINT_WITHOUT_MIN_TOKENS = tuple(
+    {"if": _given(field, given), "then": {"properties": {"min_tokens": {"maximum": 0}}}}
+    for field, given in (
+        ("response_format", {"required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}),
+        ("guided_json", {"type": "object"}),
+        ("guided_regex", {"type": "string"}),
+        ("guided_choice", {"type": "array"}),
+        *(("structured_outputs", _given(key, {"type": kind})) for key, kind in (("json", "object"), ("regex", "string"), ("choice", "array"))),
+    )
+)
 # Accepted only to be refused when set (their validator): documented as null or empty.
 _UNSET = {"description": "Not supported: null or empty only", "maxItems": 0, "maxLength": 0, "maxProperties": 0}
 
@@ -113,7 +125,7 @@ class StructuredOutputs(BaseModel):
 class _Request(BaseModel):
     # Unknown fields are refused, as OpenAI does: a misspelt option must not silently do nothing.
     model_config = ConfigDict(extra="forbid", json_schema_extra=_document_rules)
-    RULES: ClassVar[tuple[dict[str, Any], ...]] = (_STREAM_OPTIONS_NEED_STREAM,)
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (_STREAM_OPTIONS_NEED_STREAM, *_CONSTRAINT_WITHOUT_MIN_TOKENS)
 
     model: NonEmptyStr
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
@@ -303,7 +315,7 @@ _UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "prediction", "web_s
 
 class ChatCompletionRequest(_Request):
     RULES: ClassVar[tuple[dict[str, Any], ...]] = (
-        _STREAM_OPTIONS_NEED_STREAM,
+        *_Request.RULES,
         {"if": _given("top_logprobs", {"type": "integer"}), "then": _given("logprobs", {"const": True})},
         {"if": _given("continue_final_message", {"const": True}), "then": _given("add_generation_prompt", {"const": False})},
     )
