@@ -6,6 +6,7 @@
 # fetches it) and bench/results/.
 #
 #   here:   bash bench/device_wheels.sh                 (the wheels the device image lacks)
+#           bash bench/device_preflight.sh              (optional: what runs on CPU, under the image's versions)
 #   device: run(command="bash bench/device_check.sh", carry=[".device-wheels"], timeout_s=540)
 #
 # Order: what must hold before any figure means anything (kernels compiled against torch, greedy parity
