@@ -16,7 +16,7 @@ from quart import Quart
 from quart_schema import OpenAPIProvider, QuartSchema, document_request, document_response
 
 from serving.api.responses import ErrorResponse
-from serving.api.schemas import TOKEN_ID
+from serving.api.schemas import SEQUENCES, TOKEN_ID
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,9 +72,7 @@ class _Provider(OpenAPIProvider):
         doc = super().schema()
         state = self._app.extensions["fleetlm"]
         served = state.model.name if state.model is not None else None
-        if state.model is not None:
-            _bound_token_ids(doc, state.model.vocab_size)
-        _bound_choices(doc, state.config.max_batch_size)
+        _bound_marked(doc, state.model.vocab_size if state.model is not None else None, state.config.max_batch_size)
         for path, item in doc["paths"].items():
             for method, operation in item.items():
                 view = self._view(path, method)
@@ -130,35 +128,23 @@ class _Provider(OpenAPIProvider):
         return None
 
 
-def _bound_token_ids(node: Any, vocab_size: int) -> None:
-    """Every schema marked as a token id (schemas.TOKEN_ID) gets the served vocabulary's bound: an
-    integer's maximum, or, for logit_bias's keys, a pattern of the decimal numbers below it."""
+def _bound_marked(node: Any, vocab_size: int | None, max_batch_size: int) -> None:
+    """Bound every marked schema (schemas.TOKEN_ID, schemas.SEQUENCES) by what this server serves: a
+    token id by the vocabulary (an integer's maximum, or for logit_bias's keys a pattern of the
+    decimal numbers below it), once a model is loaded; n and best_of by --max-batch-size."""
     if isinstance(node, dict):
-        if node.get(TOKEN_ID):
+        if node.get(TOKEN_ID) and vocab_size is not None:
             if node.get("type") == "integer":
                 node["maximum"] = vocab_size - 1
             elif "pattern" in node:
                 node["pattern"] = f"^0*{decimal_at_most(vocab_size - 1)}$"
+        if node.get(SEQUENCES):
+            node["maximum"] = min(node.get("maximum", max_batch_size), max_batch_size)
         for value in node.values():
-            _bound_token_ids(value, vocab_size)
+            _bound_marked(value, vocab_size, max_batch_size)
     elif isinstance(node, list):
         for value in node:
-            _bound_token_ids(value, vocab_size)
-
-
-def _bound_choices(doc: dict[str, Any], max_batch_size: int) -> None:
-    """n (and best_of) can be no more than the sequences this server decodes together."""
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
-        for path in doc["paths"].values():
-            for operation in path.values():
-                body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
-                if body.get("title") != name:
-                    continue
-                for field in ("n", "best_of"):
-                    schema = body.get("properties", {}).get(field)
-                    for option in (schema.get("anyOf", [schema]) if schema else []):
-                        if option.get("type") == "integer":
-                            option["maximum"] = min(option.get("maximum", max_batch_size), max_batch_size)
+            _bound_marked(value, vocab_size, max_batch_size)
 
 
 def decimal_at_most(limit: int) -> str:
@@ -166,9 +152,8 @@ def decimal_at_most(limit: int) -> str:
     leading zeros."""
     digits = str(limit)
     width = len(digits)
-    options = ["[0-9]"] + [f"[1-9][0-9]{{{n - 1}}}" for n in range(2, width)]  # every shorter number
-    if width == 1:
-        options = []
+    # every shorter number: one digit, then each width below limit's
+    options = [] if width == 1 else ["[0-9]", *(f"[1-9][0-9]{{{n - 1}}}" for n in range(2, width))]
     for i, digit in enumerate(digits):  # same width: equal to limit up to i, then a smaller digit
         low = 1 if i == 0 and width > 1 else 0
         if int(digit) > low:

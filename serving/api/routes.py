@@ -106,7 +106,7 @@ async def parse_body(model: type[M]) -> M:
         )
     try:
         # Strictly: a JSON true is not the integer 1, nor "yes" or 1 a boolean, as the documented
-        # schema says (an integral float is an integer all the same: schemas.Int).
+        # schema says (an integral float is an integer all the same: schemas.INTEGRAL).
         return model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc

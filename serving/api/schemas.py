@@ -23,8 +23,10 @@ def _integral(value: Any) -> Any:
 # Goes after the field's constraints in Annotated (Annotated[int, Field(ge=1), INTEGRAL]): before
 # them, pydantic writes "ge" instead of "minimum" into the JSON schema.
 INTEGRAL = BeforeValidator(_integral)
-# Marks a token id's schema: /openapi.json bounds it by the served model's vocabulary (openapi.py).
+# Mark schemas that /openapi.json bounds by what this server serves (openapi.py): a token id by the
+# model's vocabulary, a count of sequences (n, best_of) by --max-batch-size.
 TOKEN_ID = "x-fleetlm-token-id"
+SEQUENCES = "x-fleetlm-sequences"
 
 
 def _non_empty(strings: bool = True, arrays: bool = True):
@@ -131,7 +133,7 @@ class _Request(BaseModel):
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: Annotated[int, Field(ge=1, le=128), INTEGRAL] = 1
+    n: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, json_schema_extra=_non_empty(arrays=False))
@@ -213,7 +215,7 @@ class CompletionRequest(_Request):
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
-    best_of: Annotated[int, Field(ge=1, le=128), INTEGRAL] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] | None = None
     suffix: str | None = Field(None, json_schema_extra=_UNSET)
 
     @field_validator("prompt")
@@ -310,7 +312,7 @@ class ChatMessage(BaseModel):
         return data
 
 
-_UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort")
+_UNSUPPORTED_CHAT = ("functions", "audio", "prediction", "web_search_options", "reasoning_effort")  # and function_call
 
 
 class ChatCompletionRequest(_Request):
@@ -344,9 +346,10 @@ class ChatCompletionRequest(_Request):
     @model_validator(mode="after")
     def _unsupported(self):
         for name in _UNSUPPORTED_CHAT:
-            value = getattr(self, name)
-            if value if name != "function_call" else value not in (None, "none"):  # "none": no call, as without it
+            if getattr(self, name):
                 raise ValueError(f"{name} is not supported by this server")
+        if self.function_call not in (None, "none"):  # "none": no call, as without it
+            raise ValueError("function_call is not supported by this server")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
