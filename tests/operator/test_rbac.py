@@ -1,7 +1,11 @@
 """The chart's RBAC is exactly what the operator uses: the operator runs (as a process, as in its pod)
 through a whole lifecycle against the test API, which records every request; each request becomes the
 (API group, resource, verb) RBAC would check, and the chart's ClusterRoles must grant all of them and
-nothing beyond a short list of verbs this run cannot exercise, each with its reason."""
+nothing beyond a short list of verbs this run cannot exercise, each with its reason.
+
+Admission checks count too: an object written with an ownerReference that sets blockOwnerDeletion needs
+`update` on the owner's `finalizers` subresource where the OwnerReferencesPermissionEnforcement plugin
+runs (OpenShift's default), which the test API does not enforce."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any
 
 import kubernetes
 import pytest
-from llm_operator.kube import Kube
+from llm_operator.kube import PLURALS, Kube
 
 from tests.operator.apiserver import BackgroundApiServer
 from tests.operator.conftest import NO_HUB, eventually, write_kubeconfig
@@ -54,7 +58,21 @@ def _used(requests: list[Any]) -> set[tuple[str, str, str]]:
         if request.headers.get("Content-Type", "").startswith("application/apply-patch"):
             # Server-side apply creates what is missing, which the API server authorizes as create.
             used.add((group, resource, "create"))
+        used |= _owner_finalizers(request.data)
     return used
+
+
+def _owner_finalizers(body: Any) -> set[tuple[str, str, str]]:
+    """What OwnerReferencesPermissionEnforcement checks of a write: update on <owner>/finalizers for each
+    ownerReference that sets blockOwnerDeletion."""
+    if not isinstance(body, dict):
+        return set()
+    refs = body.get("metadata", {}).get("ownerReferences") or []
+    return {
+        (ref["apiVersion"].rpartition("/")[0], f"{PLURALS[ref['kind']]}/finalizers", "update")
+        for ref in refs
+        if ref.get("blockOwnerDeletion")
+    }
 
 
 def _kube(kubeconfig: Path) -> Kube:
@@ -120,6 +138,7 @@ def test_the_chart_grants_exactly_what_the_operator_uses(tmp_path: Path) -> None
             process.wait(30)
         requests = list(apiserver.emulator._requests)
     used = _used(requests)
+    assert ("fleetlm.dev", "llmdeployments/finalizers", "update") in used  # the children block their owner's deletion
     granted = _granted(render())
     assert used - granted == set(), "the operator calls what the chart does not grant"
     assert granted - used - UNEXERCISED == set(), "the chart grants what the operator never uses"
