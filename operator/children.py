@@ -86,8 +86,10 @@ def cache_claim(owner: Owner, spec: LLMDeploymentSpec, live: dict[str, Any] | No
     if live is not None:
         live_spec = live.get("spec", {})
         claim["accessModes"] = list(live_spec.get("accessModes") or claim["accessModes"])
+        # The live class is sent back even when the spec no longer names one: server-side apply would
+        # otherwise remove a field this manager owns, which the API refuses for a claim on every apply.
         claim.pop("storageClassName", None)
-        if live_spec.get("storageClassName") is not None and spec.cache.storage_class_name is not None:
+        if live_spec.get("storageClassName") is not None:
             claim["storageClassName"] = live_spec["storageClassName"]
         live_size = live_spec.get("resources", {}).get("requests", {}).get("storage")
         if live_size is not None and parse_quantity(live_size) > parse_quantity(size):

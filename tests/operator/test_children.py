@@ -236,15 +236,22 @@ def _live_claim(mode: str, size: str = "2Gi", storage_class: str | None = "stand
     ("spec", "live", "expected"),
     [
         # An existing claim keeps its mode, whatever the replicas or the spec now ask...
-        ({"replicas": 5, "cache": {"size": "2Gi"}}, _live_claim("ReadWriteOnce"), {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}),
+        ({"replicas": 5, "cache": {"size": "2Gi"}}, _live_claim("ReadWriteOnce"),
+         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}, "storageClassName": "standard"}),
         ({"replicas": 1, "cache": {"accessMode": "ReadWriteOnce", "size": "2Gi"}}, _live_claim("ReadWriteMany"),
-         {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "2Gi"}}}),
-        # ...its storage class when the spec names another, and its size when the spec asks for less;
+         {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "2Gi"}}, "storageClassName": "standard"}),
+        # ...its storage class when the spec names another or none (the cluster default filled it in, or
+        # the spec dropped it), and its size when the spec asks for less;
         ({"cache": {"size": "1Gi", "storageClassName": "fast"}}, _live_claim("ReadWriteOnce", "3Gi"),
          {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "3Gi"}}, "storageClassName": "standard"}),
+        ({"cache": {"size": "2Gi"}}, _live_claim("ReadWriteOnce", storage_class="fast"),
+         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}, "storageClassName": "fast"}),
+        # a claim without a class is not given one;
+        ({"cache": {"size": "2Gi", "storageClassName": "fast"}}, _live_claim("ReadWriteOnce", storage_class=None),
+         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}),
         # a larger size is asked for (claims may grow).
         ({"cache": {"size": "10Gi"}}, _live_claim("ReadWriteOnce", "2Gi"),
-         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}),
+         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}, "storageClassName": "standard"}),
     ],
 )  # fmt: skip
 def test_an_existing_cache_claim_keeps_what_a_claim_cannot_change(

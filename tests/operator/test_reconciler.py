@@ -218,3 +218,41 @@ def test_each_llmdeployment_is_exported_for_the_alerts_and_forgotten_when_gone(k
     reconciler.forget(namespace, "watched")
     exported = {s.labels.get("llmdeployment") for s in next(iter(metrics.DESIRED_REPLICAS.collect())).samples}
     assert "watched" not in exported
+
+
+def patch_spec(kube: Kube, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec},
+        _content_type="application/merge-patch+json", _preload_content=False,
+    )  # fmt: skip
+
+
+def server_args(kube: Kube, namespace: str, name: str) -> list[str]:
+    deployment = kube.get("apps/v1", "Deployment", namespace, name)
+    assert deployment is not None
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_a_claims_storage_class_is_kept_when_the_spec_drops_or_changes_it(kube: Kube, namespace: str) -> None:
+    """storageClassName is immutable: had the operator left it out, server-side apply would remove the
+    field it owns, which the API (and this emulator) refuses with 422 on every apply, blocking every
+    later spec change. It sends the live class back instead."""
+    create(kube, namespace, "sc", cache={"storageClassName": "fast", "size": "2Gi"})
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "sc", trigger="test", apply_all=True)
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "sc-model-cache")["spec"]["storageClassName"] == "fast"
+
+    patch_spec(kube, namespace, "sc", {"cache": {"storageClassName": None}, "engine": {"maxBatchSize": 48}})
+    reconciler.reconcile(namespace, "sc", trigger="test", apply_all=True)
+    assert condition(kube, namespace, "sc", "Degraded")["status"] == "False"
+    assert "48" in server_args(kube, namespace, "sc")
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "sc-model-cache")["spec"]["storageClassName"] == "fast"
+
+    # Another class is kept too, and said so; the rest of the spec still applies.
+    patch_spec(kube, namespace, "sc", {"cache": {"storageClassName": "slow"}, "engine": {"maxBatchSize": 32}})
+    reconciler.reconcile(namespace, "sc", trigger="test", apply_all=True)
+    degraded = condition(kube, namespace, "sc", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "CacheClaimImmutable")
+    assert "cache.storageClassName is slow but claim sc-model-cache uses fast" in degraded["message"]
+    assert "32" in server_args(kube, namespace, "sc")
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "sc-model-cache")["spec"]["storageClassName"] == "fast"
