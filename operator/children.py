@@ -43,16 +43,18 @@ def desired_children(
     default_image: str,
     live_claim: dict[str, Any] | None = None,
     hub: HubPin = UNPINNED,
+    expandable: bool = True,
 ) -> list[dict[str, Any]]:
     """In apply order: the cache claim before the pods that mount it, the Deployment before what refers to it.
 
     live_claim: the cache claim as it exists, whose immutable fields the desired one keeps.
-    hub: the Hub endpoint (a mirror) for specs that name none, and the commit the revision is pinned to."""
+    hub: the Hub endpoint (a mirror) for specs that name none, and the commit the revision is pinned to.
+    expandable: whether the live claim may grow (see claim_grows)."""
     owner = Owner.of(body)
     children = []
     single_node = False
     if manages_cache(spec):
-        claim = cache_claim(owner, spec, live_claim)
+        claim = cache_claim(owner, spec, live_claim, expandable)
         single_node = claim["spec"]["accessModes"] == ["ReadWriteOnce"]
         children.append(claim)
     children.append(service(owner, spec))
@@ -74,9 +76,12 @@ def cache_access_mode(spec: LLMDeploymentSpec) -> str:
     return "ReadWriteMany" if most > 1 else "ReadWriteOnce"
 
 
-def cache_claim(owner: Owner, spec: LLMDeploymentSpec, live: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The cache PVC. A claim's spec is immutable after creation except for a larger storage request, so
-    an existing claim keeps its access modes, storage class and (when the spec asks for less) its size:
+def cache_claim(
+    owner: Owner, spec: LLMDeploymentSpec, live: dict[str, Any] | None = None, expandable: bool = True
+) -> dict[str, Any]:
+    """The cache PVC. A claim's spec is immutable after creation except for a larger storage request (and
+    that only where its StorageClass allows volume expansion), so an existing claim keeps its access
+    modes, storage class and (when the spec asks for less, or more of a claim that cannot grow) its size:
     the operator never asks the API for a change it must refuse (see claim_conflicts for what it tells
     the user instead)."""
     size = str(spec.cache.size)
@@ -91,8 +96,8 @@ def cache_claim(owner: Owner, spec: LLMDeploymentSpec, live: dict[str, Any] | No
         claim.pop("storageClassName", None)
         if live_spec.get("storageClassName") is not None:
             claim["storageClassName"] = live_spec["storageClassName"]
-        live_size = live_spec.get("resources", {}).get("requests", {}).get("storage")
-        if live_size is not None and parse_quantity(live_size) > parse_quantity(size):
+        live_size = _claim_size(live)
+        if live_size is not None and (not expandable or parse_quantity(live_size) > parse_quantity(size)):
             claim["resources"]["requests"]["storage"] = live_size
     return {
         "apiVersion": "v1",
@@ -102,8 +107,21 @@ def cache_claim(owner: Owner, spec: LLMDeploymentSpec, live: dict[str, Any] | No
     }
 
 
-def claim_conflicts(spec: LLMDeploymentSpec, live: dict[str, Any] | None) -> list[Problem]:
-    """What the spec asks of the existing cache claim that a claim cannot change, with the remedy."""
+def claim_grows(spec: LLMDeploymentSpec, live: dict[str, Any] | None) -> bool:
+    """Whether the spec asks the existing cache claim for more storage: allowed only where the claim's
+    StorageClass sets allowVolumeExpansion (the PersistentVolumeClaimResize admission plugin answers
+    403 otherwise), so the reconciler reads the class first."""
+    live_size = _claim_size(live) if live is not None and manages_cache(spec) else None
+    return live_size is not None and parse_quantity(str(spec.cache.size)) > parse_quantity(live_size)
+
+
+def _claim_size(claim: dict[str, Any]) -> str | None:
+    return claim.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
+
+
+def claim_conflicts(spec: LLMDeploymentSpec, live: dict[str, Any] | None, expandable: bool = True) -> list[Problem]:
+    """What the spec asks of the existing cache claim that a claim cannot change, with the remedy.
+    expandable: whether the claim may grow (see claim_grows)."""
     if live is None or not manages_cache(spec):
         return []
     name = live["metadata"]["name"]
@@ -123,10 +141,23 @@ def claim_conflicts(spec: LLMDeploymentSpec, live: dict[str, Any] | None) -> lis
     live_class = live_spec.get("storageClassName")
     if spec.cache.storage_class_name is not None and live_class not in (None, spec.cache.storage_class_name):
         found.append(f"cache.storageClassName is {spec.cache.storage_class_name} but claim {name} uses {live_class}")
-    live_size = live_spec.get("resources", {}).get("requests", {}).get("storage")
+    live_size = _claim_size(live)
     if live_size is not None and parse_quantity(live_size) > parse_quantity(str(spec.cache.size)):
         found.append(f"cache.size is {spec.cache.size} but claim {name} holds {live_size} (a claim only grows)")
-    return [Problem("CacheClaimImmutable", "; ".join(found) + f": {remedy}")] if found else []
+    problems = [Problem("CacheClaimImmutable", "; ".join(found) + f": {remedy}")] if found else []
+    if not expandable and claim_grows(spec, live):
+        storage_class = live_class or "(none)"
+        problems.append(
+            Problem(
+                "CacheClaimNotExpandable",
+                f"cache.size is {spec.cache.size} but claim {name} holds {live_size} and cannot grow: its "
+                f"StorageClass {storage_class} does not set allowVolumeExpansion: true. The claim keeps its size "
+                "and everything else is applied; to grow it, allow expansion on the class (where its provisioner "
+                f"supports it), or delete the claim (kubectl delete pvc {name}; it is recreated at the new size "
+                "and the model downloaded again), or point cache.existingClaim at a larger claim",
+            )
+        )
+    return problems
 
 
 def service(owner: Owner, spec: LLMDeploymentSpec) -> dict[str, Any]:

@@ -36,6 +36,7 @@ PLURALS = {
     "Secret": "secrets",
     "Service": "services",
     "ServiceMonitor": "servicemonitors",
+    "StorageClass": "storageclasses",
 }
 
 

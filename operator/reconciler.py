@@ -23,7 +23,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 from llm_operator import metrics, naming, startup
 from llm_operator.capacity import Capacity, fit
-from llm_operator.children import claim_conflicts, desired_children, manages_cache
+from llm_operator.children import claim_conflicts, claim_grows, desired_children, manages_cache
 from llm_operator.config import OperatorConfig
 from llm_operator.deployment import DOWNLOAD_CONTAINER, desired_replicas
 from llm_operator.diagnosis import Problem, diagnose
@@ -153,9 +153,12 @@ class Reconciler:
             live_claim = None
             if manages_cache(spec):
                 live_claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
-            notes = tuple(claim_conflicts(spec, live_claim))
+            expandable = self._expandable(spec, live_claim)
+            notes = tuple(claim_conflicts(spec, live_claim, expandable))
             desired = self._servable(
-                body, desired_children(body, spec, self._default_image(spec), live_claim, hub), first_time
+                body,
+                desired_children(body, spec, self._default_image(spec), live_claim, hub, expandable),
+                first_time,
             )
             if apply_all or first_time:
                 blocker = self._apply_all(body, desired, dry_run_first=first_time)
@@ -168,6 +171,24 @@ class Reconciler:
             )
         self._publish(body, spec, blocker, generation, notes, pin, capacity)
         return "degraded" if blocker or notes else "ok"
+
+    def _expandable(self, spec: LLMDeploymentSpec, live_claim: dict[str, Any] | None) -> bool:
+        """Whether the cache claim may grow as the spec asks: its StorageClass sets allowVolumeExpansion.
+        Read only when the spec asks for more; a claim without a class, a class that does not exist or
+        one the operator may not read counts as expandable, and the API has the last word."""
+        if live_claim is None or not claim_grows(spec, live_claim):
+            return True
+        class_name = live_claim["spec"].get("storageClassName")
+        if not class_name:
+            return True
+        try:
+            storage_class = self.kube.get("storage.k8s.io/v1", "StorageClass", None, class_name)
+        except ApiException as error:
+            if error.status != 403:
+                raise
+            logger.warning(f"StorageClass {class_name} not read (forbidden to the operator): assuming it allows expansion")
+            return True
+        return storage_class is None or storage_class.get("allowVolumeExpansion") is True
 
     def _default_image(self, spec: LLMDeploymentSpec) -> str:
         if spec.resources.requested_gpu is None and self.config.default_cpu_image:

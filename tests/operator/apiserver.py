@@ -4,9 +4,12 @@ kmock stores and merges JSON and nothing more. Added here, as the real API serve
 resourceVersion, generation and creationTimestamp; server-side apply that creates a missing object and
 replaces the applied fields; dry runs that store nothing; status subresources (a status write touches only
 status, a main-resource write never touches it); resourceVersion preconditions answered with 409; and
-equality label selectors on lists; and a PersistentVolumeClaim's immutable spec (only a larger storage
-request may change), refused with the API server's own 422 messages. Still absent: other validation,
-defaulting, garbage collection, field ownership.
+equality label selectors on lists; a PersistentVolumeClaim's immutable spec (only a larger storage
+request may change), refused with the API server's own 422 messages; the PersistentVolumeClaimResize
+admission plugin (a larger request only where the claim's StorageClass sets allowVolumeExpansion, else
+its 403; claims without a class are not checked, as this API has no default StorageClass); and a 403 for
+the resources a test forbids (`forbid`), as RBAC would answer. Still absent: other validation,
+defaulting, garbage collection, field ownership, admission and RBAC beyond those.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ RESOURCES = {
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, ["status"]),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True, ["status"]),
     "scheduling.k8s.io/v1/priorityclasses": ("PriorityClass", False, []),
+    "storage.k8s.io/v1/storageclasses": ("StorageClass", False, []),
 }
 SERVICE_MONITORS = "monitoring.coreos.com/v1/servicemonitors"
 
@@ -50,8 +54,14 @@ class ApiServer(kmock.KubernetesEmulator):
     _versions = itertools.count(1)
     # What containers have written, as the kubelet would serve it: (namespace, pod, container) -> text.
     pod_logs: dict[tuple[str, str, str], str] = {}
+    # Resources (plurals) every request for which is refused with 403, as RBAC without a rule would.
+    forbidden: set[str] = set()
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and request.resource.plural in self.forbidden:
+            raise kmock.KubernetesError(
+                403, "Forbidden", f'{request.resource.plural} "{request.name or ""}" is forbidden: the test forbids it'
+            )
         if request.resource is not None and request.resource.plural == "pods" and request.subresource == "log":
             key = (request.namespace or "", request.name or "", request.params.get("container", ""))
             if key not in self.pod_logs:
@@ -121,6 +131,7 @@ class ApiServer(kmock.KubernetesEmulator):
             new = _patched(old, patch, is_apply, request.subresource == "status")
             if request.resource.plural == "persistentvolumeclaims":
                 _check_claim_update(old, new)
+                self._check_claim_resize(old, new)
             if new != old:
                 new["metadata"]["resourceVersion"] = str(next(self._versions))
                 if _body(new) != _body(old):
@@ -129,6 +140,26 @@ class ApiServer(kmock.KubernetesEmulator):
                     self._objects[key].create(new)
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
             return aiohttp.web.json_response(new)
+
+
+    def _check_claim_resize(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """As the PersistentVolumeClaimResize admission plugin (k8s.io/kubernetes plugin/pkg/admission/
+        storage/persistentvolume/resize): a larger request needs a StorageClass with allowVolumeExpansion."""
+        was, now = (o.get("spec", {}).get("resources", {}).get("requests", {}).get("storage") for o in (old, new))
+        class_name = new.get("spec", {}).get("storageClassName")
+        if not (was and now and class_name) or parse_quantity(now) <= parse_quantity(was):
+            return
+        classes = [
+            o.raw for (resource, _, name), o in self._objects.items()
+            if resource.plural == "storageclasses" and name == class_name and not o.deleted
+        ]  # fmt: skip
+        if not classes or classes[0].get("allowVolumeExpansion") is not True:
+            raise kmock.KubernetesError(
+                403,
+                "Forbidden",
+                f'persistentvolumeclaims "{old["metadata"]["name"]}" is forbidden: only dynamically provisioned pvc '
+                "can be resized and the storageclass that provisions the pvc must support resize",
+            )
 
 
 class BackgroundApiServer:
@@ -151,6 +182,13 @@ class BackgroundApiServer:
 
     def set_pod_log(self, namespace: str, pod: str, container: str, text: str) -> None:
         self._loop.call_soon_threadsafe(self.emulator.pod_logs.__setitem__, (namespace, pod, container), text)
+
+    def forbid(self, *plurals: str) -> None:
+        """Refuse every request for these resources with 403 from now on (none: allow all again)."""
+        async def change() -> None:
+            self.emulator.forbidden = set(plurals)
+
+        asyncio.run_coroutine_threadsafe(change(), self._loop).result(5)
 
     def serve_service_monitors(self, served: bool) -> None:
         def change() -> None:

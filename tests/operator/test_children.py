@@ -262,6 +262,23 @@ def test_an_existing_cache_claim_keeps_what_a_claim_cannot_change(
     assert children["PersistentVolumeClaim"]["spec"] == expected
 
 
+def test_a_claim_that_cannot_expand_keeps_its_size_and_says_how_to_grow_it() -> None:
+    from llm_operator.children import claim_conflicts, claim_grows
+
+    body = llmd(name="m", cache={"size": "10Gi"})
+    spec = parse_spec(body["spec"])
+    live = _live_claim("ReadWriteOnce", "2Gi")
+    assert claim_grows(spec, live) and not claim_grows(spec, None)
+    assert not claim_grows(parse_spec(llmd(cache={"size": "2Gi"})["spec"]), live)
+    children = {c["kind"]: c for c in desired_children(body, spec, IMAGE, live, expandable=False)}
+    assert children["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    (problem,) = claim_conflicts(spec, live, expandable=False)
+    assert problem.reason == "CacheClaimNotExpandable"
+    assert "StorageClass standard does not set allowVolumeExpansion: true" in problem.message
+    assert "kubectl delete pvc m-model-cache" in problem.message
+    assert claim_conflicts(spec, live) == []  # an expandable claim just grows
+
+
 def test_claim_conflicts_name_each_field_and_the_remedy() -> None:
     from llm_operator.children import claim_conflicts
 

@@ -92,6 +92,8 @@ def test_the_chart_grants_exactly_what_the_operator_uses(tmp_path: Path) -> None
         kube.core.create_namespaced_config_map(ns, {"metadata": {"name": "ca"}, "data": {"ca.crt": "not a pem"}})
         kube.custom.create_cluster_custom_object("scheduling.k8s.io", "v1", "priorityclasses",
                                                  {"metadata": {"name": "llm"}, "value": 10})  # fmt: skip
+        kube.custom.create_cluster_custom_object("storage.k8s.io", "v1", "storageclasses",
+                                                 {"metadata": {"name": "fixed"}, "provisioner": "csi.example.com"})  # fmt: skip
         env = {**os.environ, "KUBECONFIG": str(config)}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         flags = ["--standalone", "--resync-seconds", "1", "--health-port", "0", "--metrics-port", "0", "--hf-endpoint", NO_HUB]
@@ -104,6 +106,7 @@ def test_the_chart_grants_exactly_what_the_operator_uses(tmp_path: Path) -> None
                 "scheduling": {"priorityClassName": "llm"},
                 "autoscaling": {"maxReplicas": 3},
                 "monitoring": {"serviceMonitor": True},
+                "cache": {"storageClassName": "fixed", "size": "1Gi"},
             }
             body = {"apiVersion": "fleetlm.dev/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": "m", "namespace": ns}, "spec": spec}
             kube.custom.create_namespaced_custom_object("fleetlm.dev", "v1alpha1", ns, "llmdeployments", body)
@@ -125,11 +128,18 @@ def test_the_chart_grants_exactly_what_the_operator_uses(tmp_path: Path) -> None
                                                        {"spec": {"autoscaling": None}},
                                                        _content_type="application/merge-patch+json")  # fmt: skip
             eventually(lambda: kube.get("autoscaling/v2", "HorizontalPodAutoscaler", ns, "m") is None, timeout=30, what="pruning")
+            # Growing the cache reads its StorageClass, which cannot expand.
+            kube.custom.patch_namespaced_custom_object("fleetlm.dev", "v1alpha1", ns, "llmdeployments", "m",
+                                                       {"spec": {"cache": {"size": "2Gi"}}},
+                                                       _content_type="application/merge-patch+json")  # fmt: skip
+            eventually(lambda: [e for e in kube.list("v1", "Event", ns) if e["reason"] == "CacheClaimNotExpandable"],
+                       timeout=30, what="the claim's StorageClass read")  # fmt: skip
             # Every child a spec can drop is pruned: the ServiceMonitor, and the cache claim for an existing one.
             kube.core.create_namespaced_persistent_volume_claim(ns, {"metadata": {"name": "shared"}, "spec": {
                 "accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})  # fmt: skip
             kube.custom.patch_namespaced_custom_object("fleetlm.dev", "v1alpha1", ns, "llmdeployments", "m",
-                                                       {"spec": {"monitoring": {"serviceMonitor": False}, "cache": {"existingClaim": "shared"}}},
+                                                       {"spec": {"monitoring": {"serviceMonitor": False},
+                                                                 "cache": {"existingClaim": "shared", "storageClassName": None, "size": None}}},
                                                        _content_type="application/merge-patch+json")  # fmt: skip
             eventually(lambda: kube.get("monitoring.coreos.com/v1", "ServiceMonitor", ns, "m") is None
                        and kube.get("v1", "PersistentVolumeClaim", ns, "m-model-cache") is None, timeout=30, what="pruning")  # fmt: skip

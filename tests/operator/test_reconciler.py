@@ -24,9 +24,14 @@ CONFIG = parse_args(["--standalone", "--default-image", "img:test", "--hf-endpoi
 
 
 @pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    with BackgroundApiServer() as apiserver:
-        yield client(write_kubeconfig(apiserver, tmp_path_factory.mktemp("kube") / "config"))
+def apiserver() -> Iterator[BackgroundApiServer]:
+    with BackgroundApiServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def kube(apiserver: BackgroundApiServer, tmp_path_factory: pytest.TempPathFactory) -> Kube:
+    return client(write_kubeconfig(apiserver, tmp_path_factory.mktemp("kube") / "config"))
 
 
 def create(kube: Kube, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
@@ -256,3 +261,55 @@ def test_a_claims_storage_class_is_kept_when_the_spec_drops_or_changes_it(kube: 
     assert "cache.storageClassName is slow but claim sc-model-cache uses fast" in degraded["message"]
     assert "32" in server_args(kube, namespace, "sc")
     assert kube.get("v1", "PersistentVolumeClaim", namespace, "sc-model-cache")["spec"]["storageClassName"] == "fast"
+
+
+def storage_class(kube: Kube, name: str, expandable: bool | None) -> None:
+    body: dict[str, Any] = {"metadata": {"name": name}, "provisioner": "csi.example.com"}
+    if expandable is not None:
+        body["allowVolumeExpansion"] = expandable
+    kube.custom.create_cluster_custom_object("storage.k8s.io", "v1", "storageclasses", body, _preload_content=False)
+
+
+def claim_size(kube: Kube, namespace: str, name: str) -> str:
+    return kube.get("v1", "PersistentVolumeClaim", namespace, f"{name}-model-cache")["spec"]["resources"]["requests"]["storage"]
+
+
+def test_a_cache_that_cannot_expand_keeps_its_size_says_so_and_applies_the_rest(kube: Kube, namespace: str) -> None:
+    """Growing a claim whose StorageClass lacks allowVolumeExpansion is refused by admission (403, which
+    this emulator answers as the PersistentVolumeClaimResize plugin does): the operator reads the class
+    first, keeps the claim's size and applies the other children."""
+    storage_class(kube, "fixed-size", expandable=None)
+    create(kube, namespace, "grow", cache={"storageClassName": "fixed-size", "size": "2Gi"})
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "grow", trigger="test", apply_all=True)
+    patch_spec(kube, namespace, "grow", {"cache": {"size": "4Gi"}, "engine": {"maxBatchSize": 48}})
+    reconciler.reconcile(namespace, "grow", trigger="test", apply_all=True)
+    degraded = condition(kube, namespace, "grow", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "CacheClaimNotExpandable")
+    assert "StorageClass fixed-size does not set allowVolumeExpansion: true" in degraded["message"]
+    assert "48" in server_args(kube, namespace, "grow") and claim_size(kube, namespace, "grow") == "2Gi"
+    # Once the class allows it, the claim grows.
+    kube.custom.patch_cluster_custom_object("storage.k8s.io", "v1", "storageclasses", "fixed-size",
+                                            {"allowVolumeExpansion": True}, _content_type="application/merge-patch+json")  # fmt: skip
+    reconciler.reconcile(namespace, "grow", trigger="test", apply_all=True)
+    assert claim_size(kube, namespace, "grow") == "4Gi"
+    assert condition(kube, namespace, "grow", "Degraded")["status"] == "False"
+
+
+def test_a_storage_class_the_operator_may_not_read_leaves_the_decision_to_the_api(
+    apiserver: BackgroundApiServer, kube: Kube, namespace: str
+) -> None:
+    storage_class(kube, "unreadable", expandable=False)
+    create(kube, namespace, "blind", cache={"storageClassName": "unreadable", "size": "2Gi"})
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "blind", trigger="test", apply_all=True)
+    patch_spec(kube, namespace, "blind", {"cache": {"size": "4Gi"}})
+    apiserver.forbid("storageclasses")
+    try:
+        reconciler.reconcile(namespace, "blind", trigger="test", apply_all=True)
+    finally:
+        apiserver.forbid()
+    degraded = condition(kube, namespace, "blind", "Degraded")
+    # As before the class was read: the larger request is sent and the API's own refusal reported.
+    assert degraded["reason"] == "OperatorForbidden" and "must support resize" in degraded["message"]
+    assert claim_size(kube, namespace, "blind") == "2Gi"
