@@ -24,9 +24,13 @@ SERVER_CONTAINER = "server"
 STARTUP_PERIOD_S = 10
 HUB_CA_DIR = "/etc/fleetlm/hub-ca"
 
-# Written only under /tmp: the root filesystem is read-only.
+# Written only under /tmp: the root filesystem is read-only. uid 1000 has no passwd entry in most images,
+# so its home would be /; Triton compiles and caches its kernels under TRITON_HOME (else the home). The
+# serving image sets the same (images/serving/Dockerfile); here they also hold for other images.
 BASE_ENV = [
     {"name": "HF_HOME", "value": "/tmp/hf-home"},
+    {"name": "HOME", "value": "/tmp"},
+    {"name": "TRITON_HOME", "value": "/tmp"},
     {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
 ]
 

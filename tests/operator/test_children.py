@@ -130,6 +130,8 @@ def test_pod_is_hardened_and_probes_spare_a_loading_model() -> None:
         assert not sec["allowPrivilegeEscalation"]
         assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
         assert {"name": "HF_HOME", "value": "/tmp/hf-home"} in c["env"]
+        # Triton's kernel cache, and any other home-relative write, lands in /tmp, not the read-only /.
+        assert {"name": "HOME", "value": "/tmp"} in c["env"] and {"name": "TRITON_HOME", "value": "/tmp"} in c["env"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Mi"}
     server = container(children)

@@ -72,3 +72,38 @@ def test_the_images_build_what_ci_tests() -> None:
     assert f"ARG TORCH_VERSION={torch}" in serving
     base = re.compile(r"ARG PYTHON_IMAGE=(\S+)")
     assert base.search(serving)[1] == base.search(operator)[1]  # one Python for both images
+
+
+def _runtime_stage(dockerfile: str) -> list[str]:
+    """The last stage's instructions, continuation lines joined."""
+    lines = dockerfile.replace("\\\n", " ").splitlines()
+    instructions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    last = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
+    return instructions[last + 1 :]
+
+
+def _image_env(stage: list[str]) -> dict[str, str]:
+    return dict(
+        pair.split("=", 1) for line in stage if line.upper().startswith("ENV ") for pair in line.split()[1:]
+    )
+
+
+def test_the_serving_image_runs_triton_as_uid_1000_on_a_read_only_root() -> None:
+    """Triton compiles its launcher with gcc (against libc's headers) at first use on CUDA, and caches
+    kernels under TRITON_HOME or the home, which for uid 1000 without a passwd entry is the read-only /.
+    The pod gets the same environment as the image, so a custom image works too."""
+    from pathlib import Path
+
+    from llm_operator.deployment import BASE_ENV
+
+    root = Path(__file__).resolve().parents[2]
+    stage = _runtime_stage((root / "images" / "serving" / "Dockerfile").read_text())
+    (install,) = [line for line in stage if line.startswith("RUN apt-get")]
+    assert re.search(r"apt-get install -y --no-install-recommends gcc libc6-dev\b", install)
+    assert "rm -rf /var/lib/apt/lists/*" in install
+    env = _image_env(stage)
+    assert env["HOME"] == "/tmp" and env["TRITON_HOME"] == "/tmp"
+    pod_env = {e["name"]: e["value"] for e in BASE_ENV}
+    assert pod_env.items() <= env.items()  # the pod sets nothing the image disagrees with
+    assert {"HOME", "TRITON_HOME", "HF_HOME"} <= set(pod_env)
+    assert all(value.startswith("/tmp") for name, value in pod_env.items() if name.endswith("HOME"))
