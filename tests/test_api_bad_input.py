@@ -161,3 +161,22 @@ def test_integral_floats_are_integers(server):
     assert r.status_code == 200 and r.json()["prompt"] == _post(server, "/detokenize", b'{"tokens": [403]}').json()["prompt"]
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "function_call": "none"}
     assert _post(server, "/v1/chat/completions", json.dumps(chat).encode()).status_code == 200
+
+
+def test_null_means_the_default(server, client):
+    """The openai SDK sends null for an argument given as None; OpenAI takes it as the default."""
+    import json
+
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "seed": 3}
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "logprobs", "top_k"))
+    plain = _post(server, "/v1/chat/completions", json.dumps(chat).encode()).json()
+    nulled = _post(server, "/v1/chat/completions", json.dumps({**chat, **nulls}).encode())
+    assert nulled.status_code == 200, nulled.text
+    assert nulled.json()["choices"] == plain["choices"]  # seeded sampling at temperature 1, one choice
+    sdk = client.chat.completions.create(**chat, temperature=None, n=None, stream=None, logprobs=None)
+    assert sdk.choices[0].message.content == plain["choices"][0]["message"]["content"]
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4, "temperature": 0, "echo": None, "n": None}
+    assert _post(server, "/v1/completions", json.dumps(body).encode()).json()["choices"][0]["text"]
+    # null where there is no default is still refused, by name
+    r = _post(server, "/v1/chat/completions", json.dumps({**chat, "messages": None}).encode())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text

@@ -46,8 +46,10 @@ def test_the_document_covers_every_route_and_the_docs_page_serves(server):
     completions = doc["paths"]["/v1/completions"]["post"]
     body = completions["requestBody"]["content"]["application/json"]["schema"]
     props = body["properties"] if "properties" in body else doc["components"]["schemas"]["CompletionRequest"]["properties"]
-    assert props["top_k"]["maximum"] == 2**31 - 1  # the same bounds as validation
-    assert props["n"]["maximum"] == 16  # and this server's: --max-batch-size
+    # Fields with a default take null for it too: their value's schema is the first option.
+    assert props["top_k"]["anyOf"][1] == {"type": "null"} and props["top_k"]["default"] == 0
+    assert props["top_k"]["anyOf"][0]["maximum"] == 2**31 - 1  # the same bounds as validation
+    assert props["n"]["anyOf"][0]["maximum"] == 16  # and this server's: --max-batch-size
     assert completions["requestBody"]["required"] is True
     # Token ids are bounded by the served model's vocabulary (512), logit_bias's keys too.
     token_ids = props["prompt"]["anyOf"][2]["items"]
@@ -113,7 +115,14 @@ _VERDICTS = [
     ("/v1/chat/completions", {**_CHAT, "modalities": ["text"]}),
     ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}),
     ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
+    # null for a field with a default is that default (the openai SDK sends null for None)
+    ("/v1/completions", {**_COMPLETION, "temperature": None, "n": None, "echo": None, "top_k": None}),
+    ("/v1/chat/completions", {**_CHAT, "temperature": None, "top_p": None, "stream": None, "logprobs": None}),
+    ("/v1/chat/completions", {**_CHAT, "stream": True, "stream_options": {"include_usage": None}}),
+    ("/v1/chat/completions", {**_CHAT, "model": None}),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": None, "content": "Hi"}]}),
     ("/tokenize", {"prompt": "Hi"}),
+    ("/tokenize", {"prompt": "Hi", "add_special_tokens": None}),
     ("/tokenize", {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}),
     ("/tokenize", {"prompt": None, "messages": None}),
     ("/detokenize", {"tokens": [1, 2.0]}),

@@ -90,6 +90,8 @@ def test_a_full_round_trip(client):
         ({"tools": None, "tool_choice": "required"}, "tool_choice needs tools"),
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        ({"tools": TOOLS + TOOLS[:1], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "more than once"),
+        ({"tools": TOOLS + TOOLS[:1]}, "more than once"),
     ],
 )
 def test_bad_tool_requests_are_400s(server, extra, needle):

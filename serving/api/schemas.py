@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import types
+import typing
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -57,9 +60,52 @@ def _given(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": [field], "properties": {field: schema}}
 
 
-def _document_rules(schema: dict[str, Any], cls: type) -> None:
-    """The model's cross-field rules (its RULES, checked by its validators) in its JSON schema."""
-    schema.setdefault("allOf", []).extend(getattr(cls, "RULES", ()))
+@functools.cache
+def _null_means_default(cls: type[BaseModel]) -> frozenset[str]:
+    """The body keys of cls's fields that have a default but no null value of their own."""
+    keys = set()
+    for name, info in cls.model_fields.items():
+        if info.is_required() or (info.default_factory is None and info.default is None):
+            continue
+        options = typing.get_args(info.annotation) if typing.get_origin(info.annotation) in (typing.Union, types.UnionType) else ()
+        if info.annotation is not Any and type(None) not in options:
+            keys.add(info.alias or name)
+    return frozenset(keys)
+
+
+def _document_rules(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """The model's cross-field rules (its RULES, checked by its validators) in its JSON schema, and
+    null among the values of its fields whose null means their default (_Body)."""
+    if rules := getattr(cls, "RULES", ()):
+        schema.setdefault("allOf", []).extend(rules)
+    for key in _null_means_default(cls):
+        prop = schema.get("properties", {}).get(key)
+        if prop is None:
+            continue
+        if "anyOf" in prop:
+            prop["anyOf"].append({"type": "null"})
+            continue
+        kept = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        options = [dict(prop), {"type": "null"}]
+        prop.clear()
+        prop.update(anyOf=options, **kept)
+
+
+class _Body(BaseModel):
+    """An object of a request body. Null for a field with a default means that default, as in
+    OpenAI's API (whose SDK sends null for an argument given as None); unknown fields are refused,
+    as OpenAI does: a misspelt option must not silently do nothing."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_rules)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_to_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            keys = _null_means_default(cls)
+            if any(data.get(key, 0) is None for key in keys):
+                data = {k: v for k, v in data.items() if not (v is None and k in keys)}
+        return data
 
 
 # An object that gives stream_options must stream (the model validator says so too).
@@ -80,24 +126,23 @@ _CONSTRAINT_WITHOUT_MIN_TOKENS = tuple(
 _UNSET = {"description": "Not supported: null or empty only", "maxItems": 0, "maxLength": 0, "maxProperties": 0}
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Body):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(populate_by_name=True)
     name: str = Field("response", max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Body):
     """OpenAI's response_format: text (no constraint), json_object (any JSON object), or json_schema
     (JSON valid under the schema). Decoding is constrained by a grammar, so the output always parses."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_rules)
     RULES: ClassVar[tuple[dict[str, Any], ...]] = (
         {
             "if": _given("type", {"const": "json_schema"}),
@@ -115,18 +160,15 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(_Body):
     """vLLM's structured_outputs object (its newer form of guided_json / guided_regex / guided_choice)."""
 
-    model_config = ConfigDict(extra="forbid")
     json_: dict[str, Any] | None = Field(None, alias="json")
     regex: str | None = Field(None, min_length=1, max_length=4096)
     choice: list[NonEmptyStr] | None = Field(None, min_length=1, max_length=1024)
 
 
-class _Request(BaseModel):
-    # Unknown fields are refused, as OpenAI does: a misspelt option must not silently do nothing.
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_rules)
+class _Request(_Body):
     RULES: ClassVar[tuple[dict[str, Any], ...]] = (_STREAM_OPTIONS_NEED_STREAM, *_CONSTRAINT_WITHOUT_MIN_TOKENS)
 
     model: NonEmptyStr
@@ -243,38 +285,33 @@ class CompletionRequest(_Request):
         return list(p)  # type: ignore[arg-type]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(_Body):
     type: Literal["text"]
     text: str
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDef(_Body):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tool(_Body):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedFunction(_Body):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(_Body):
     type: Literal["function"]
     function: NamedFunction
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow")  # tool_call_id, tool_calls ... pass through to the template
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = Field(
@@ -350,6 +387,10 @@ class ChatCompletionRequest(_Request):
                 raise ValueError(f"{name} is not supported by this server")
         if self.function_call not in (None, "none"):  # "none": no call, as without it
             raise ValueError("function_call is not supported by this server")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise ValueError(f"tools declares the function {twice!r} more than once")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
@@ -387,11 +428,10 @@ class ChatCompletionRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     # The document says what _one_input enforces: a prompt string or a messages array, not both.
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (
+        {
             "oneOf": [
                 {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
                 {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
@@ -411,8 +451,7 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: TokenIds
     skip_special_tokens: bool = True
