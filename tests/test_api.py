@@ -172,6 +172,47 @@ def test_logprobs_and_echo(client):
     assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
 
 
+def test_chat_logprob_bytes_join_into_the_text_where_characters_span_tokens(client):
+    """The demo's tokenizer spells 日本 and the snowman in byte tokens: each token's "bytes" are its
+    own (not U+FFFD's), so they join into the content, as OpenAI documents them for."""
+    text = "日本 ☃"
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=30, logprobs=True, top_logprobs=2,
+        extra_body={"guided_choice": [text]},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == text
+    content = chat.choices[0].logprobs.content
+    assert len(content) > len(text)  # characters did span tokens
+    assert bytes(b for c in content for b in c.bytes).decode() == text
+    assert all(top.bytes is not None for c in content for top in c.top_logprobs)
+
+
+def test_logprobs_stop_with_the_text_a_stop_string_cuts(client):
+    """Tokens whose text lies in the stop string are generated but not returned, nor their logprobs."""
+    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1)
+    stop = " was a little"  # a stop string over several tokens, after a few tokens
+    assert stop in full.choices[0].text
+    for stream in (False, True):
+        out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1, stop=stop, stream=stream)
+        chunks = list(out) if stream else [out]
+        text = "".join(c.choices[0].text for c in chunks)
+        tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        assert text == full.choices[0].text.split(stop)[0] == ", there"
+        assert "".join(tokens) == text, (stream, tokens)
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0, logprobs=True,
+            stop=stop, stream=stream,
+        )  # fmt: skip
+        chunks = list(chat) if stream else [chat]
+        if stream:
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        else:
+            content = chat.choices[0].message.content
+            tokens = [t.token for t in chat.choices[0].logprobs.content]
+        assert "".join(tokens) == content, (stream, tokens, content)
+
+
 def test_tokenize_detokenize_round_trip(server):
     ids = httpx.post(server.base_url + "/tokenize", json={"prompt": "Lily saw a dog."}).json()
     assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 512
@@ -302,6 +343,14 @@ def test_every_generation_ending_is_counted_once(server):
 def test_cors_and_gzip(server):
     pre = httpx.options(server.base_url + "/v1/completions", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"})
     assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "*"
+    # The openai JS SDK's preflight asks for its X-Stainless-* headers: a browser sends nothing unless all are allowed.
+    asked = "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-retry-count,openai-organization"
+    pre = httpx.options(
+        server.base_url + "/v1/chat/completions",
+        headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked},
+    )
+    assert pre.status_code == 204 and set(pre.headers["access-control-allow-headers"].split(",")) == set(asked.split(","))
+    assert "access-control-request-headers" in pre.headers["vary"].lower()
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "logprobs": 5}
     raw = httpx.post(server.base_url + "/v1/completions", json=body, headers={"Accept-Encoding": "gzip"})
     assert raw.headers["content-encoding"] == "gzip"

@@ -69,3 +69,50 @@ def test_fast_decoder_gives_the_tokenizers_own_text(tok):
             assert fast.decode(window, skip_special_tokens=skip) == tok.decode(window, skip_special_tokens=skip)
     tok_clean = AutoTokenizer.from_pretrained(demo_model_dir(), clean_up_tokenization_spaces=True)
     assert fast_decoder(tok_clean) is tok_clean  # transformers' clean-up changes text: keep its decode
+
+
+def _choice_deltas(tok, prompt: str, completion: str, stop=(), eos: bool = False):
+    """Feed a ChoiceText the completion's tokens one output at a time, each with a logprob entry
+    (logprob -i for the i-th token, so entries name their token); returns the deltas."""
+    from serving.engine.output_processor import ChoiceText
+    from serving.engine.protocol import SequenceOutput, TokenLogprob
+
+    prompt_ids = tok(prompt).input_ids
+    ids = tok(prompt + completion).input_ids[len(prompt_ids) :] + ([tok.eos_token_id] if eos else [])
+    choice = ChoiceText(tok, prompt_ids, tuple(stop))
+    deltas = []
+    for i, token in enumerate(ids):
+        last = i == len(ids) - 1
+        reason = ("stop" if eos else "length") if last else None
+        out = SequenceOutput("r", 0, [token], [TokenLogprob(token, -float(i), [])], reason)
+        if (delta := choice.process(out)) is not None:
+            deltas.append(delta)
+        if choice.finished:
+            break
+    return ids, deltas
+
+
+def test_tokens_and_logprobs_go_with_the_text_they_start(tok):
+    """A token held back as a possible stop-string start is shown with its text, not before; the
+    tokens whose text starts inside the stop string are never shown, but usage counts them."""
+    completion = " time, there was a girl named Lily."
+    ids, deltas = _choice_deltas(tok, "Once upon a", completion, stop=(" a girl",))
+    text = "".join(d.text for d in deltas)
+    assert text == " time, there was"
+    shown = [t for d in deltas for t in d.token_ids]
+    assert [e.token_id for d in deltas for e in d.logprobs] == shown
+    assert tok.decode(shown, skip_special_tokens=True).strip() == text.strip()  # exactly the returned text's tokens
+    generated = sum(d.num_tokens for d in deltas)
+    assert generated > len(shown)  # " a" and " girl" were generated, and counted
+    assert shown == ids[: len(shown)]
+    for d in deltas:  # no delta carries a token before the text it starts
+        if d.token_ids and not d.finished:
+            assert d.text, d
+
+
+def test_without_a_stop_string_every_token_is_shown_once_but_the_end_token(tok):
+    ids, deltas = _choice_deltas(tok, "Once upon a", " time, there was", stop=(" time to go",), eos=True)
+    assert "".join(d.text for d in deltas) == " time, there was"
+    assert [t for d in deltas for t in d.token_ids] == ids[:-1]  # the EOS has no text: counted, not shown
+    assert [e.token_id for d in deltas for e in d.logprobs] == ids[:-1]
+    assert sum(d.num_tokens for d in deltas) == len(ids)

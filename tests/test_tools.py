@@ -140,3 +140,53 @@ def test_the_parser_flag_restricts_the_auto_formats():
     text = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]'
     assert tool_parsing.parse(text, FUNCTIONS, "auto", "mistral")[1]
     assert tool_parsing.parse(text, FUNCTIONS, "auto", "hermes") == (text, [])
+
+
+def _hermes(*calls: dict) -> str:
+    return "Let me check.\n" + "".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>\n" for c in calls)
+
+
+PARIS = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+UTC = {"name": "get_time", "arguments": {"zone": "UTC"}}
+
+
+def test_auto_streams_the_content_before_a_call_and_the_calls_as_the_whole_response_has_them(client):
+    """The output is pinned (guided_choice) to a Hermes reply: text, then two calls."""
+    body = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 200, "extra_body": {"guided_choice": [_hermes(PARIS, UTC)]}}
+    whole = client.chat.completions.create(**body).choices[0]
+    assert whole.message.content == "Let me check." and whole.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == [
+        (PARIS["name"], PARIS["arguments"]), (UTC["name"], UTC["arguments"])
+    ]  # fmt: skip
+    chunks = [c.choices[0] for c in client.chat.completions.create(**body, stream=True) if c.choices]
+    content_at = [i for i, c in enumerate(chunks) if c.delta.content]
+    calls_at = [i for i, c in enumerate(chunks) if c.delta.tool_calls]
+    assert "".join(chunks[i].delta.content for i in content_at) == whole.message.content
+    assert len(content_at) > 1 and content_at[0] < calls_at[0] == calls_at[-1]  # streamed as written, before the calls
+    calls = chunks[calls_at[0]].delta.tool_calls
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
+        (k, c.function.name, c.function.arguments) for k, c in enumerate(whole.message.tool_calls)
+    ]
+    assert chunks[-1].finish_reason == "tool_calls"
+
+    one = client.chat.completions.create(**body, parallel_tool_calls=False).choices[0]
+    assert [c.function.name for c in one.message.tool_calls] == ["get_weather"]  # the first call only
+
+
+@pytest.mark.parametrize(
+    ("text", "streamable"),
+    [
+        ("Sure, here", "Sure, here"),
+        ("Sure, here <tool", "Sure, here"),  # maybe the tag's start
+        ("Sure.\n<tool_call>\n{", "Sure."),
+        ("  \n", ""),
+        ('{"name": "get_weather"', ""),  # a Llama 3 JSON call, maybe
+        ("[TOOL", ""),  # a Mistral call, maybe
+        ("[1, 2] are numbers", "[1, 2] are numbers"),
+        ("Fine <b>bold</b>", "Fine <b>bold</b>"),
+    ],
+)
+def test_what_an_auto_output_may_stream_before_it_ends(text, streamable):
+    assert text[: tool_parsing.streamable(text)] == streamable
+    content, calls = tool_parsing.parse(text, FUNCTIONS, "auto")
+    assert not calls and (content or "").startswith(streamable)

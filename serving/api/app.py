@@ -150,9 +150,13 @@ def create_app(state: AppState) -> Quart:
                 response.headers["Access-Control-Allow-Origin"] = "*"
             elif origin in origins:
                 response.headers["Access-Control-Allow-Origin"] = origin
-                response.headers["Vary"] = "Origin"
+                response.vary.add("Origin")
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-Id"
+            # Any header a preflight asks for: the openai JS SDK sends X-Stainless-* ones, others their own.
+            asked = request.headers.get("Access-Control-Request-Headers")
+            response.headers["Access-Control-Allow-Headers"] = asked or "Authorization, Content-Type, X-Request-Id"
+            if asked:
+                response.vary.add("Access-Control-Request-Headers")
             response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
         # Compress whole JSON bodies only: a compressed SSE stream would be buffered by the encoder.
         if (
@@ -164,7 +168,7 @@ def create_app(state: AppState) -> Quart:
             if len(data) >= _GZIP_MIN_BYTES:
                 response.set_data(gzip.compress(data, compresslevel=5))
                 response.headers["Content-Encoding"] = "gzip"
-                response.headers["Vary"] = "Accept-Encoding"
+                response.vary.add("Accept-Encoding")
         return response
 
     @app.get("/health")

@@ -117,10 +117,19 @@ class CompletionFormat(Format):
 
 def chat_logprobs(st: AppState, entries: list[TokenLogprob]) -> dict[str, Any]:
     def item(token_id: int, logprob: float) -> dict[str, Any]:
-        text = st.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": st.token_text(token_id), "logprob": logprob, "bytes": list(st.token_bytes(token_id))}
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
+
+
+@dataclass(slots=True)
+class _HeldChoice:
+    """A streamed choice's output under tools: all its text, how much of it went out as content, and
+    the logprob entries not sent yet."""
+
+    text: str = ""
+    sent: int = 0
+    entries: list[TokenLogprob] = field(default_factory=list)
 
 
 class ChatFormat(Format):
@@ -129,13 +138,20 @@ class ChatFormat(Format):
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(
-        self, st: AppState, n: int, logprobs: bool, functions: list[dict[str, Any]] | None = None, tool_mode: Any = "none"
+        self,
+        st: AppState,
+        n: int,
+        logprobs: bool,
+        functions: list[dict[str, Any]] | None = None,
+        tool_mode: Any = "none",
+        parallel_tool_calls: bool = True,
     ):
         self.st, self.n, self.logprobs = st, n, logprobs
-        # With tools, a choice's text is held until it ends and then parsed: it is either a message or
-        # tool calls, which the openai SDK accumulates from one delta each.
-        self.functions, self.tool_mode = functions or [], tool_mode
-        self._held: dict[int, list[str]] = {}
+        # With tools, what may still become a call is held until the choice ends and is then parsed:
+        # tool calls go out as one delta each, which the openai SDK accumulates; under "auto", the
+        # text before anything that could be a call streams as content (tools.streamable).
+        self.functions, self.tool_mode, self.parallel = functions or [], tool_mode, parallel_tool_calls
+        self._held: dict[int, _HeldChoice] = {}
 
     @property
     def tools(self) -> bool:
@@ -145,7 +161,7 @@ class ChatFormat(Format):
         """The assistant message of a whole choice, and its finish reason ("tool_calls" for calls)."""
         if not self.tools:
             return {"role": "assistant", "content": text}, finish_reason
-        content, calls = tools.parse(text, self.functions, self.tool_mode, self.st.config.tool_call_parser)
+        content, calls = tools.parse(text, self.functions, self.tool_mode, self.st.config.tool_call_parser, self.parallel)
         if not calls:
             return {"role": "assistant", "content": content}, finish_reason
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
@@ -156,27 +172,46 @@ class ChatFormat(Format):
             for i in range(self.n)
         ]
 
+    def _content(self, index: int, text: str, entries: list[TokenLogprob]) -> dict[str, Any]:
+        lp = chat_logprobs(self.st, entries) if self.logprobs else None
+        return {"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
+
     def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
         if self.tools:
-            held = self._held.setdefault(index, [])
-            held.append(delta.text)
-            if not delta.finish_reason:
-                return []
-            message, reason = self._message("".join(held), delta.finish_reason)
-            body: dict[str, Any] = {}
-            if message.get("content"):
-                body["content"] = message["content"]
-            if "tool_calls" in message:
-                body["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-            out = [{"index": index, "delta": body, "logprobs": None, "finish_reason": None}] if body else []
-            return out + [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
+            return self._streamed_with_tools(index, delta)
         out = []
         if delta.text or (self.logprobs and delta.logprobs):
-            lp = chat_logprobs(self.st, delta.logprobs) if self.logprobs else None
-            out.append({"index": index, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": None})
+            out.append(self._content(index, delta.text, delta.logprobs))
         if delta.finish_reason:
             out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason})
         return out
+
+    def _streamed_with_tools(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        held = self._held.setdefault(index, _HeldChoice())
+        held.text += delta.text
+        held.entries.extend(delta.logprobs)
+        if not delta.finish_reason:
+            if self.tool_mode != "auto":
+                return []  # a forced call: the output is the call's JSON
+            safe = tools.streamable(held.text, self.st.config.tool_call_parser)
+            if safe <= held.sent:
+                return []
+            piece, held.sent = held.text[held.sent : safe], safe
+            entries = held.entries if safe == len(held.text) else []  # a token's logprob never before its text
+            held.entries = [] if entries else held.entries
+            return [self._content(index, piece, entries)]
+        message, reason = self._message(held.text, delta.finish_reason)
+        content = message.get("content") or ""
+        # What was streamed is where the content starts (tools.parse keeps it); the rest follows.
+        rest = content[held.sent :] if content.startswith(held.text[: held.sent]) else ""
+        body: dict[str, Any] = {"content": rest} if rest else {}
+        if "tool_calls" in message:
+            body["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+        out = []
+        if body or (self.logprobs and held.entries):
+            lp = chat_logprobs(self.st, held.entries) if self.logprobs else None
+            out.append({"index": index, "delta": body, "logprobs": lp, "finish_reason": None})
+        return out + [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
 
     def finished(self, index: int, choice: Choice) -> dict[str, Any]:
         message, reason = self._message("".join(choice.text), choice.finish_reason)

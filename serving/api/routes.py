@@ -153,9 +153,9 @@ async def run_tracked(
         async for index, delta in stream:
             raise_if_failed(delta)
             tracker.cached_tokens.setdefault(index, delta.cached_tokens)
-            if delta.token_ids:
+            if delta.num_tokens:
                 tracker.token_arrived()
-                tracker.completion_tokens += len(delta.token_ids)
+                tracker.completion_tokens += delta.num_tokens
             if delta.finish_reason:
                 tracker.finish_reasons.append(delta.finish_reason)
             yield index, delta
@@ -276,8 +276,10 @@ async def chat_completions():
     explicit = req.completion_limit is not None
     max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
+    if req.logprobs:
+        await st.run_blocking(st.grammars.token_bytes)  # the tokens' bytes, read once, off the event loop
     params = sampling_params(st, req, max_tokens, top, False, await compile_grammar(st, req))
-    fmt = ChatFormat(st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode)
+    fmt = ChatFormat(st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False)
     return await generate(st, req, [prompt], params, fmt)
 
 

@@ -62,6 +62,15 @@ class AppState:
             self._grammars = Grammars(lambda: tokenizer, self.model.vocab_size, stop)
         return self._grammars
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (logprobs' "bytes" fields), which join into the text even where a
+        character spans tokens. Reads a table built on first use: build it off the event loop first
+        (`await st.run_blocking(st.grammars.token_bytes)`)."""
+        table = self.grammars.token_bytes()
+        if 0 <= token_id < len(table):
+            return table[token_id]
+        return self.token_text(token_id).encode()
+
     @property
     def ready(self) -> bool:
         return self.model is not None and self.engine is not None and self.engine.healthy and not self.draining

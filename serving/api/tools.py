@@ -17,6 +17,7 @@ import re
 import uuid
 from typing import Any
 
+_HERMES_OPEN = "<tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _MISTRAL = "[TOOL_CALLS]"
 
@@ -64,9 +65,38 @@ PARSERS = ("hermes", "mistral", "llama3_json")
 
 
 def parse(
-    text: str, functions: list[dict[str, Any]], choice: Any, parser: str = "auto"
+    text: str, functions: list[dict[str, Any]], choice: Any, parser: str = "auto", parallel: bool = True
 ) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, tool_calls) of a finished output; `parser` (--tool-call-parser) picks the auto format."""
+    """(content, tool_calls) of a finished output; `parser` (--tool-call-parser) picks the auto format.
+    Without parallel calls (parallel_tool_calls false), an auto output's first call is the only one."""
+    content, calls = _parse(text, functions, choice, parser)
+    return content, calls if parallel else calls[:1]
+
+
+def streamable(text: str, parser: str = "auto") -> int:
+    """How much of a growing "auto" output is content whatever follows: the length of its prefix that
+    can be streamed before the output ends. The rest could still become a tool call (from a Hermes
+    `<tool_call>` on, or all of an output that opens like a Mistral or Llama 3 JSON call), or is
+    whitespace that a call after it would drop from the content (parse's content keeps this prefix)."""
+    use = set(PARSERS) if parser == "auto" else {parser}
+    head = text.lstrip()
+    if not head:
+        return 0
+    if "mistral" in use and (head.startswith(_MISTRAL) or _MISTRAL.startswith(head)):
+        return 0
+    if "llama3_json" in use and head.startswith("{"):
+        return 0
+    limit = len(text)
+    if "hermes" in use:
+        at = text.find(_HERMES_OPEN)
+        if at >= 0:
+            limit = at
+        else:  # a suffix that may be the start of the tag
+            limit -= next((k for k in range(min(len(_HERMES_OPEN) - 1, len(text)), 0, -1) if text.endswith(_HERMES_OPEN[:k])), 0)
+    return len(text[:limit].rstrip())
+
+
+def _parse(text: str, functions: list[dict[str, Any]], choice: Any, parser: str) -> tuple[str | None, list[dict[str, Any]]]:
     use = set(PARSERS) if parser == "auto" else {parser}
     names = {f["name"] for f in functions}
     if choice == "required" or isinstance(choice, dict):
@@ -85,9 +115,9 @@ def parse(
             call = None
         if call:
             calls.append(call)
-    if calls:
-        rest = _HERMES.sub("", text).strip()
-        return rest or None, calls
+    if calls:  # the content is the text around the calls (what streamable let through, then the rest)
+        rest = _HERMES.sub("", text)
+        return (rest.rstrip() if rest.strip() else None), calls
     stripped = text.strip()
     if "mistral" in use and stripped.startswith(_MISTRAL):
         try:

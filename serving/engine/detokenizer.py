@@ -52,6 +52,11 @@ class IncrementalDetokenizer:
         self._emitted = 0
         self.stopped = False
 
+    @property
+    def emitted(self) -> int:
+        """How much of `text` has been returned to the caller."""
+        return self._emitted
+
     def add_token(self, token_id: int) -> str:
         """Feed one generated token; returns the text that is now safe to emit (may be empty)."""
         self._tokens.append(token_id)

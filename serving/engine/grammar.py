@@ -53,20 +53,37 @@ class Grammars:
     def __init__(self, tokenizer: Callable[[], Any], vocab_size: int, stop_token_ids: tuple[int, ...]):
         self._tokenizer, self.vocab_size, self._stop = tokenizer, vocab_size, list(stop_token_ids)
         self._compiler: Any = None
+        self._info: Any = None
+        self._bytes: list[bytes] | None = None
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
-    def _get_compiler(self) -> Any:
+    def _get_info(self) -> Any:
         import xgrammar as xgr
 
         with self._lock:
-            if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(
+            if self._info is None:
+                self._info = xgr.TokenizerInfo.from_huggingface(
                     self._tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self._stop or None
                 )
+            return self._info
+
+    def _get_compiler(self) -> Any:
+        import xgrammar as xgr
+
+        info = self._get_info()
+        with self._lock:
+            if self._compiler is None:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
+
+    def token_bytes(self) -> list[bytes]:
+        """Each token's bytes, by id (xgrammar reads them from the tokenizer's byte-level or
+        byte-fallback vocabulary: a token holding half a UTF-8 character has those bytes, not U+FFFD)."""
+        if self._bytes is None:
+            self._bytes = list(self._get_info().decoded_vocab)
+        return self._bytes
 
     def compile(self, spec: GrammarSpec) -> Any:
         """The compiled grammar (cached), or GrammarError."""
