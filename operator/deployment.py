@@ -49,6 +49,16 @@ def desired_replicas(spec: LLMDeploymentSpec) -> int:
     return min(max(spec.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
 
 
+def rollout_strategy(colocate: bool) -> dict[str, Any]:
+    """A new pod serves before an old one goes (no capacity dip), unless the replicas are held on the
+    cache claim's node: there a surge pod must fit beside the old ones on that one node (one more GPU set),
+    and where it cannot it stays Pending while the old pod never leaves. Those replace one pod at a time,
+    the old one first."""
+    if colocate:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
 def deployment(
     owner: Owner, spec: LLMDeploymentSpec, image: str, colocate: bool = False, hub: HubPin = UNPINNED
 ) -> dict[str, Any]:
@@ -61,8 +71,7 @@ def deployment(
         "spec": {
             "replicas": desired_replicas(spec),
             "selector": {"matchLabels": naming.selector_labels(owner.name)},
-            # A new pod must be serving before an old one goes: no capacity dip during a rollout.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "strategy": rollout_strategy(colocate),
             "revisionHistoryLimit": 3,
             # The deadline covers the download (init container) too, which the startup probe does not.
             "progressDeadlineSeconds": spec.startup.timeout_seconds + 3600,

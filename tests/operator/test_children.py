@@ -117,10 +117,6 @@ def test_hf_model_downloads_once_into_the_cache_and_serves_from_it() -> None:
 def test_pod_is_hardened_and_probes_spare_a_loading_model() -> None:
     children = build(SPECS["cpu-demo"])
     deploy = children["Deployment"]["spec"]
-    assert deploy["strategy"] == {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-    }
     pod = deploy["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -312,6 +308,34 @@ def test_replicas_of_a_read_write_once_cache_share_its_node_and_keep_the_users_a
     assert "affinity" not in many  # ReadWriteMany: replicas spread freely
     volume = build(llmd(model={"pvc": {"claimName": "weights"}}, replicas=3))["Deployment"]["spec"]["template"]["spec"]
     assert "affinity" not in volume  # a read-only model volume is the user's to choose
+
+
+SURGE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+ONE_AT_A_TIME = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "live_mode", "strategy"),
+    [
+        # Replicas held on a ReadWriteOnce claim's node: a surge pod would need room (a GPU) on that node.
+        ({"resources": {"gpu": {"count": 1}}}, None, ONE_AT_A_TIME),
+        ({"replicas": 1}, None, ONE_AT_A_TIME),
+        ({"replicas": 3}, "ReadWriteOnce", ONE_AT_A_TIME),  # scaled up on a claim created ReadWriteOnce
+        # Free to land anywhere: a new pod serves before an old one goes.
+        ({"replicas": 2, "resources": {"gpu": {"count": 1}}}, None, SURGE),
+        ({"autoscaling": {"maxReplicas": 3}}, None, SURGE),
+        ({"cache": {"existingClaim": "shared"}}, None, SURGE),
+        ({"model": {"pvc": {"claimName": "weights"}}}, None, SURGE),
+    ],
+)
+def test_replicas_held_on_one_node_roll_out_one_at_a_time_the_rest_surge(
+    spec: dict[str, Any], live_mode: str | None, strategy: dict[str, Any]
+) -> None:
+    body = llmd(name="m", **spec)
+    live = _live_claim(live_mode) if live_mode else None
+    deployment = next(c for c in desired_children(body, parse_spec(body["spec"]), IMAGE, live) if c["kind"] == "Deployment")
+    assert deployment["spec"]["strategy"] == strategy
+    kubernetes_validate.validate(deployment, desired_version="1.29", strict=True)
 
 
 def test_autoscaler_scales_the_llmdeployment_on_active_requests() -> None:
