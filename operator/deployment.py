@@ -22,6 +22,12 @@ USER_ID = 1000
 DOWNLOAD_CONTAINER = "model-download"
 SERVER_CONTAINER = "server"
 STARTUP_PERIOD_S = 10
+# On SIGTERM the server answers new requests 503 while the endpoints controller and kube-proxy remove the
+# pod from the Service asynchronously: the hook holds SIGTERM back until they have (exec: coreutils'
+# sleep, in every Debian-based image; the sleep action needs Kubernetes 1.30).
+PRE_STOP_SLEEP_S = 5
+# After --drain-timeout the server gives cancelled streams up to 5 s to flush, then stops the engine.
+SHUTDOWN_SLACK_S = 10
 HUB_CA_DIR = "/etc/fleetlm/hub-ca"
 
 # Written only under /tmp: the root filesystem is read-only. uid 1000 has no passwd entry in most images,
@@ -88,7 +94,8 @@ def pod_template(
         # server reads as its own LLM_* settings.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": spec.engine.drain_timeout_seconds + 10,
+        # The grace period runs from the preStop hook on: the hook, the drain, then the shutdown.
+        "terminationGracePeriodSeconds": PRE_STOP_SLEEP_S + spec.engine.drain_timeout_seconds + SHUTDOWN_SLACK_S,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": USER_ID,
@@ -196,6 +203,7 @@ def _server(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict
         },
         "readinessProbe": {**health, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
         "livenessProbe": {**health, "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 5},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SLEEP_S)]}}},
         "resources": _resources(spec),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [

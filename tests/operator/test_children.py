@@ -140,6 +140,21 @@ def test_pod_is_hardened_and_probes_spare_a_loading_model() -> None:
     assert pod["terminationGracePeriodSeconds"] > 30  # the drain timeout fits in the grace period
 
 
+@pytest.mark.parametrize("drain", [0, 30, 300])
+def test_a_stopping_pod_leaves_the_service_before_it_drains_and_the_grace_period_covers_both(drain: int) -> None:
+    """SIGTERM waits for the preStop hook, and the grace period counts from the hook: it must hold the
+    hook, --drain-timeout and the server's shutdown after it (up to 5 s flushing cancelled streams)."""
+    children = build(llmd(engine={"drainTimeoutSeconds": drain}))
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    server = container(children)
+    pre_stop = server["lifecycle"]["preStop"]
+    assert pre_stop == {"exec": {"command": ["sleep", "5"]}}  # exec: the sleep action needs Kubernetes 1.30
+    assert args(server)["--drain-timeout"] == str(drain)
+    assert pod["terminationGracePeriodSeconds"] >= 5 + drain + 5 + 1
+    assert "lifecycle" not in container(children, "model-download")
+    kubernetes_validate.validate(children["Deployment"], desired_version="1.29", strict=True)
+
+
 def test_gpu_deployment_requests_gpus_and_reaches_gpu_nodes() -> None:
     children = build(SPECS["everything"])
     pod = children["Deployment"]["spec"]["template"]["spec"]

@@ -107,3 +107,15 @@ def test_the_serving_image_runs_triton_as_uid_1000_on_a_read_only_root() -> None
     assert pod_env.items() <= env.items()  # the pod sets nothing the image disagrees with
     assert {"HOME", "TRITON_HOME", "HF_HOME"} <= set(pod_env)
     assert all(value.startswith("/tmp") for name, value in pod_env.items() if name.endswith("HOME"))
+
+
+def test_the_serving_image_has_the_sleep_the_pre_stop_hook_runs() -> None:
+    """The server's preStop hook execs `sleep` (operator/deployment.py): the serving image's base is a
+    Debian python image, whose coreutils provide it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dockerfile = (root / "images" / "serving" / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim$", dockerfile, re.MULTILINE)
+    runtime_base = [line for line in dockerfile.splitlines() if line.startswith("FROM ")][-1]
+    assert runtime_base == "FROM ${PYTHON_IMAGE}"  # not a distroless or scratch stage without coreutils
