@@ -235,10 +235,14 @@ def autoscaler(owner: Owner, spec: LLMDeploymentSpec) -> dict[str, Any]:
 
 
 def service_monitor(owner: Owner, spec: LLMDeploymentSpec) -> dict[str, Any]:
+    meta = naming.metadata(owner)
+    # A Prometheus may select ServiceMonitors by label (kube-prometheus-stack: release=<its name>). Ours
+    # win: the operator finds its children by them.
+    meta["labels"] = {**spec.monitoring.service_monitor_labels, **meta["labels"]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": naming.metadata(owner),
+        "metadata": meta,
         "spec": {
             "selector": {"matchLabels": naming.selector_labels(owner.name)},
             "endpoints": [{"port": "http", "path": "/metrics", "interval": spec.monitoring.interval}],

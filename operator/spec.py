@@ -195,9 +195,22 @@ class ServiceSpec(_Model):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+# A label key as the API server validates it: an optional DNS-subdomain prefix and a name of at most 63.
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
 class MonitoringSpec(_Model):
     service_monitor: bool = False
     interval: str = "30s"
+    service_monitor_labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _label_keys(self) -> MonitoringSpec:
+        # The CRD checks the values; a key the API server would refuse is caught here, before any apply.
+        bad = [k for k in self.service_monitor_labels if len(k) > 317 or not LABEL_KEY.fullmatch(k)]
+        if bad:
+            raise ValueError(f"serviceMonitorLabels: {', '.join(map(repr, bad))} are not valid label keys")
+        return self
 
 
 class StartupSpec(_Model):

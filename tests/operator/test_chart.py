@@ -55,7 +55,7 @@ def test_chart_lints_clean(values: dict[str, Any] | None) -> None:
     "values",
     [
         {},
-        {"watchNamespaces": ["ml", "research"], "metrics": {"serviceMonitor": {"enabled": True}}},
+        {"watchNamespaces": ["ml", "research"], "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}},
         {"monitoring": {"dashboard": {"enabled": True}, "prometheusRule": {"enabled": True}}, "replicaCount": 1},
     ],
 )
@@ -125,6 +125,16 @@ def test_namespaced_install_binds_and_peers_per_namespace() -> None:
     assert config.default_image == "registry.local/fleetlm:1" and config.require_gpu_nodes is False
 
 
+def test_the_operators_service_monitor_carries_extra_labels_and_the_charts_win() -> None:
+    labels = {"release": "kube-prometheus-stack", "app.kubernetes.io/name": "other"}
+    docs = render({"metrics": {"serviceMonitor": {"enabled": True, "labels": labels}}})
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["metadata"]["labels"]["app.kubernetes.io/name"] == "fleetlm-operator"
+    (default,) = by_kind(render({"metrics": {"serviceMonitor": {"enabled": True}}}), "ServiceMonitor")
+    assert "release" not in default["metadata"]["labels"]
+
+
 def test_single_replica_without_peering() -> None:
     docs = render({"replicaCount": 1, "peering": {"enabled": False}})
     assert by_kind(docs, "ClusterKopfPeering") == []
@@ -190,6 +200,8 @@ def test_uninstall_stops_the_operator_before_its_rbac_goes() -> None:
         ({"logLevel": "verbose"}, "/logLevel"),
         ({"watchNamespaces": ["ML"]}, "/watchNamespaces/0"),
         ({"ports": {"metrics": 0}}, "/ports/metrics"),
+        ({"metrics": {"serviceMonitor": {"labels": {"release": "a b"}}}}, "/metrics/serviceMonitor/labels/release"),
+        ({"metrics": {"serviceMonitor": {"labels": {"-release": "x"}}}}, "invalid propertyName '-release'"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema_with_the_path(values: dict[str, Any], message: str) -> None:

@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 from llm_operator.children import desired_children
 from llm_operator.naming import HubPin
-from llm_operator.spec import parse_spec
+from llm_operator.spec import InvalidSpec, parse_spec
 
 from tests.operator.builders import example, llmd
 
@@ -426,6 +426,20 @@ def test_service_and_budget_select_the_serving_pods() -> None:
     monitor = children["ServiceMonitor"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+
+
+def test_the_service_monitor_carries_the_labels_a_prometheus_selects_by_and_ours_win() -> None:
+    monitoring = {"serviceMonitor": True, "serviceMonitorLabels": {"release": "kube-prometheus-stack",
+                                                                   "app.kubernetes.io/managed-by": "someone"}}  # fmt: skip
+    children = build(llmd(monitoring=monitoring))
+    labels = children["ServiceMonitor"]["metadata"]["labels"]
+    assert labels["release"] == "kube-prometheus-stack"
+    assert labels["app.kubernetes.io/managed-by"] == "fleetlm-operator"  # the operator finds its children by it
+    assert "release" not in children["Service"]["metadata"]["labels"]  # the ServiceMonitor's only
+    for key in ("-release", "a/b/c", "x" * 64, "Example.com/x"):
+        with pytest.raises(InvalidSpec, match="not valid label keys"):
+            parse_spec(llmd(monitoring={"serviceMonitor": True, "serviceMonitorLabels": {key: "v"}})["spec"])
+    assert parse_spec(llmd(monitoring={"serviceMonitorLabels": {"example.com/team": "ml"}})["spec"])
 
 
 def test_image_defaults_to_the_operators_and_spec_overrides_it() -> None:

@@ -126,6 +126,11 @@ BAD = {
     "bad quantity": (_with("spec.resources", {"memory": "lots"}), "does not match", False),
     "bad repo id": (_with("spec.model", {"hf": {"repo": "a/b/c"}}), "does not match", False),
     "typo in a field": (_with("spec.replica", 2), "unknown field", False),
+    "bad service monitor label": (
+        _with("spec.monitoring", {"serviceMonitor": True, "serviceMonitorLabels": {"release": "kube prometheus"}}),
+        "does not match",
+        False,
+    ),
     "no spec": ({k: v for k, v in GOOD.items() if k != "spec"}, "'spec' is a required", False),
 }
 

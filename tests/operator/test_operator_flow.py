@@ -440,7 +440,7 @@ def test_image_pull_and_scheduling_failures_surface(kube: Kube, namespace: str) 
 def test_service_monitor_skipped_with_event_until_its_crd_exists(
     kube: Kube, namespace: str, apiserver: BackgroundApiServer
 ) -> None:
-    create(kube, namespace, "mon", monitoring={"serviceMonitor": True})
+    create(kube, namespace, "mon", monitoring={"serviceMonitor": True, "serviceMonitorLabels": {"release": "kps"}})
     child(kube, "apps/v1", "Deployment", namespace, "mon")
     skipped = eventually(
         lambda: [e for e in events(kube, namespace, "mon") if e["reason"] == "ServiceMonitorSkipped"],
@@ -452,6 +452,7 @@ def test_service_monitor_skipped_with_event_until_its_crd_exists(
     try:
         monitor = child(kube, "monitoring.coreos.com/v1", "ServiceMonitor", namespace, "mon")
         assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+        assert monitor["metadata"]["labels"]["release"] == "kps"  # kube-prometheus-stack selects by it
     finally:
         apiserver.serve_service_monitors(False)
 
