@@ -162,8 +162,19 @@ def test_logprobs_and_echo(client):
     echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=1)
     assert echoed.choices[0].text == PROMPT + out.choices[0].text
     elp = echoed.choices[0].logprobs
-    assert elp.token_logprobs[0] is None and len(elp.tokens) == 5 + 5
-    assert elp.token_logprobs[5:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    # The prompt's 4 tokens, not the BOS the tokenizer put before them, so the first is scored too;
+    # every token sits at its offset in the text, and they spell it.
+    assert len(elp.tokens) == 4 + 5 and None not in elp.token_logprobs and all(v <= 0 for v in elp.token_logprobs)
+    assert elp.token_logprobs[4:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert "".join(elp.tokens) == echoed.choices[0].text
+    assert elp.text_offset == [sum(len(t) for t in elp.tokens[:i]) for i in range(9)]
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == elp.text_offset
+    # Token ids are the client's own: all of them are echoed, a BOS it sent too (unscored: nothing before it).
+    ids = httpx.post(str(client.base_url).removesuffix("/v1/") + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    assert len(by_ids.choices[0].logprobs.tokens) == len(ids) + 1 and by_ids.choices[0].logprobs.token_logprobs[0] is None
 
     chat = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True, top_logprobs=3
@@ -260,6 +271,29 @@ def test_completion_errors_are_openai_error_objects(server, body, status, needle
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error"
     assert needle in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/completions", {"n": 2, "best_of": 3}, "best_of"),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/completions", {"min_tokens": 2, "guided_regex": "a+"}, "min_tokens"),
+        ("/v1/completions", {"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+        ("/v1/completions", {"logit_bias": {"600": 1}}, "logit_bias"),
+        ("/v1/completions", {"stop_token_ids": [600]}, "stop_token_ids"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
+        ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+    ],
+)
+def test_a_broken_cross_field_rule_names_its_param(server, path, extra, param):
+    body = {"model": MODEL, **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})}
+    r = _post(server, path, {**body, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
 
 
 @pytest.mark.parametrize(
@@ -441,3 +475,17 @@ def test_metrics_exposes_every_documented_series(server, client):
     ):
         assert f'{name}{{' in text, name
     assert f'model="{MODEL}"' in text
+
+
+def test_chat_echo_puts_the_continued_message_before_the_reply(client):
+    """vLLM's echo: a reply that continues a final assistant message starts with that message."""
+    messages = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0}
+    cont = {"continue_final_message": True, "add_generation_prompt": False}
+    plain = client.chat.completions.create(**body, extra_body=cont).choices[0].message.content
+    echoed = client.chat.completions.create(**body, extra_body={**cont, "echo": True}).choices[0].message.content
+    assert plain and echoed == "Once upon" + plain
+    chunks = client.chat.completions.create(**body, stream=True, extra_body={**cont, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == echoed
+    # Nothing to echo after a user message.
+    assert client.chat.completions.create(**{**body, "messages": messages[:1]}, extra_body={"echo": True}).choices[0].message.content

@@ -41,7 +41,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
     """The first problem pydantic found, worded for an API user."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or err["loc"].index(p) > 0)
-    param = str(err["loc"][0]) if err["loc"] else None
+    # A model's cross-field rule has no location: the field it names comes with its error (schemas.RuleError).
+    param = str(err["loc"][0]) if err["loc"] else getattr(err.get("ctx", {}).get("error"), "param", None)
     if err["type"] == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {loc}", param=param)
     if err["type"] == "missing":

@@ -53,20 +53,27 @@ class Format(ABC):
         """One choice of the whole response."""
 
 
-def completion_logprobs(st: AppState, token_ids: list[int], entries: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
+def completion_logprobs(
+    st: AppState, token_ids: list[int], entries: list[TokenLogprob | None], offset: int, opens_text: bool = False
+) -> tuple[dict[str, Any], int]:
+    """Completions' logprobs object, each token at its offset in the choice's text from `offset` on,
+    and the offset after them. `opens_text`: the first token begins the text (an echoed prompt's),
+    where SentencePiece tokenizers drop a word's leading space, as the text has it."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for token_id, entry in zip(token_ids, entries, strict=True):
-        text = st.token_text(token_id)
+    for k, (token_id, entry) in enumerate(zip(token_ids, entries, strict=True)):
+        text = st.token_text(token_id, alone=opens_text and k == 0)
         tokens.append(text)
         text_offset.append(offset)
         offset += len(text)
         token_logprobs.append(None if entry is None else entry.logprob)
         top_logprobs.append(None if entry is None else {st.token_text(t): lp for t, lp in entry.top})
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}, offset
 
 
 class CompletionFormat(Format):
-    """/v1/completions: choice i belongs to prompt i // n; echo puts the prompt before the text."""
+    """/v1/completions: choice i belongs to prompt i // n; echo puts the prompt before the text. With
+    echo and logprobs, the prompt's tokens come first, from the first the client gave (a BOS the
+    tokenizer added is not shown, and the first shown token is scored given it)."""
 
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
@@ -78,25 +85,29 @@ class CompletionFormat(Format):
     def _prompt(self, index: int) -> Prompt:
         return self.prompts[index // self.n]
 
+    def _scored_prompt(self, index: int, entries: list[TokenLogprob | None] | None) -> tuple[list[int], list[TokenLogprob | None]]:
+        prompt = self._prompt(index)
+        ids = prompt.token_ids
+        entries = list(entries or [None] * len(ids))
+        return ids[prompt.added :], entries[prompt.added :]
+
     def opening(self) -> list[dict[str, Any]]:
         if not self.echo or self.prompt_logprobs:
             return []
         out = []
         for i in range(self.n * len(self.prompts)):
-            self._offsets[i] = len(self._prompt(i).text)
             out.append({"index": i, "text": self._prompt(i).text, "logprobs": None, "finish_reason": None})
         return out
 
     def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
         text, lp = delta.text, None
         if self.logprobs is not None:
-            token_ids, entries = delta.token_ids, list(delta.logprobs)
+            token_ids, entries, opens = delta.token_ids, list(delta.logprobs), False
             if self.prompt_logprobs and delta.prompt_logprobs is not None:
-                prompt = self._prompt(index)
-                text, token_ids = prompt.text + text, prompt.token_ids + token_ids
-                entries = list(delta.prompt_logprobs) + entries
-            lp = completion_logprobs(self.st, token_ids, entries, self._offsets.get(index, 0))
-        self._offsets[index] = self._offsets.get(index, 0) + len(text)
+                prompt_ids, prompt_entries = self._scored_prompt(index, delta.prompt_logprobs)
+                text, token_ids, entries = self._prompt(index).text + text, prompt_ids + token_ids, prompt_entries + entries
+                opens = True
+            lp, self._offsets[index] = completion_logprobs(self.st, token_ids, entries, self._offsets.get(index, 0), opens)
         if not (text or lp or delta.finish_reason):
             return []
         return [{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]
@@ -107,9 +118,9 @@ class CompletionFormat(Format):
         if self.logprobs is not None:
             token_ids, entries = choice.token_ids, list(choice.logprobs)
             if self.prompt_logprobs:
-                token_ids = prompt.token_ids + token_ids
-                entries = list(choice.prompt_logprobs or [None]) + entries
-            lp = completion_logprobs(self.st, token_ids, entries, 0)
+                prompt_ids, prompt_entries = self._scored_prompt(index, choice.prompt_logprobs)
+                token_ids, entries = prompt_ids + token_ids, prompt_entries + entries
+            lp, _ = completion_logprobs(self.st, token_ids, entries, 0, self.prompt_logprobs)
         if self.echo:
             text = prompt.text + text
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason}
@@ -145,8 +156,9 @@ class ChatFormat(Format):
         functions: list[dict[str, Any]] | None = None,
         tool_mode: Any = "none",
         parallel_tool_calls: bool = True,
+        echoed: str = "",
     ):
-        self.st, self.n, self.logprobs = st, n, logprobs
+        self.st, self.n, self.logprobs, self.echoed = st, n, logprobs, echoed
         # With tools, what may still become a call is held until the choice ends and is then parsed:
         # tool calls go out as one delta each, which the openai SDK accumulates; under "auto", the
         # text before anything that could be a call streams as content (tools.streamable).
@@ -168,7 +180,7 @@ class ChatFormat(Format):
 
     def opening(self) -> list[dict[str, Any]]:
         return [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            {"index": i, "delta": {"role": "assistant", "content": self.echoed}, "logprobs": None, "finish_reason": None}
             for i in range(self.n)
         ]
 
@@ -215,6 +227,8 @@ class ChatFormat(Format):
 
     def finished(self, index: int, choice: Choice) -> dict[str, Any]:
         message, reason = self._message("".join(choice.text), choice.finish_reason)
+        if self.echoed:
+            message["content"] = self.echoed + (message["content"] or "")
         return {
             "index": index,
             "message": message,

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -31,13 +32,25 @@ RETRY_AFTER_SECONDS = 1
 class Prompt:
     token_ids: list[int]
     text: str  # for echo; empty for token-id prompts that are not echoed
+    # Tokens the tokenizer put before a text prompt (a BOS): not the client's, so echo does not show them.
+    added: int = 0
+
+
+def _added_ahead(tokenizer: Any, ids: list[int], text: str) -> int:
+    """How many of ids' first tokens are special ones that the text does not spell out."""
+    special = set(tokenizer.all_special_ids)
+    added = 0
+    while added < len(ids) and ids[added] in special and not text.startswith(tokenizer.convert_ids_to_tokens(ids[added])):
+        added += 1
+    return added
 
 
 def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: bool) -> Prompt:
     assert state.model is not None
     tokenizer = state.model.tokenizer
     if isinstance(prompt, str):
-        return Prompt(tokenizer(prompt).input_ids, prompt)
+        ids = tokenizer(prompt).input_ids
+        return Prompt(ids, prompt, _added_ahead(tokenizer, ids, prompt) if echo else 0)
     vocab = state.model.vocab_size
     bad = [t for t in prompt if t >= vocab]
     if bad:
@@ -138,9 +151,9 @@ def sampling_params(
     assert state.model is not None
     vocab = state.model.vocab_size
     bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
-    for token_id in [t for t, _ in bias] + list(req.stop_token_ids or []):
-        if token_id >= vocab:
-            raise bad_request(f"token id {token_id} is out of the vocabulary (size {vocab})")
+    for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", req.stop_token_ids or [])):
+        if bad := [t for t in ids if t >= vocab]:
+            raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {vocab})", param=param, code="invalid_value")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,

@@ -279,7 +279,7 @@ async def chat_completions():
     if req.logprobs:
         await st.run_blocking(st.grammars.token_bytes)  # the tokens' bytes, read once, off the event loop
     params = sampling_params(st, req, max_tokens, top, False, await compile_grammar(st, req))
-    fmt = ChatFormat(st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False)
+    fmt = ChatFormat(st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False, req.echoed)
     return await generate(st, req, [prompt], params, fmt)
 
 

@@ -55,6 +55,15 @@ TOP_K_MAX = 2**31 - 1  # any larger top_k means the same as the vocabulary size
 TokenIds = list[Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID: True}), INTEGRAL]]
 
 
+class RuleError(ValueError):
+    """A cross-field rule broken: a model validator's error, naming the field it is about (the
+    error object's param; pydantic gives such an error no location)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def _given(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     """JSON Schema for "field is there and matches schema"."""
     return {"required": [field], "properties": {field: schema}}
@@ -156,7 +165,7 @@ class ResponseFormat(_Body):
     @model_validator(mode="after")
     def _schema_with_its_type(self):
         if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type json_schema, and only with it")
+            raise RuleError("json_schema", "json_schema is required with type json_schema, and only with it")
         return self
 
 
@@ -188,6 +197,8 @@ class _Request(_Body):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None  # prefix caching needs no key here
+    safety_identifier: str | None = None
     # Extensions vLLM users rely on.
     top_k: Annotated[int, Field(ge=-1, le=TOP_K_MAX), INTEGRAL] = 0  # 0 or -1: off; beyond the vocabulary: the whole of it
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -223,7 +234,7 @@ class _Request(_Body):
             if value is not None:
                 found.append((field, kind, value))
         if len(found) > 1:
-            raise ValueError(f"give one output constraint, not {len(found)}: {', '.join(f for f, _, _ in found)}")
+            raise RuleError(found[1][0], f"give one output constraint, not {len(found)}: {', '.join(f for f, _, _ in found)}")
         return found[0] if found else None
 
     @field_validator("stop")
@@ -246,9 +257,9 @@ class _Request(_Body):
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise RuleError("stream_options", "stream_options is only allowed when stream is true")
         if self.constraint is not None and self.min_tokens:
-            raise ValueError("min_tokens cannot be combined with an output constraint (the grammar decides when it ends)")
+            raise RuleError("min_tokens", "min_tokens cannot be combined with an output constraint (the grammar decides when it ends)")
         return self
 
 
@@ -270,9 +281,9 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _unsupported(self):
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of different from n is not supported")
+            raise RuleError("best_of", "best_of different from n is not supported")
         if self.suffix:
-            raise ValueError("suffix (fill-in-the-middle) is not supported")
+            raise RuleError("suffix", "suffix (fill-in-the-middle) is not supported")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -349,7 +360,7 @@ class ChatMessage(_Body):
         return data
 
 
-_UNSUPPORTED_CHAT = ("functions", "audio", "prediction", "web_search_options", "reasoning_effort")  # and function_call
+_UNSUPPORTED_CHAT = ("functions", "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity")  # and function_call
 
 
 class ChatCompletionRequest(_Request):
@@ -375,36 +386,43 @@ class ChatCompletionRequest(_Request):
     prediction: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
     web_search_options: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
     reasoning_effort: str | None = Field(None, json_schema_extra=_UNSET)
+    verbosity: str | None = Field(None, json_schema_extra=_UNSET)
     # Extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    echo: bool = False
+    echo: bool = False  # vLLM's: a reply to a final assistant message (continued) starts with that message
+
+    @property
+    def echoed(self) -> str:
+        """The text echo puts before each choice's content."""
+        last = self.messages[-1]
+        return last.content if self.echo and last.role == "assistant" and isinstance(last.content, str) else ""
 
     @model_validator(mode="after")
     def _unsupported(self):
         for name in _UNSUPPORTED_CHAT:
             if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server")
+                raise RuleError(name, f"{name} is not supported by this server")
         if self.function_call not in (None, "none"):  # "none": no call, as without it
-            raise ValueError("function_call is not supported by this server")
+            raise RuleError("function_call", "function_call is not supported by this server")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) < len(names):
             twice = next(name for name in names if names.count(name) > 1)
-            raise ValueError(f"tools declares the function {twice!r} more than once")
+            raise RuleError("tools", f"tools declares the function {twice!r} more than once")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
-            raise ValueError("tool_choice needs tools")
+            raise RuleError("tool_choice", "tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
             t.function.name for t in self.tools or []
         }:
-            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
+            raise RuleError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
         if self.forced_tools and self.constraint is not None:
-            raise ValueError("a forced tool_choice cannot be combined with another output constraint")
+            raise RuleError("tool_choice", "a forced tool_choice cannot be combined with another output constraint")
         if self.modalities and self.modalities != ["text"]:
-            raise ValueError("only the 'text' modality is supported")
+            raise RuleError("modalities", "only the 'text' modality is supported")
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise RuleError("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+            raise RuleError("continue_final_message", "continue_final_message and add_generation_prompt cannot both be true")
         return self
 
     @property
@@ -447,7 +465,7 @@ class TokenizeRequest(_Body):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise RuleError("prompt", "give exactly one of prompt or messages")
         return self
 
 

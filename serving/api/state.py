@@ -79,11 +79,15 @@ class AppState:
         """Tokenizer and template work runs on the worker threads, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
 
-    def token_text(self, token_id: int) -> str:
-        """A token's text as it reads mid-sentence (logprobs' "token" fields).
+    def token_text(self, token_id: int, alone: bool = False) -> str:
+        """A token's text as it reads mid-sentence (logprobs' "token" fields), or at the start of a
+        text (`alone`).
 
         Decoded behind an anchor token: SentencePiece tokenizers drop a token's leading space
         when it is decoded alone, so " there" would come out as "there"."""
+        if alone:
+            assert self.model is not None
+            return self.model.tokenizer.decode([token_id])
         text = self._token_text.get(token_id)
         if text is None:
             assert self.model is not None
