@@ -63,7 +63,7 @@ def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:
     tokenizer = state.model.tokenizer
     if not tokenizer.chat_template:
         raise bad_request(
-            "This model has no chat template, so /v1/chat/completions cannot format messages: "
+            "This model has no chat template to format messages with: "
             "use /v1/completions, or start the server with --chat-template",
             param="messages",
             code="chat_template_missing",

@@ -177,3 +177,90 @@ class DetokenizeResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "draining", "failed"]
     model: str | None = None
+
+
+# -- /v1/responses ----------------------------------------------------------------------------
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[dict] = Field(description="Always empty")
+    logprobs: list[dict] = Field(description="Always empty")
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[OutputText]
+
+
+class OutputFunctionCall(BaseModel):
+    type: Literal["function_call"]
+    id: str
+    call_id: str = Field(description="What the function_call_output item that answers it names")
+    name: str
+    arguments: str = Field(description="A JSON object, as a string")
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseObject(BaseModel):
+    """A whole response (OpenAI's Responses API). With `"stream": true` the answer is instead a
+    text/event-stream of typed events (response.created, response.output_text.delta, ...), the
+    last one response.completed or response.incomplete carrying this object."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    model: str
+    output: list[OutputMessage | OutputFunctionCall]
+    error: None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    parallel_tool_calls: bool
+    temperature: float
+    top_p: float
+    tool_choice: str | dict
+    tools: list[dict]
+    text: dict
+    truncation: Literal["disabled"]
+    metadata: dict[str, str]
+    store: bool
+    background: bool
+    previous_response_id: None
+    reasoning: None
+    user: str | None
+    usage: ResponseUsage | None = Field(description="null until the response is done")
+
+
+class ResponseEvent(BaseModel):
+    """One server-sent event of a streamed response (`event: <type>` names it too); an error mid-way
+    is an event of type "error" with code, message and param."""
+
+    model_config = {"extra": "allow"}
+    type: str
+    sequence_number: int

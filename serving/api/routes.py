@@ -1,4 +1,4 @@
-"""The OpenAI endpoints: /v1/completions, /v1/chat/completions, /v1/models, plus /tokenize and
+"""The OpenAI endpoints: /v1/completions, /v1/chat/completions, /v1/responses, /v1/models, plus /tokenize and
 /detokenize."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from serving.api.generation import (
     stream_choices,
 )
 from serving.api.openapi import GENERATION_ERRORS, documented
+from serving.api.response_api import ResponseShaper, response_usage
 from serving.api.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -35,12 +36,15 @@ from serving.api.responses import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ResponseEvent,
+    ResponseObject,
     TokenizeResponse,
 )
 from serving.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
     _Request,
 )
@@ -161,9 +165,15 @@ async def run_tracked(
             yield index, delta
 
 
-def streaming_response(tracker: RequestTracker, events: AsyncIterator[str]) -> Response:
+def streaming_response(
+    tracker: RequestTracker,
+    events: AsyncIterator[str],
+    error_event: Callable[[APIError], str] = lambda exc: sse(exc.body()),
+    done: str | None = "data: [DONE]\n\n",
+) -> Response:
     """SSE over `events`; closing it (a client that went away) closes the engine stream at once.
-    The stream owns the request's tracker from here: it closes it when the body ends."""
+    The stream owns the request's tracker from here: it closes it when the body ends. A failure
+    is sent as `error_event` says, and `done` closes the stream."""
     tracker.streaming = True
 
     async def body() -> AsyncIterator[str]:
@@ -174,16 +184,17 @@ def streaming_response(tracker: RequestTracker, events: AsyncIterator[str]) -> R
                     yield event
         except APIError as exc:
             status, error = exc.status, exc.message
-            yield sse(exc.body())
+            yield error_event(exc)
         except Exception as exc:  # noqa: BLE001 - mid-stream, the error must reach the client as an event
             status, error = 500, f"{type(exc).__name__}: {exc}"
-            yield sse(APIError(500, error, type="internal_error").body())
+            yield error_event(APIError(500, error, type="internal_error"))
         except BaseException:  # the client went away (the generator was closed or cancelled)
             status, error = 499, "client disconnected"
             raise
         finally:
             tracker.close(status, error)
-        yield "data: [DONE]\n\n"
+        if done is not None:
+            yield done
 
     response = Response(body(), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
@@ -281,6 +292,58 @@ async def chat_completions():
     params = sampling_params(st, req, max_tokens, top, False, await compile_grammar(st, req))
     fmt = ChatFormat(st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False, req.echoed)
     return await generate(st, req, [prompt], params, fmt)
+
+
+@bp.post("/v1/responses")
+@documented(ResponsesRequest, ResponseObject, GENERATION_ERRORS, streamed=ResponseEvent)
+async def responses():
+    """Response (OpenAI's Responses API)
+
+    The input (a string, or message, function_call and function_call_output items) and the
+    instructions are generated as a chat completion: the chat template, tools and tool_choice,
+    text.format (JSON modes), streaming as typed events. Nothing is stored: previous_response_id
+    and conversation are refused.
+    """
+    st = state()
+    req = await parse_body(ResponsesRequest)
+    check_model(st, req.model)
+    try:
+        chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+    prompt = await st.run_blocking(encode_chat, st, chat)
+    max_tokens = completion_budget(st, chat, chat.completion_limit, chat.completion_limit is not None, prompt, "input")
+    params = sampling_params(st, chat, max_tokens, None, False, await compile_grammar(st, chat))
+    admit(st, 1)
+    response_id = f"resp_{uuid.uuid4().hex}"
+    shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()))
+    tracker: RequestTracker = g.tracker
+    tracker.prompt_tokens = len(prompt.token_ids)
+    deltas = run_tracked(tracker, stream_choices(st, _engine_key(response_id), [prompt], params, 1))
+
+    if req.stream:
+
+        def event(payload: dict[str, Any]) -> str:
+            return f"event: {payload['type']}\n{sse(payload)}"
+
+        async def events() -> AsyncIterator[str]:
+            for opening in shaper.opening():
+                yield event(opening)
+            async with aclosing(deltas):
+                async for _, delta in deltas:
+                    for each in shaper.streamed(delta):
+                        yield event(each)
+            yield event(shaper.closing(response_usage(usage([prompt], tracker, 1))))
+
+        return streaming_response(tracker, events(), lambda exc: event(shaper.error_event(exc.body())), done=None)
+
+    text: list[str] = []
+    reason = None
+    async with aclosing(deltas):
+        async for _, delta in deltas:
+            text.append(delta.text)
+            reason = delta.finish_reason or reason
+    return shaper.whole("".join(text), reason, response_usage(usage([prompt], tracker, 1)))
 
 
 # -- models, tokenizer ----------------------------------------------------------------------

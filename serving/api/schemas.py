@@ -9,7 +9,16 @@ import types
 import typing
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
@@ -473,3 +482,183 @@ class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: TokenIds
     skip_special_tokens: bool = True
+
+
+# -- /v1/responses (OpenAI's Responses API), run as the chat completion it amounts to ---------------
+
+
+class InputText(_Body):
+    model_config = ConfigDict(extra="ignore")  # a replayed output_text carries annotations, logprobs
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class MessageItem(_Body):
+    model_config = ConfigDict(extra="ignore")  # a replayed output message carries its id and status
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class FunctionCallItem(_Body):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call"]
+    call_id: NonEmptyStr
+    name: NonEmptyStr
+    arguments: str
+
+
+class FunctionCallOutputItem(_Body):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call_output"]
+    call_id: NonEmptyStr
+    output: str | list[InputText]
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    # A message may leave out its type; another type is refused by name (e.g. reasoning items).
+    Discriminator(lambda v: (v.get("type") or "message") if isinstance(v, dict) else getattr(v, "type", None)),
+]
+
+
+class FunctionTool(_Body):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(_Body):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Body):
+    model_config = ConfigDict(populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.schema_ is not None):
+            raise RuleError("schema", "schema is required with type json_schema, and only with it")
+        return self
+
+
+class TextOptions(_Body):
+    model_config = ConfigDict(extra="ignore")  # verbosity: a hint for reasoning models
+    format: TextFormat | None = None
+
+
+# Refused when set (top_logprobs when above 0, max_tool_calls when given at all): documented so.
+_UNSUPPORTED_RESPONSES = ("previous_response_id", "conversation", "reasoning", "include", "prompt", "top_logprobs")
+
+
+class ResponsesRequest(_Body):
+    """What /v1/responses takes: the input is turned into chat messages (instructions first, as a
+    system message; function calls and their outputs as assistant tool calls and tool messages) and
+    generated as a chat completion. There is no stored state: previous_response_id is refused."""
+
+    model: NonEmptyStr
+    input: str | list[InputItem] = Field(json_schema_extra=_non_empty())
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextOptions | None = None
+    truncation: Literal["disabled"] | None = None
+    background: bool | None = Field(None, json_schema_extra={"enum": [False, None], "description": "Not supported: false or null"})
+    # Accepted for compatibility; they do not change the result.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    previous_response_id: str | None = Field(None, json_schema_extra=_UNSET)
+    conversation: str | dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
+    reasoning: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
+    include: list[str] | None = Field(None, json_schema_extra=_UNSET)
+    prompt: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = Field(None, json_schema_extra={"maximum": 0})
+    max_tool_calls: Annotated[int, Field(ge=0), INTEGRAL] | None = Field(None, json_schema_extra={"maximum": -1})
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty_input(cls, value):
+        if value == "" or value == []:
+            raise ValueError("the input must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in _UNSUPPORTED_RESPONSES:
+            if getattr(self, name):
+                stateful = name in ("previous_response_id", "conversation")
+                raise RuleError(name, f"{name} is not supported by this server" + (" (it stores no responses)" if stateful else ""))
+        if self.background:
+            raise RuleError("background", "background responses are not supported by this server (it stores no responses)")
+        if self.max_tool_calls is not None:
+            raise RuleError("max_tool_calls", "max_tool_calls is not supported by this server")
+        return self
+
+    def chat_body(self) -> dict[str, Any]:
+        """The chat completion request this response is generated as (validated by the caller)."""
+        messages: list[dict[str, Any]] = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item, MessageItem):
+                messages.append({"role": item.role, "content": item.text})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                    last["tool_calls"].append(call)  # parallel calls: one assistant turn
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stream": self.stream,
+        }
+        if self.max_output_tokens is not None:
+            body["max_completion_tokens"] = self.max_output_tokens
+        if self.tools:
+            body["tools"] = [
+                {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)} for t in self.tools
+            ]
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice
+        if self.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = self.parallel_tool_calls
+        fmt = self.text.format if self.text else None
+        if fmt is not None and fmt.type == "json_schema":
+            schema = {"name": fmt.name, "schema": fmt.schema_, **({"strict": fmt.strict} if fmt.strict is not None else {})}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif fmt is not None:
+            body["response_format"] = {"type": fmt.type}
+        return body

@@ -1,0 +1,188 @@
+"""/v1/responses (OpenAI's Responses API): the request is generated as the chat completion it
+amounts to (schemas.ResponsesRequest.chat_body); this shapes the one choice's deltas into a
+Response object, whole or as the typed events of a stream.
+
+A stream: response.created and response.in_progress; then, once there is text, the message item
+(output_item.added, content_part.added, output_text.delta ..., output_text.done, content_part.done,
+output_item.done); then each function call as its own item (output_item.added, one
+function_call_arguments.delta, function_call_arguments.done, output_item.done); and last
+response.completed, or response.incomplete when max_output_tokens cut it. Text that may still
+become a tool call is held back as on the chat stream (tools.streamable).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from serving.api import tools
+from serving.api.schemas import ChatCompletionRequest, NamedFunctionChoice, ResponsesRequest
+from serving.engine.output_processor import ChoiceDelta
+
+
+def response_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
+    """The chat path's usage object in the Responses API's words."""
+    return {
+        "input_tokens": chat_usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"]},
+        "output_tokens": chat_usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": chat_usage["total_tokens"],
+    }
+
+
+class ResponseShaper:
+    def __init__(self, req: ResponsesRequest, chat: ChatCompletionRequest, parser: str, response_id: str, created: int):
+        self.req, self.chat, self.parser = req, chat, parser
+        self.id, self.created = response_id, created
+        self.functions, self.tool_mode = chat.tool_functions(), chat.tool_mode
+        self.parallel = chat.parallel_tool_calls is not False
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self._sequence = 0
+        self._text = ""  # the choice's text so far
+        self._sent = 0  # of which streamed as output_text deltas
+        self._opened = False  # the message item has been announced
+        self._output: list[dict[str, Any]] = []  # the finished output items
+        self._reason: str | None = None
+
+    # -- the Response object ---------------------------------------------------------------
+
+    def response(self, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        req = self.req
+        done = self._reason is not None
+        incomplete = self._reason == "length"
+        if isinstance(req.tool_choice, NamedFunctionChoice):
+            tool_choice: Any = req.tool_choice.model_dump()
+        else:
+            tool_choice = req.tool_choice or "auto"
+        fmt = req.text.format if req.text and req.text.format else None
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": ("incomplete" if incomplete else "completed") if done else "in_progress",
+            "model": req.model,
+            "output": list(self._output) if done else [],
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "parallel_tool_calls": self.parallel,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "tool_choice": tool_choice,
+            "tools": [t.model_dump(exclude_none=False) for t in req.tools or []],
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+            "truncation": "disabled",
+            "metadata": req.metadata or {},
+            "store": False,  # nothing is stored: previous_response_id is refused
+            "background": False,
+            "previous_response_id": None,
+            "reasoning": None,
+            "user": req.user,
+            "usage": usage,
+        }
+
+    def _parse(self) -> tuple[str, list[dict[str, Any]]]:
+        if self.tool_mode == "none":
+            return self._text, []
+        content, calls = tools.parse(self._text, self.functions, self.tool_mode, self.parser, self.parallel)
+        return content or "", calls
+
+    def _message(self, text: str, status: str) -> dict[str, Any]:
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": [part]}
+
+    def _finish(self, reason: str | None) -> tuple[str, list[dict[str, Any]]]:
+        """Parse the whole output into its items; (the content, the function call items)."""
+        self._reason = reason or "stop"
+        content, calls = self._parse()
+        content = content or self._text[: self._sent]  # what was streamed stays the message's
+        status = "incomplete" if self._reason == "length" else "completed"
+        items = [
+            {
+                "type": "function_call",
+                "id": f"fc_{uuid.uuid4().hex}",
+                "call_id": call["id"],
+                "name": call["function"]["name"],
+                "arguments": call["function"]["arguments"],
+                "status": "completed",
+            }
+            for call in calls
+        ]
+        self._output = ([self._message(content, status)] if content else []) + items
+        return content, items
+
+    def whole(self, text: str, reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+        self._text = text
+        self._finish(reason)
+        return self.response(usage)
+
+    # -- the stream -------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return event
+
+    def error_event(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A failure mid-stream, from an OpenAI error object."""
+        error = body["error"]
+        return self._event("error", code=error.get("code"), message=error["message"], param=error.get("param"))
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self._event("response.created", response=self.response()), self._event("response.in_progress", response=self.response())]
+
+    def _text_delta(self, piece: str) -> list[dict[str, Any]]:
+        events = []
+        if not self._opened:
+            self._opened = True
+            where = {"output_index": 0}
+            item = {**self._message("", "in_progress"), "content": []}
+            events.append(self._event("response.output_item.added", item=item, **where))
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            events.append(self._event("response.content_part.added", item_id=self.message_id, content_index=0, part=part, **where))
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        events.append(self._event("response.output_text.delta", delta=piece, logprobs=[], **where))
+        return events
+
+    def streamed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        self._text += delta.text
+        if not delta.finish_reason:
+            if self.tool_mode == "none":
+                safe = len(self._text)
+            elif self.tool_mode == "auto":
+                safe = tools.streamable(self._text, self.parser)
+            else:
+                safe = 0  # a forced call: the output is the call's JSON
+            if safe <= self._sent:
+                return []
+            piece, self._sent = self._text[self._sent : safe], safe
+            return self._text_delta(piece)
+        streamed = self._text[: self._sent]
+        content, items = self._finish(delta.finish_reason)
+        events = []
+        # What was streamed is where the content starts (tools.parse keeps it); the rest follows.
+        rest = content[self._sent :] if content.startswith(streamed) else ""
+        if rest:
+            events += self._text_delta(rest)
+        if self._opened:
+            message = self._output[0]
+            where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+            events.append(self._event("response.output_text.done", text=content, logprobs=[], **where))
+            events.append(self._event("response.content_part.done", part=message["content"][0], **where))
+            events.append(self._event("response.output_item.done", output_index=0, item=message))
+        first = 1 if self._opened else 0
+        for k, item in enumerate(items, start=first):
+            events.append(self._event("response.output_item.added", output_index=k, item={**item, "arguments": "", "status": "in_progress"}))
+            where = {"item_id": item["id"], "output_index": k}
+            events.append(self._event("response.function_call_arguments.delta", delta=item["arguments"], **where))
+            events.append(self._event("response.function_call_arguments.done", name=item["name"], arguments=item["arguments"], **where))
+            events.append(self._event("response.output_item.done", output_index=k, item=item))
+        return events
+
+    def closing(self, usage: dict[str, Any]) -> dict[str, Any]:
+        if self._reason is None:  # the engine stream ended without a finish (it does not, but be whole)
+            self._finish("stop")
+        kind = "response.incomplete" if self._reason == "length" else "response.completed"
+        return self._event(kind, response=self.response(usage))
