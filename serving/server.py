@@ -26,13 +26,9 @@ from serving.models.source import served_name
 log = logging.getLogger("fleetlm.server")
 
 
-async def _start_engine(state: AppState) -> None:
+async def _start_engine(state: AppState, engine: AsyncEngine) -> None:
     """Start the engine process (it loads the model), then load the tokenizer here."""
     cfg = state.config
-    metrics = state.metrics
-    engine = AsyncEngine(
-        cfg, on_step=metrics.observe_step, on_slow_reader=metrics.slow_readers.labels(metrics.model).inc
-    )
     try:
         info = await engine.start()
         if engine.pid is not None:
@@ -68,10 +64,21 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
         executor=ThreadPoolExecutor(cfg.workers, thread_name_prefix="fleetlm-worker"),
     )
     app = create_app(state)
+    failure: list[str] = []  # why the process must exit non-zero, once something broke
+
+    def engine_died(reason: str) -> None:
+        failure.append(reason)
+        stop.set()  # exit non-zero, so the pod (or service manager) restarts it, rather than sit failed
+
+    metrics = state.metrics
+    engine = AsyncEngine(
+        cfg, on_step=metrics.observe_step, on_slow_reader=metrics.slow_readers.labels(metrics.model).inc, on_death=engine_died
+    )
 
     async def load_then_watch() -> None:
-        await _start_engine(state)
+        await _start_engine(state, engine)
         if state.load_error is not None:
+            failure.append(state.load_error)
             stop.set()  # exit non-zero rather than sit unready forever
 
     async def drain() -> None:
@@ -103,10 +110,12 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
     log.info("listening", extra={"bind": hc.bind[0], "model": served_name(cfg)})
     try:
         await hypercorn_serve(app, hc, shutdown_trigger=drain)
+    except OSError as exc:  # the address is taken, or not ours to bind
+        failure.append(f"cannot listen on {hc.bind[0]}: {exc.strerror or exc}")
+        log.error("cannot listen", extra={"bind": hc.bind[0], "error": failure[-1]})
     finally:
         loader.cancel()
-        if state.engine is not None:
-            state.engine.stop()
+        engine.stop()  # loaded or still loading (then killed at once), or never started
         state.executor.shutdown(wait=False, cancel_futures=True)
-    log.info("stopped")
-    return 1 if state.load_error is not None else 0
+    log.info("stopped", extra={"exit_code": 1 if failure else 0})
+    return 1 if failure else 0

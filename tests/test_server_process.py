@@ -148,3 +148,41 @@ def test_drain_timeout_ends_streams_with_an_error_event_not_a_cut(tmp_path):
         else:
             assert event["choices"][0]["finish_reason"] == "length"  # one finished within the timeout
     assert cut >= 1  # one batch slot: 3 x 450 tokens one after another outlast a 0.2 s drain
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The engine process: the server's child running run_engine (multiprocessing's spawn)."""
+    children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True).stdout
+    pids = [int(line.split()[0]) for line in children.splitlines() if "multiprocessing.spawn" in line]
+    assert len(pids) == 1, children
+    return pids[0]
+
+
+def test_an_engine_that_dies_takes_the_server_down_non_zero(tmp_path):
+    """The engine process killed (the OOM killer's way): in-flight requests get an error, and the
+    server exits 1 so that Kubernetes or a service manager restarts it, rather than answer 503 forever."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--num-threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(base, proc)
+        os.kill(_engine_pid(proc.pid), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        assert "the engine process exited unexpectedly" in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
+def test_a_port_in_use_is_one_error_and_exit_one():
+    """Bound by another socket: the server says so and exits (it hung, its engine still loading)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--num-threads", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot listen on 127.0.0.1:%d" % port in proc.stderr and "Traceback" not in proc.stderr

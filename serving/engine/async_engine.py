@@ -77,11 +77,14 @@ class AsyncEngine:
         on_step: Callable[[StepStats], None] | None = None,
         on_slow_reader: Callable[[], None] | None = None,
         max_unread_outputs: int = MAX_UNREAD_OUTPUTS,
+        on_death: Callable[[str], None] | None = None,
     ):
         self.queue_capacity = cfg.queue_capacity
         self.max_batch_size = cfg.max_batch_size
         self._on_step = on_step
         self._on_slow_reader = on_slow_reader
+        self._on_death = on_death  # called with the reason when the engine process dies unasked
+        self._ready = False  # the model is loaded and the engine steps
         self._max_unread = max_unread_outputs
         self._unread_limit: dict[str, int] = {}
         ctx = mp.get_context("spawn")  # a clean interpreter: no forked torch threads or CUDA state
@@ -120,6 +123,7 @@ class AsyncEngine:
         if isinstance(msg, LoadFailed):
             raise ModelLoadError(msg.message)
         assert isinstance(msg, Ready)
+        self._ready = True
         self._loop.add_reader(self._outputs.fileno(), self._on_readable)
         return msg.info
 
@@ -132,9 +136,10 @@ class AsyncEngine:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._outputs.fileno())
         if self._process.is_alive():
-            with contextlib.suppress(OSError):  # already gone
-                self._commands.send(Shutdown())
-            self._process.join(timeout)
+            if self._ready:  # a loading engine reads no commands: nothing of it is worth waiting for
+                with contextlib.suppress(OSError):  # already gone
+                    self._commands.send(Shutdown())
+                self._process.join(timeout)
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join(timeout)
@@ -271,3 +276,5 @@ class AsyncEngine:
         log.error(self._dead)
         for queue in self._streams.values():
             queue.put_nowait(EngineStoppedError(self._dead))
+        if self._on_death is not None:
+            self._on_death(self._dead)
