@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # --cpus inf is no count
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8080, ge=1, le=65535, description="port to listen on")
@@ -116,6 +116,15 @@ class ServeConfig(BaseModel):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_or_its_file(cls, value: str | None) -> str | None:
+        # Text with no Jinja tag is a file's path: a missing one (an unmounted ConfigMap) would
+        # otherwise become the template itself, and every chat prompt that literal path.
+        if value is not None and "{{" not in value and "{%" not in value and not Path(value).expanduser().is_file():
+            raise ValueError(f"{value!r} is neither a Jinja template nor a readable file")
+        return value
 
 
 def _flag(name: str) -> str:

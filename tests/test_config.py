@@ -26,6 +26,9 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
         ([], {"LLM_PORT": "http"}, "--port"),
         (["--max-batch-size", "0"], {}, "--max-batch-size"),
         (["--model-arch", "bert"], {}, "--model-arch"),
+        (["--cpus", "inf"], {}, "--cpus"),  # passed, then overflowed in the engine
+        (["--drain-timeout", "nan"], {}, "--drain-timeout"),
+        (["--chat-template", "/etc/fleetlm/chatml.jinja"], {}, "neither a Jinja template nor a readable file"),
     ],
 )
 def test_bad_values_are_rejected_by_name(argv, env, needle):
@@ -93,3 +96,17 @@ def test_the_console_script_names_itself():
     assert out.startswith("usage: fleetlm ")
     bad = subprocess.run([script, "--port", "http"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("fleetlm: error:")
+
+
+def test_a_chat_template_is_inline_or_a_file(tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert load_config(["--chat-template", template], {}).chat_template == template
+    (tmp_path / "t.jinja").write_text(template)
+    assert load_config(["--chat-template", str(tmp_path / "t.jinja")], {}).chat_template == str(tmp_path / "t.jinja")
+
+
+def test_the_current_directory_names_the_model_by_its_name(tmp_path, monkeypatch):
+    from serving.models.source import served_name
+
+    monkeypatch.chdir(tmp_path)
+    assert served_name(load_config(["--model-path", "."], {})) == tmp_path.name

@@ -232,6 +232,22 @@ def test_gguf_repo_takes_the_chosen_file(fake_hub, tmp_path):
     fake_hub.add_repo("org/gguf", files)
     download_model("org/gguf", None, tmp_path, gguf_file="m-Q8_0.gguf")
     assert_holds(tmp_path, files, ["config.json", "m-Q8_0.gguf"])
+    download_model("org/gguf", None, tmp_path, gguf_file="m-Q4_0.gguf")  # another choice is another download
+    assert_holds(tmp_path, files, ["config.json", "m-Q4_0.gguf"])
+
+
+def test_a_mistral_repos_consolidated_copy_beside_its_weights_is_skipped():
+    """Mistral's repos hold model.safetensors and consolidated.safetensors, no index: one copy is enough."""
+    files = ["config.json", "consolidated.safetensors", "model.safetensors", "tokenizer.json"]
+    assert select(files, None) == ["config.json", "tokenizer.json", "model.safetensors"]
+    assert select(["config.json", "consolidated.safetensors"], None) == ["config.json", "consolidated.safetensors"]
+
+
+def test_an_empty_hf_token_is_no_token(fake_hub, tmp_path):
+    """An empty Secret value (HF_TOKEN=): a public repo downloads (it was sent as "Bearer ", a network error)."""
+    fake_hub.add_repo("org/tiny", model_files())
+    code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path), "--retries", "0", env={"HF_TOKEN": ""})
+    assert code == 0, lines[-1]
 
 
 def test_progress_is_logged_per_file_and_periodically(fake_hub, tmp_path, monkeypatch, caplog):
@@ -405,6 +421,7 @@ def test_an_unreachable_hub_exits_5_after_retries(tmp_path, monkeypatch, caplog)
         ["--model", "org/x", "--source", "/tmp", "--dest"],
         ["--source", "/tmp", "--revision", "v1", "--dest"],
         ["--model", "org/x", "--retries", "many", "--dest"],
+        ["--model", "org/x", "--retries", "-1", "--dest"],  # it retried forever
         ["--model", "org/x/y", "--dest"],  # not a repo id
     ],
 )

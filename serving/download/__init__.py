@@ -58,10 +58,10 @@ def download_model(
     revision = revision or "main"
     dest = Path(dest)
     with _disk_errors(dest):
-        if _holds(dest, repo, revision):
+        if _holds(dest, repo, revision, gguf_file):
             return dest
         with model_dir.exclusive(dest):
-            if _holds(dest, repo, revision):
+            if _holds(dest, repo, revision, gguf_file):
                 return dest
             previous = model_dir.read_marker(dest)
             attempt = 0
@@ -162,20 +162,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dest", type=Path, required=True, help="directory to fill")
     parser.add_argument(
         "--token",
-        default=os.environ.get("HF_TOKEN"),
+        default=os.environ.get("HF_TOKEN") or None,  # an empty Secret value or HF_TOKEN= is no token
         help="Hub token for private or gated repos (default: $HF_TOKEN)",
     )
     parser.add_argument("--gguf-file", help="the GGUF file to take when the repo holds several")
     parser.add_argument(
-        "--retries", type=int, default=3, help="retries after a network error, with backoff (default: 3)"
+        "--retries", type=_count, default=3, help="retries after a network error, with backoff (default: 3)"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
-def _holds(dest: Path, repo: str, revision: str) -> bool:
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _holds(dest: Path, repo: str, revision: str, gguf_file: str | None = None) -> bool:
     marker = model_dir.read_marker(dest)
     if marker is None or marker.repo != repo or revision not in (marker.revision, marker.commit):
+        return False
+    if gguf_file is not None and gguf_file not in marker.files:  # another of the repo's GGUF files
         return False
     if not marker.intact(dest):
         return False

@@ -59,7 +59,9 @@ def _weights(
     if SAFETENSORS_INDEX in root:
         return _indexed(SAFETENSORS_INDEX, files, read_index, origin)
     if safetensors := sorted(path for path in root if path.endswith(".safetensors")):
-        return safetensors
+        # Mistral's repos hold the weights twice: Hugging Face's model*.safetensors, and Mistral's
+        # own consolidated.safetensors, which nothing here reads.
+        return [p for p in safetensors if not p.startswith("consolidated")] or safetensors
     if PYTORCH_INDEX in root:
         return _indexed(PYTORCH_INDEX, files, read_index, origin)
     if pytorch := sorted(p for p in root if p.endswith((".bin", ".pth")) and p not in _TRAINER_STATE):

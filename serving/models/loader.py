@@ -128,7 +128,7 @@ def load_tokenizer(cfg: ServeConfig, directory: Path, gguf_file: Path | None) ->
     else:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if cfg.chat_template:
-        template_file = Path(cfg.chat_template)
+        template_file = Path(cfg.chat_template).expanduser()
         tokenizer.chat_template = template_file.read_text() if template_file.is_file() else cfg.chat_template
     return tokenizer
 

@@ -45,7 +45,7 @@ def served_name(cfg: ServeConfig) -> str:
         return DEMO_NAME
     path = Path(cfg.model_path).expanduser()
     if path.exists():
-        return path.stem if path.is_file() else path.name
+        return path.stem if path.is_file() else path.resolve().name  # "." names the directory it is
     return cfg.model_path
 
 
@@ -68,7 +68,7 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
 
         dest = Path(cfg.download_dir or Path.home() / ".cache" / "fleetlm") / cfg.model_path.replace("/", "--")
         dest = dest / (cfg.revision or "main")
-        directory = download_model(cfg.model_path, cfg.revision, dest, token=os.environ.get("HF_TOKEN"))
+        directory = download_model(cfg.model_path, cfg.revision, dest, token=os.environ.get("HF_TOKEN") or None)
         gguf_file = None if safetensors_files(directory) else gguf.find_gguf_file(directory)
         return ModelSource(directory, gguf_file, served_name(cfg))
     raise ConfigError(f"--model-path {cfg.model_path}: no such file or directory, and not a Hub id (org/name)")

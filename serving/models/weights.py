@@ -23,7 +23,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [model_dir / s for s in shards]
-    return sorted(model_dir.glob("*.safetensors"))
+    files = sorted(model_dir.glob("*.safetensors"))
+    # Mistral's repos hold the weights twice (Hugging Face's files and its own consolidated one).
+    return [f for f in files if not f.name.startswith("consolidated")] or files
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
