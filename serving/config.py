@@ -38,7 +38,8 @@ class ServeConfig(BaseModel):
         "auto",
         description="model architecture; auto reads config.json, 'transformers' forces the generic runner",
     )
-    tokenizer_path: str | None = Field(None, description="tokenizer directory (default: the model's)")
+    tokenizer_path: str | None = Field(None, description="tokenizer directory or Hub id (default: the model's)")
+    gguf_file: str | None = Field(None, description="the GGUF file to serve where the model's directory or Hub repo holds several")
     served_model_name: str | None = Field(None, description="model name clients use (default: from the path)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="most sequences decoded together")
     max_seq_len: int = Field(2048, ge=16, description="context length (prompt + completion), capped by the model's")
@@ -112,7 +113,7 @@ class ServeConfig(BaseModel):
     download_dir: str | None = Field(None, description="where Hub models are stored (default: ~/.cache/fleetlm)")
     cors_origins: str = Field("*", description="comma-separated origins allowed by CORS ('' disables CORS)")
 
-    @field_validator("model_path", "tokenizer_path", "served_model_name", "api_key", "chat_template", "revision")
+    @field_validator("model_path", "tokenizer_path", "served_model_name", "api_key", "chat_template", "revision", "gguf_file")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

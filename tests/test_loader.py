@@ -91,3 +91,53 @@ def test_a_quick_load_stays_quiet(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fleetlm.loader"):
         load_model(ServeConfig(model_path=str(make_tiny_model(tmp_path, "llama")), device="cpu"))
     assert not [r for r in caplog.records if r.getMessage() == "loading weights"]
+
+
+def _greedy_ids(model_dir, prompt_ids: list[int], n: int) -> list[int]:
+    engine = build_engine(ServeConfig(model_path=str(model_dir), device="cpu", dtype="float32")).engine
+    engine.add_request("q", prompt_ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    tokens: list[int] = []
+    while engine.has_work:
+        tokens += [t for d in engine.step() for t in d.token_ids]
+    return tokens
+
+
+def test_a_pytorch_bin_checkpoint_serves_as_its_safetensors_do(tmp_path):
+    """A repo with only pytorch_model.bin (the downloader takes it where there are no safetensors):
+    the native runner read safetensors only, and failed with every weight "missing"."""
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = make_tiny_model(tmp_path / "st", "llama")
+    expected = _greedy_ids(model_dir, [1, 20, 30, 40], 8)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save(load_file(model_dir / "model.safetensors"), bin_dir / "pytorch_model.bin")
+    for other in model_dir.iterdir():
+        if other.suffix != ".safetensors":
+            (bin_dir / other.name).write_bytes(other.read_bytes())
+    assert _greedy_ids(bin_dir, [1, 20, 30, 40], 8) == expected
+
+
+def test_gguf_file_names_the_one_to_serve(tmp_path):
+    for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="--gguf-file b.gguf: no such file"):
+        build_engine(ServeConfig(model_path=str(tmp_path), gguf_file="b.gguf", device="cpu"))
+    from serving.models.source import resolve_source
+
+    assert resolve_source(ServeConfig(model_path=str(tmp_path), gguf_file="a.Q8_0.gguf")).gguf_file == tmp_path / "a.Q8_0.gguf"
+
+
+def test_a_tokenizer_path_is_a_directory_or_a_hub_id(tmp_path, fake_hub, monkeypatch):
+    """The CRD's model.tokenizer may be a Hub id: it is fetched (it was looked for as a local directory)."""
+    from serving.models.loader import preflight
+
+    files = {p.name: p.read_bytes() for p in demo_model_dir().iterdir() if p.name.startswith(("tokenizer", "special_tokens"))}
+    fake_hub.add_repo("org/tok", {**files, "config.json": b'{"model_type": "llama"}'})
+    tokenizer = load_tokenizer(ServeConfig(tokenizer_path="org/tok", download_dir=str(tmp_path / "cache")), tmp_path, None)
+    assert tokenizer("Once upon a time").input_ids == load_tokenizer(ServeConfig(), demo_model_dir(), None)("Once upon a time").input_ids
+    with pytest.raises(ConfigError, match="--tokenizer-path ./no/such: no such directory"):
+        preflight(ServeConfig(tokenizer_path="./no/such", device="cpu"))
+    with pytest.raises(ConfigError, match="--tokenizer-path"):  # named, so a GGUF's own is not used instead
+        load_tokenizer(ServeConfig(tokenizer_path=str(tmp_path)), tmp_path, tmp_path / "x.gguf")

@@ -24,7 +24,7 @@ from huggingface_hub.utils import httpx
 from serving.config import program_name
 from serving.download import hub, model_dir
 from serving.download.errors import DownloadError, ExitCode
-from serving.download.model_files import select_files
+from serving.download.model_files import SUPPORT_FILES, select_files
 from serving.download.progress import ModelProgress, Transfer
 from serving.logs import setup_logging
 
@@ -171,6 +171,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def download_tokenizer(repo: str, dest: Path, token: str | None = None) -> Path:
+    """A tokenizer's files, no weights, from Hub repo `repo` (its main branch) into `dest`: what the
+    server takes for a --tokenizer-path that is a Hub id. Files already there from that commit are kept."""
+    hub.check_repo_id(repo)
+    remote = hub.resolve(repo, "main", token)
+    wanted = sorted(set(remote.sizes) & SUPPORT_FILES)
+    if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(wanted):
+        raise DownloadError(f"{repo} holds no tokenizer files", ExitCode.NOT_FOUND)
+    dest.mkdir(parents=True, exist_ok=True)
+    with model_dir.exclusive(dest):
+        for path in wanted:
+            hub.fetch(repo, remote.commit, path, dest, token, remote.sizes[path])
+    return dest
 
 
 def _count(text: str) -> int:

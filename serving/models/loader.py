@@ -22,7 +22,7 @@ from serving.models import gguf
 from serving.models.llama import NATIVE_ARCHITECTURES, UnsupportedModel
 from serving.models.native import build_native_runner
 from serving.models.runner import ModelRunner
-from serving.models.source import ModelSource, check_model_path, resolve_source
+from serving.models.source import ModelSource, check_model_path, is_hub_id, resolve_source
 
 log = logging.getLogger("fleetlm.loader")
 
@@ -34,6 +34,9 @@ def preflight(cfg: ServeConfig) -> None:
     architecture we (or transformers) know. A Hub model is checked once downloaded."""
     resolve_attention_backend(cfg.attention_backend, resolve_device(cfg.device))
     check_model_path(cfg)
+    given = cfg.tokenizer_path
+    if given and not Path(given).expanduser().is_dir() and not is_hub_id(given):
+        raise ConfigError(f"--tokenizer-path {given}: no such directory, and not a Hub id (org/name)")
     if cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists():
         return  # a Hub id
     try:
@@ -114,16 +117,26 @@ def choose_architecture(requested: str, config: PretrainedConfig) -> str:
 
 
 def tokenizer_dir(cfg: ServeConfig, directory: Path) -> Path:
-    return Path(cfg.tokenizer_path) if cfg.tokenizer_path else directory
+    return Path(cfg.tokenizer_path).expanduser() if cfg.tokenizer_path else directory
 
 
 def load_tokenizer(cfg: ServeConfig, directory: Path, gguf_file: Path | None) -> PreTrainedTokenizerBase:
-    """The model's tokenizer (or --tokenizer-path's), with --chat-template applied. The API process
-    loads it to tokenize, render chats and detokenize; the engine process never needs it."""
+    """The model's tokenizer (or --tokenizer-path's: a directory or a Hub id), with --chat-template
+    applied. The API process loads it to tokenize, render chats and detokenize; the engine process
+    never needs it. A GGUF file's own tokenizer serves only where no other is named or found."""
     tok_dir = tokenizer_dir(cfg, directory)
-    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
-        if gguf_file is None:
-            raise ConfigError(f"no tokenizer files in {tok_dir}")
+    given = cfg.tokenizer_path
+    if given and not tok_dir.exists() and is_hub_id(given):
+        from serving.download import DownloadError, download_tokenizer
+
+        dest = Path(cfg.download_dir or Path.home() / ".cache" / "fleetlm") / given.replace("/", "--") / "tokenizer"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(download_tokenizer(given, dest, os.environ.get("HF_TOKEN") or None))
+        except DownloadError as exc:
+            raise ConfigError(f"--tokenizer-path {given}: {exc}") from exc
+    elif not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+        if gguf_file is None or given:
+            raise ConfigError(f"no tokenizer files in {tok_dir}" + (" (--tokenizer-path)" if given else ""))
         tokenizer = gguf.load_gguf_tokenizer(gguf_file)
     else:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)

@@ -22,13 +22,7 @@ from serving.models.llama import LlamaForCausalLM
 from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear, quantize_linears
 from serving.models.runner import ForwardChunk, kv_bytes_per_token
 from serving.models.source import ModelSource
-from serving.models.weights import (
-    count_safetensors,
-    iter_safetensors,
-    load_into,
-    safetensors_files,
-    with_progress,
-)
+from serving.models.weights import checkpoint_tensors, load_into, with_progress
 
 
 class NativeRunner:
@@ -209,9 +203,8 @@ def build_native_runner(
     elif plan is not None:
         _load_gguf(model, plan, dtype, optional)
     else:
-        files = safetensors_files(source.directory)
-        tensors = with_progress(iter_safetensors(files), count_safetensors(files))
-        load_into(model, tensors, optional, stacked=model.stacked_params())
+        tensors, count = checkpoint_tensors(source.directory)
+        load_into(model, with_progress(tensors, count), optional, stacked=model.stacked_params())
     if quantization != "none":
         quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
     return NativeRunner(model.eval(), device, dtype, backend)

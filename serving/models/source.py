@@ -54,10 +54,14 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
         return ModelSource(demo_model_dir(), None, served_name(cfg))
     path = Path(cfg.model_path).expanduser()
     if path.exists():
+        if cfg.gguf_file is not None and path.is_dir():
+            path = path / cfg.gguf_file
+            if not path.is_file():
+                raise ConfigError(f"--gguf-file {cfg.gguf_file}: no such file in --model-path {cfg.model_path}")
         try:
             gguf_file = gguf.find_gguf_file(path)
         except ValueError as exc:  # several GGUF files: the user must name one
-            raise ConfigError(f"--model-path {path}: {exc}") from exc
+            raise ConfigError(f"--model-path {path}: {exc} (--gguf-file)") from exc
         directory = path if path.is_dir() else path.parent
         has_safetensors = directory.is_dir() and bool(safetensors_files(directory))
         if gguf_file is None and not (directory / "config.json").is_file():
@@ -68,7 +72,8 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
 
         dest = Path(cfg.download_dir or Path.home() / ".cache" / "fleetlm") / cfg.model_path.replace("/", "--")
         dest = dest / (cfg.revision or "main")
-        directory = download_model(cfg.model_path, cfg.revision, dest, token=os.environ.get("HF_TOKEN") or None)
+        token = os.environ.get("HF_TOKEN") or None
+        directory = download_model(cfg.model_path, cfg.revision, dest, token=token, gguf_file=cfg.gguf_file)
         gguf_file = None if safetensors_files(directory) else gguf.find_gguf_file(directory)
         return ModelSource(directory, gguf_file, served_name(cfg))
     raise ConfigError(f"--model-path {cfg.model_path}: no such file or directory, and not a Hub id (org/name)")

@@ -1,4 +1,5 @@
-"""Reading checkpoint tensors: safetensors files (memory-mapped), one file or a sharded set."""
+"""Reading checkpoint tensors: safetensors files (memory-mapped), one file or a sharded set; or, where
+a repo has none, PyTorch's pytorch_model*.bin files, read with weights_only (no pickled code runs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+PYTORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 PROGRESS_INTERVAL_S = 5.0
 T = TypeVar("T")
 log = logging.getLogger("fleetlm.loader")
@@ -33,6 +35,33 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, f.get_tensor(name)
+
+
+def pytorch_files(model_dir: Path) -> list[Path]:
+    index = model_dir / PYTORCH_INDEX_FILE
+    if index.is_file():
+        return [model_dir / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def _load_pytorch(path: Path) -> dict[str, torch.Tensor]:
+    try:  # memory-mapped: tensors are read as they are copied into the model
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_tensors(model_dir: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+    """The directory's checkpoint tensors and how many there are: its safetensors, else its
+    pytorch_model*.bin files. Meta's own consolidated.*.pth layout is not one we read."""
+    if files := safetensors_files(model_dir):
+        return iter_safetensors(files), count_safetensors(files)
+    if bins := pytorch_files(model_dir):
+        states = [_load_pytorch(path) for path in bins]
+        return (item for state in states for item in state.items()), sum(len(state) for state in states)
+    if any(model_dir.glob("*.pth")):
+        raise ValueError(f"{model_dir} holds Meta's .pth checkpoint layout, which is not read here: use the Hugging Face format")
+    return iter(()), 0
 
 
 def count_safetensors(files: list[Path]) -> int:
