@@ -41,3 +41,11 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries that print with a handler of their own write plain text among the JSON lines: their
+    # records go to the root's handler instead, and warnings.warn (huggingface_hub's disk-space
+    # warning) becomes a record too.
+    for name in ("huggingface_hub", "transformers"):
+        library = logging.getLogger(name)
+        library.handlers[:] = []
+        library.propagate = True
+    logging.captureWarnings(True)

@@ -20,3 +20,26 @@ def test_json_formatter_keeps_extra_fields_and_exceptions():
 
         err = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     assert "ValueError: boom" in json.loads(JsonFormatter().format(err))["exc"]
+
+
+def test_every_line_is_json_libraries_and_warnings_included():
+    """huggingface_hub and transformers log through handlers of their own, and warnings.warn prints:
+    a process that set up logging writes JSON lines only (a downloader's log is read line by line)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, huggingface_hub, transformers\n"
+        "from huggingface_hub.utils import logging as hub_logging\n"
+        "from serving.logs import setup_logging\n"
+        "hub_logging.get_logger('huggingface_hub.file_download')\n"
+        "setup_logging('info')\n"
+        "import logging\n"
+        "logging.getLogger('huggingface_hub.file_download').warning('Error while downloading: trying to resume')\n"
+        "transformers.logging.get_logger('transformers.x').warning('from transformers')\n"
+        "warnings.warn('Not enough free disk space')\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # fails on any plain-text line
+    assert len(records) == 3
+    assert any("Not enough free disk space" in r["msg"] for r in records)
