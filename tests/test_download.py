@@ -528,3 +528,10 @@ def test_a_mirror_behind_its_own_ca_works_with_the_env_the_operator_sets(tmp_pat
         code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path / "model"), env=trusted)
         assert code == 0, lines[-1]
     assert (tmp_path / "model" / "config.json").read_bytes() == b'{"model_type": "llama"}'
+
+
+def test_offline_mode_on_an_incomplete_destination_says_so(fake_hub, tmp_path):
+    """HF_HUB_OFFLINE=1 with nothing downloaded yet: one line naming the variable (a traceback, exit 1)."""
+    fake_hub.add_repo("org/tiny", model_files())
+    code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+    assert code == 2 and lines[-1]["msg"].startswith("HF_HUB_OFFLINE is set"), lines[-3:]

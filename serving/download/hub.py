@@ -21,6 +21,7 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -166,7 +167,12 @@ def _translated_errors(
             raise DownloadError(message, ExitCode.UNAUTHORIZED) from error
         if status == 429 or status >= 500:
             raise DownloadError(f"the Hub answered HTTP {status} for {repo}", ExitCode.NETWORK) from error
-        raise
+        # Another 4xx: the Hub (or a mirror) refused the request itself; retrying will not help.
+        detail = (getattr(error, "server_message", None) or str(error) or "no detail").splitlines()[0][:200]
+        raise DownloadError(f"the Hub answered HTTP {status} for {repo}: {detail}", ExitCode.UNEXPECTED) from error
+    except OfflineModeIsEnabled as error:
+        message = f"HF_HUB_OFFLINE is set and {repo} at {revision} is not complete here: unset it to download"
+        raise DownloadError(message, ExitCode.USAGE) from error
     except (httpx.TransportError, LocalEntryNotFoundError) as error:
         # hf_hub_download reports an unreachable Hub as LocalEntryNotFoundError caused by the network error.
         cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and error.__cause__ else error
