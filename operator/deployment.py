@@ -229,7 +229,10 @@ def _downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> 
         "name": DOWNLOAD_CONTAINER,
         "image": image,
         "command": ["python", "-m", "serving", "download"],
-        "args": ["--model", hf.repo, "--revision", hub.commit or hf.revision, "--dest", model_path(spec, hub.commit)],
+        "args": [
+            "--model", hf.repo, "--revision", hub.commit or hf.revision, "--dest", model_path(spec, hub.commit),
+            *(["--gguf-file", hf.gguf_file] if hf.gguf_file else []),
+        ],  # fmt: skip
         "env": env,
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
         "securityContext": CONTAINER_SECURITY,

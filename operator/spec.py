@@ -51,11 +51,15 @@ class HfSource(_Model):
     # the operator's --hf-endpoint when unset.
     endpoint: str | None = None
     ca_bundle: CaBundleRef | None = None
+    # The GGUF file to serve of a repo that holds several quantizations (the downloader's --gguf-file).
+    gguf_file: str | None = None
 
     @model_validator(mode="after")
     def _endpoint_is_a_url(self) -> HfSource:
         if self.endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.endpoint):
             raise ValueError(f"hf.endpoint must be an http(s) URL, got {self.endpoint!r}")
+        if self.gguf_file is not None and (not self.gguf_file.endswith(".gguf") or self.gguf_file.startswith("/") or ".." in self.gguf_file.split("/")):
+            raise ValueError(f"hf.ggufFile must be a .gguf file's path in the repo, got {self.gguf_file!r}")
         return self
 
 

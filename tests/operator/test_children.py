@@ -486,3 +486,14 @@ def test_the_operators_default_endpoint_applies_unless_the_spec_names_one() -> N
     secret = build(llmd(model={"hf": {"repo": "org/m", "caBundle": {"secretName": "ca", "key": "bundle.pem"}}}))
     volumes = {v["name"]: v for v in secret["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes["hub-ca"]["secret"] == {"secretName": "ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}
+
+
+def test_a_gguf_file_of_a_multi_quant_repo_reaches_the_downloader() -> None:
+    """Repos such as bartowski's hold one GGUF per quantization: hf.ggufFile names the one to serve."""
+    body = llmd(model={"hf": {"repo": "org/m-GGUF", "ggufFile": "m-Q8_0.gguf"}})
+    download = container(build(body), "model-download")
+    assert args(download)["--gguf-file"] == "m-Q8_0.gguf"
+    assert "--gguf-file" not in args(container(build(llmd()), "model-download"))
+    for bad in ("../m.gguf", "/abs/m.gguf", "m.bin"):
+        with pytest.raises(InvalidSpec, match="ggufFile"):
+            parse_spec(llmd(model={"hf": {"repo": "org/m-GGUF", "ggufFile": bad}})["spec"])
