@@ -20,6 +20,7 @@ import itertools
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +57,14 @@ class ApiServer(kmock.KubernetesEmulator):
     pod_logs: dict[tuple[str, str, str], str] = {}
     # Resources (plurals) every request for which is refused with 403, as RBAC without a rule would.
     forbidden: set[str] = set()
+    # kmock matches each request against its reactions by scanning every request it has recorded (a
+    # view's __contains__ iterates the root), so each request costs more than the one before: late in a
+    # session a reconciliation took seconds longer than early on. Matching needs only the requests in
+    # flight; every request stays in _requests for the tests that read them.
+    MATCHED_WINDOW = 256
+
+    def __iter__(self) -> Iterator[rendering.Request]:
+        yield from self._requests[-self.MATCHED_WINDOW :]
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and request.resource.plural in self.forbidden:

@@ -464,7 +464,7 @@ def test_children_are_written_with_server_side_apply(
     child(kube, "policy/v1", "PodDisruptionBudget", namespace, "ssa")
     writes = [
         r
-        for r in list(apiserver.emulator)
+        for r in list(apiserver.emulator._requests)
         if r.method == "PATCH" and r.namespace == namespace and r.resource.plural != PLURAL
     ]
     assert writes
