@@ -72,6 +72,11 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
     }
 
 
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether an object carries an ownerReference to the LLMDeployment with this uid."""
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
 def cache_claim_name(owner_name: str) -> str:
     return f"{owner_name}-model-cache"
 

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,6 +68,30 @@ class ChildChange:
     live: dict[str, Any] | None
 
 
+@dataclass(slots=True)
+class Ownership:
+    """Which children of one LLMDeployment are its own, as far as the operator has seen. An object of a
+    child's kind and name without an ownerReference to it (made by hand or by another tool, or orphaned
+    by --cascade=orphan) is a conflict: a forced server-side apply would silently take it over, so it is
+    left alone. A child once seen as ours stays ours until a watch event says otherwise, so a child is
+    read only the first time (and while it conflicts)."""
+
+    ours: set[tuple[str, str]] = field(default_factory=set)
+    conflicts: dict[tuple[str, str], Problem] = field(default_factory=dict)
+
+    def observe(self, change: ChildChange, owner: dict[str, Any]) -> None:
+        """A watch event on a child (matched by our labels, which anyone can copy)."""
+        key = (change.kind, change.name)
+        if change.live is None:
+            self.ours.discard(key)
+        elif naming.owned_by(change.live, owner["uid"]):
+            self.ours.add(key)
+            self.conflicts.pop(key, None)
+        else:
+            self.ours.discard(key)
+            self.conflicts[key] = _conflict(owner["namespace"], *key)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -81,6 +105,7 @@ class Reconciler:
         self.resolver = resolver or Resolver(recheck_s=config.revision_recheck_seconds)
         self.now = now
         self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._owners: dict[tuple[str, str], Ownership] = {}
         self._guard = threading.Lock()
         self._instance = os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -116,6 +141,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:
             self._locks.pop((namespace, name), None)
+            self._owners.pop((namespace, name), None)
         for gauge in (metrics.READY_REPLICAS, metrics.DESIRED_REPLICAS, metrics.DEGRADED):
             with contextlib.suppress(KeyError):  # never exported
                 gauge.remove(namespace, name)
@@ -154,14 +180,24 @@ class Reconciler:
             if manages_cache(spec):
                 live_claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
             expandable = self._expandable(spec, live_claim)
-            notes = tuple(claim_conflicts(spec, live_claim, expandable))
             desired = self._servable(
                 body,
                 desired_children(body, spec, self._default_image(spec), live_claim, hub, expandable),
                 first_time,
             )
+            ownership = self._ownership(namespace, name)
+            if apply_all or first_time:
+                self._check_ownership(body, desired, live_claim, ownership)
+            elif change is not None and (change.kind, change.name) in {_key(c) for c in desired}:
+                ownership.observe(change, body["metadata"])
+            desired = [c for c in desired if _key(c) not in ownership.conflicts]
+            if ("PersistentVolumeClaim", naming.cache_claim_name(name)) in ownership.conflicts:
+                live_claim = None  # not ours: nothing to say about what it cannot change
+            notes = tuple(ownership.conflicts.values()) + tuple(claim_conflicts(spec, live_claim, expandable))
             if apply_all or first_time:
                 blocker = self._apply_all(body, desired, dry_run_first=first_time)
+                if blocker is None:
+                    ownership.ours |= {_key(c) for c in desired}
             elif change is not None:
                 blocker = self._repair(desired, change)
         if blocker is not None:
@@ -171,6 +207,37 @@ class Reconciler:
             )
         self._publish(body, spec, blocker, generation, notes, pin, capacity)
         return "degraded" if blocker or notes else "ok"
+
+    def _ownership(self, namespace: str, name: str) -> Ownership:
+        with self._guard:
+            return self._owners.setdefault((namespace, name), Ownership())
+
+    def _check_ownership(
+        self, body: dict[str, Any], desired: list[dict[str, Any]], live_claim: dict[str, Any] | None, ownership: Ownership
+    ) -> None:
+        """Before everything is applied: read each child not yet known to be ours (the cache claim is read
+        already), and record a conflict for one that exists without our ownerReference."""
+        meta = body["metadata"]
+        ownership.conflicts.clear()
+        for child in desired:
+            key = _key(child)
+            if key in ownership.ours:
+                continue
+            live = live_claim if child["kind"] == "PersistentVolumeClaim" else self._read(child)
+            if live is not None and naming.owned_by(live, meta["uid"]):
+                ownership.ours.add(key)
+            elif live is not None:
+                ownership.conflicts[key] = _conflict(meta["namespace"], *key)
+
+    def _read(self, child: dict[str, Any]) -> dict[str, Any] | None:
+        meta = child["metadata"]
+        try:
+            return self.kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+        except ApiException as error:
+            if error.status != 403:
+                raise
+            logger.warning(f"{child['kind']} {meta['namespace']}/{meta['name']} not read (forbidden): applied unchecked")
+            return None
 
     def _expandable(self, spec: LLMDeploymentSpec, live_claim: dict[str, Any] | None) -> bool:
         """Whether the cache claim may grow as the spec asks: its StorageClass sets allowVolumeExpansion.
@@ -214,7 +281,7 @@ class Reconciler:
     def _apply_all(
         self, body: dict[str, Any], desired: list[dict[str, Any]], *, dry_run_first: bool
     ) -> Problem | None:
-        child = desired[0]
+        child: dict[str, Any] = {}
         try:
             # A server-side dry run of the whole set first: a child the API refuses then leaves nothing
             # half-created (admission and validation run, nothing is stored).
@@ -372,6 +439,19 @@ def _export(namespace: str, name: str, status: dict[str, Any], desired: int) -> 
     metrics.READY_REPLICAS.labels(namespace, name).set(status.get("readyReplicas", 0))
     metrics.DESIRED_REPLICAS.labels(namespace, name).set(desired)
     metrics.DEGRADED.labels(namespace, name).set(1 if degraded else 0)
+
+
+def _key(child: dict[str, Any]) -> tuple[str, str]:
+    return child["kind"], child["metadata"]["name"]
+
+
+def _conflict(namespace: str, kind: str, name: str) -> Problem:
+    return Problem(
+        "ChildConflict",
+        f"{kind} {namespace}/{name} already exists and does not belong to this LLMDeployment (no ownerReference "
+        "to it), so the operator leaves it as it is and manages everything else: delete it "
+        f"(kubectl delete {kind.lower()} -n {namespace} {name}) and the operator creates its own",
+    )
 
 
 def _refusal(child: dict[str, Any], error: ApiException) -> Problem:

@@ -14,7 +14,7 @@ from llm_operator import metrics
 from llm_operator.config import parse_args
 from llm_operator.drift import drifted
 from llm_operator.kube import Kube
-from llm_operator.reconciler import Reconciler, TransientError
+from llm_operator.reconciler import ChildChange, Reconciler, TransientError
 
 from tests.operator.apiserver import BackgroundApiServer
 from tests.operator.conftest import NO_HUB, client, write_kubeconfig
@@ -313,3 +313,38 @@ def test_a_storage_class_the_operator_may_not_read_leaves_the_decision_to_the_ap
     # As before the class was read: the larger request is sent and the API's own refusal reported.
     assert degraded["reason"] == "OperatorForbidden" and "must support resize" in degraded["message"]
     assert claim_size(kube, namespace, "blind") == "2Gi"
+
+
+def test_an_object_of_a_childs_name_that_is_not_ours_is_left_alone_and_reported(kube: Kube, namespace: str) -> None:
+    """A forced server-side apply would take over a Service someone else made (and repoint it at the
+    serving pods): the operator applies every other child, reports the conflict, and takes the name
+    only once the other object is gone."""
+    theirs = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "taken", "namespace": namespace, "labels": {"team": "web"}},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 8000}]},
+    }  # fmt: skip
+    kube.core.create_namespaced_service(namespace, theirs, _preload_content=False)
+    create(kube, namespace, "taken")
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "taken", trigger="test", apply_all=True)
+    service = kube.get("v1", "Service", namespace, "taken")
+    assert service["spec"]["selector"] == {"app": "web"} and service["metadata"]["labels"] == {"team": "web"}
+    assert "ownerReferences" not in service["metadata"]
+    assert kube.get("apps/v1", "Deployment", namespace, "taken") is not None  # the rest is applied
+    assert kube.get("policy/v1", "PodDisruptionBudget", namespace, "taken") is not None
+    degraded = condition(kube, namespace, "taken", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ChildConflict")
+    assert f"Service {namespace}/taken already exists and does not belong to this LLMDeployment" in degraded["message"]
+    (event,) = [e for e in kube.list("v1", "Event", namespace) if e["reason"] == "ChildConflict"]
+    assert event["type"] == "Warning" and event["involvedObject"]["name"] == "taken"
+    # A repair triggered by the foreign object (it carries none of our labels, but it might) changes nothing.
+    reconciler.reconcile(namespace, "taken", trigger="test", change=ChildChange("Service", "taken", service))
+    assert kube.get("v1", "Service", namespace, "taken")["spec"]["selector"] == {"app": "web"}
+
+    kube.delete("v1", "Service", namespace, "taken")
+    reconciler.reconcile(namespace, "taken", trigger="test", apply_all=True)
+    ours = kube.get("v1", "Service", namespace, "taken")
+    body = kube.get(f"{GROUP}/{VERSION}", "LLMDeployment", namespace, "taken")
+    assert ours["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    assert condition(kube, namespace, "taken", "Degraded")["status"] == "False"
