@@ -185,4 +185,4 @@ def test_a_port_in_use_is_one_error_and_exit_one():
         cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--num-threads", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
-    assert "cannot listen on 127.0.0.1:%d" % port in proc.stderr and "Traceback" not in proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
