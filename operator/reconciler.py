@@ -78,6 +78,10 @@ class Ownership:
 
     ours: set[tuple[str, str]] = field(default_factory=set)
     conflicts: dict[tuple[str, str], Problem] = field(default_factory=dict)
+    # The generation whose children were all applied (by this operator process). Until then a child's
+    # watch event applies the whole set again, not that child: a spec the API refused must not reach
+    # the cluster one repaired child at a time (status's observedGeneration says it was seen, not applied).
+    applied: int | None = None
 
     def observe(self, change: ChildChange, owner: dict[str, Any]) -> None:
         """A watch event on a child (matched by our labels, which anyone can copy)."""
@@ -186,7 +190,8 @@ class Reconciler:
                 first_time,
             )
             ownership = self._ownership(namespace, name)
-            if apply_all or first_time:
+            unapplied = ownership.applied != generation
+            if apply_all or unapplied:
                 self._check_ownership(body, desired, live_claim, ownership)
             elif change is not None and (change.kind, change.name) in {_key(c) for c in desired}:
                 ownership.observe(change, body["metadata"])
@@ -194,10 +199,11 @@ class Reconciler:
             if ("PersistentVolumeClaim", naming.cache_claim_name(name)) in ownership.conflicts:
                 live_claim = None  # not ours: nothing to say about what it cannot change
             notes = tuple(ownership.conflicts.values()) + tuple(claim_conflicts(spec, live_claim, expandable))
-            if apply_all or first_time:
-                blocker = self._apply_all(body, desired, dry_run_first=first_time)
+            if apply_all or unapplied:
+                blocker = self._apply_all(body, desired, dry_run_first=unapplied)
                 if blocker is None:
                     ownership.ours |= {_key(c) for c in desired}
+                    ownership.applied = generation
             elif change is not None:
                 blocker = self._repair(desired, change)
         if blocker is not None:

@@ -348,3 +348,16 @@ def test_an_object_of_a_childs_name_that_is_not_ours_is_left_alone_and_reported(
     body = kube.get(f"{GROUP}/{VERSION}", "LLMDeployment", namespace, "taken")
     assert ours["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
     assert condition(kube, namespace, "taken", "Degraded")["status"] == "False"
+
+
+def test_a_refused_spec_is_not_applied_later_one_repaired_child_at_a_time(kube: Kube, namespace: str) -> None:
+    """After the dry run refused the spec, status has seen its generation; a child's watch event (the
+    Deployment deleted) then repaired that one child with the refused spec, which cleared Degraded."""
+    create(kube, namespace, "refused")
+    reconciler = Reconciler(RefusingKube(kube.api), CONFIG)
+    reconciler.reconcile(namespace, "refused", trigger="test", apply_all=True)
+    assert condition(kube, namespace, "refused", "Degraded")["reason"] == "ChildRejected"
+    assert kube.get("apps/v1", "Deployment", namespace, "refused") is None
+    reconciler.reconcile(namespace, "refused", trigger="child", change=ChildChange("Deployment", "refused", None))
+    assert kube.get("apps/v1", "Deployment", namespace, "refused") is None
+    assert condition(kube, namespace, "refused", "Degraded")["reason"] == "ChildRejected"
