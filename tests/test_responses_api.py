@@ -41,7 +41,7 @@ def test_the_stream_sends_the_typed_events_and_ends_with_the_whole_response(clie
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
-    assert len(deltas) > 3 and "".join(deltas) == whole.output_text
+    assert deltas and "".join(deltas) == whole.output_text  # how many: as the engine's outputs were read
     assert events[-1].response.output_text == whole.output_text and events[-1].response.usage.output_tokens == 16
     assert {e.item_id for e in events if e.type == "response.output_text.delta"} == {events[-1].response.output[0].id}
 
