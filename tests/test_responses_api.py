@@ -9,14 +9,10 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.test_tools import WEATHER
+
 MODEL = "stories260k"
 ASK = "Tell me a story."
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather now", "parameters": WEATHER}]
 
 

@@ -203,9 +203,7 @@ class ChatFormat(Format):
         held.text += delta.text
         held.entries.extend(delta.logprobs)
         if not delta.finish_reason:
-            if self.tool_mode != "auto":
-                return []  # a forced call: the output is the call's JSON
-            safe = tools.streamable(held.text, self.st.config.tool_call_parser)
+            safe = tools.sendable(held.text, self.tool_mode, self.st.config.tool_call_parser)
             if safe <= held.sent:
                 return []
             piece, held.sent = held.text[held.sent : safe], safe
@@ -214,8 +212,7 @@ class ChatFormat(Format):
             return [self._content(index, piece, entries)]
         message, reason = self._message(held.text, delta.finish_reason)
         content = message.get("content") or ""
-        # What was streamed is where the content starts (tools.parse keeps it); the rest follows.
-        rest = content[held.sent :] if content.startswith(held.text[: held.sent]) else ""
+        rest = tools.content_rest(content, held.text, held.sent)
         body: dict[str, Any] = {"content": rest} if rest else {}
         if "tool_calls" in message:
             body["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]

@@ -149,21 +149,14 @@ class ResponseShaper:
     def streamed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
         self._text += delta.text
         if not delta.finish_reason:
-            if self.tool_mode == "none":
-                safe = len(self._text)
-            elif self.tool_mode == "auto":
-                safe = tools.streamable(self._text, self.parser)
-            else:
-                safe = 0  # a forced call: the output is the call's JSON
+            safe = tools.sendable(self._text, self.tool_mode, self.parser)
             if safe <= self._sent:
                 return []
             piece, self._sent = self._text[self._sent : safe], safe
             return self._text_delta(piece)
-        streamed = self._text[: self._sent]
         content, items = self._finish(delta.finish_reason)
         events = []
-        # What was streamed is where the content starts (tools.parse keeps it); the rest follows.
-        rest = content[self._sent :] if content.startswith(streamed) else ""
+        rest = tools.content_rest(content, self._text, self._sent)
         if rest:
             events += self._text_delta(rest)
         if self._opened:

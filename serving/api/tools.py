@@ -96,6 +96,20 @@ def streamable(text: str, parser: str = "auto") -> int:
     return len(text[:limit].rstrip())
 
 
+def sendable(text: str, mode: Any, parser: str = "auto") -> int:
+    """How much of a growing output may stream as content under tool mode `mode`: all of it without
+    tools, what `streamable` allows under "auto", none of a forced call (the output is its JSON)."""
+    if mode == "none":
+        return len(text)
+    return streamable(text, parser) if mode == "auto" else 0
+
+
+def content_rest(content: str, text: str, sent: int) -> str:
+    """The content of a finished output still to send once `sent` characters of its text streamed:
+    what streamed is where the content starts (parse keeps that prefix), the rest follows."""
+    return content[sent:] if content.startswith(text[:sent]) else ""
+
+
 def _parse(text: str, functions: list[dict[str, Any]], choice: Any, parser: str) -> tuple[str | None, list[dict[str, Any]]]:
     use = set(PARSERS) if parser == "auto" else {parser}
     names = {f["name"] for f in functions}

@@ -22,7 +22,14 @@ from serving.models import gguf
 from serving.models.llama import NATIVE_ARCHITECTURES, UnsupportedModel
 from serving.models.native import build_native_runner
 from serving.models.runner import ModelRunner
-from serving.models.source import ModelSource, check_model_path, is_hub_id, resolve_source
+from serving.models.source import (
+    ModelSource,
+    check_model_path,
+    hub_cache_dir,
+    hub_token,
+    is_hub_id,
+    resolve_source,
+)
 
 log = logging.getLogger("fleetlm.loader")
 
@@ -129,9 +136,8 @@ def load_tokenizer(cfg: ServeConfig, directory: Path, gguf_file: Path | None) ->
     if given and not tok_dir.exists() and is_hub_id(given):
         from serving.download import DownloadError, download_tokenizer
 
-        dest = Path(cfg.download_dir or Path.home() / ".cache" / "fleetlm") / given.replace("/", "--") / "tokenizer"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(download_tokenizer(given, dest, os.environ.get("HF_TOKEN") or None))
+            tokenizer = AutoTokenizer.from_pretrained(download_tokenizer(given, hub_cache_dir(cfg, given) / "tokenizer", hub_token()))
         except DownloadError as exc:
             raise ConfigError(f"--tokenizer-path {given}: {exc}") from exc
     elif not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():

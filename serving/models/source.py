@@ -31,6 +31,16 @@ def is_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(value)) and not value.startswith((".", "/", "~"))
 
 
+def hub_cache_dir(cfg: ServeConfig, repo: str) -> Path:
+    """Where the server keeps what it fetched of Hub repo `repo` (--download-dir)."""
+    return Path(cfg.download_dir or Path.home() / ".cache" / "fleetlm") / repo.replace("/", "--")
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN; empty (an empty Secret value, HF_TOKEN=) is no token."""
+    return os.environ.get("HF_TOKEN") or None
+
+
 def check_model_path(cfg: ServeConfig) -> None:
     """A cheap check worth failing the process on before it binds a port."""
     if cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists() and not is_hub_id(cfg.model_path):
@@ -70,10 +80,8 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
     if is_hub_id(cfg.model_path):
         from serving.download import download_model
 
-        dest = Path(cfg.download_dir or Path.home() / ".cache" / "fleetlm") / cfg.model_path.replace("/", "--")
-        dest = dest / (cfg.revision or "main")
-        token = os.environ.get("HF_TOKEN") or None
-        directory = download_model(cfg.model_path, cfg.revision, dest, token=token, gguf_file=cfg.gguf_file)
+        dest = hub_cache_dir(cfg, cfg.model_path) / (cfg.revision or "main")
+        directory = download_model(cfg.model_path, cfg.revision, dest, token=hub_token(), gguf_file=cfg.gguf_file)
         gguf_file = None if safetensors_files(directory) else gguf.find_gguf_file(directory)
         return ModelSource(directory, gguf_file, served_name(cfg))
     raise ConfigError(f"--model-path {cfg.model_path}: no such file or directory, and not a Hub id (org/name)")
