@@ -25,6 +25,8 @@ class ModelProgress:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, n: int) -> None:
+        # Logged under the lock: lines written after it by parallel files came out of order (a later
+        # line with fewer bytes), and the operator takes the last line for the whole model's progress.
         with self._lock:
             self.received += n
             now = time.monotonic()
@@ -32,16 +34,16 @@ class ModelProgress:
                 return
             self.last_logged = now
             received, elapsed = self.received, now - self.started
-        rate = received / elapsed if elapsed > 0 else 0.0
-        logger.info(
-            "download progress",
-            extra={
-                "downloaded_bytes": received,
-                "total_bytes": self.total,
-                "percent": round(100 * received / self.total, 1) if self.total else None,
-                "eta_s": round((self.total - received) / rate) if rate > 0 and self.total >= received else None,
-            },
-        )
+            rate = received / elapsed if elapsed > 0 else 0.0
+            logger.info(
+                "download progress",
+                extra={
+                    "downloaded_bytes": received,
+                    "total_bytes": self.total,
+                    "percent": round(100 * received / self.total, 1) if self.total else None,
+                    "eta_s": round((self.total - received) / rate) if rate > 0 and self.total >= received else None,
+                },
+            )
 
 
 @dataclass(slots=True)
