@@ -57,12 +57,13 @@ def test_the_kernels_compile_for_a_hopper_gpu(group, head_dim, dtype, precision)
 
     strides = ["stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_tb"]
     tensors = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], dtype)
-    decode = {**tensors, "rows_ptr": "*i32", "tables_ptr": "*i32", "lens_ptr": "*i32"}
+    parts = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+    decode = {**tensors, **parts, "rows_ptr": "*i32", "tables_ptr": "*i32", "lens_ptr": "*i32"}
     prefill = {**tensors, "starts_ptr": "*i32", "lens_ptr": "*i32", "cached_ptr": "*i32", "tables_ptr": "*i32"}
     kernels = [
         (ta._paged_decode_kernel, decode, {"HAS_ROWS": rows, "GROUP": group, "GROUP_PAD": ta._pad(group), "HEAD_DIM": head_dim,
-         "D_PAD": ta._pad(head_dim), "PAGE": 16, "BLOCK_N": ta._DECODE_N, "PRECISION": precision})
-        for rows in (False, True)
+         "D_PAD": ta._pad(head_dim), "PAGE": 16, "BLOCK_N": ta._DECODE_N, "SPLITS": splits, "PRECISION": precision})
+        for rows in (False, True) for splits in (1, ta._MAX_SPLITS)
     ]  # fmt: skip
     kernels.append((ta._paged_prefill_kernel, prefill, {"GROUP": group, "HEAD_DIM": head_dim, "D_PAD": ta._pad(head_dim), "PAGE": 16,
                     "BLOCK_M": ta._PREFILL_M, "BLOCK_N": ta._PREFILL_N, "PRECISION": precision}))  # fmt: skip
@@ -71,3 +72,38 @@ def test_the_kernels_compile_for_a_hopper_gpu(group, head_dim, dtype, precision)
         aligned = [n for n in [*pointers, *strides[:-1]] if n != "rows_ptr"]
         ptx = sm90_ptx(kernel, arguments, constants, aligned, {"num_warps": 4})
         assert precision == "ieee" or "mma" in ptx, (kernel.__name__, constants)  # float32 dots stay off the tensor cores
+    merge = {**parts, "out_ptr": dtype, "rows_ptr": "*i32", "stride_ot": "i32", "stride_oh": "i32"}
+    for rows in (False, True):
+        constants = {"HAS_ROWS": rows, "HEAD_DIM": head_dim, "D_PAD": ta._pad(head_dim), "SPLITS": 3, "SPLITS_PAD": 4}
+        sm90_ptx(ta._merge_splits_kernel, merge, constants, [*parts, "out_ptr", "stride_ot"], {"num_warps": 1})
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,multiprocessors,splits",
+    [(1, 8, 132, 16), (4, 8, 132, 8), (8, 8, 132, 4), (16, 8, 132, 2), (17, 8, 132, 1), (256, 8, 132, 1), (1, 32, 132, 8), (1, 8, 16, 4)],
+)
+def test_decode_splits_fill_the_multiprocessors_only_where_the_sequences_do_not(monkeypatch, batch, kv_heads, multiprocessors, splits):
+    """Split-K where batch x KV heads programs leave multiprocessors idle (a few streams): a power of two
+    up to about two programs per multiprocessor, at most _MAX_SPLITS parts; none on a CPU (the
+    interpreter's path)."""
+    import torch
+
+    from serving.models import triton_attention as ta
+
+    monkeypatch.setattr(ta, "_multiprocessors", lambda index: multiprocessors)
+    assert ta.decode_splits(batch, kv_heads, torch.device("cuda", 0)) == splits
+    assert ta.decode_splits(batch, kv_heads, torch.device("cpu")) == 1
+
+
+def test_the_decode_attention_bench_runs_under_the_interpreter(tmp_path):
+    """bench/decode_attention_bench.py end to end on tiny shapes with three parts per sequence: what the
+    device script runs compiled has no first-run surprise, and its outputs agree with the torch path."""
+    import json
+
+    out = tmp_path / "decode_attention_bench.json"
+    run = subprocess.run([sys.executable, "-m", "bench.decode_attention_bench", "--device", "cpu", "--quick", "--splits", "3",
+                          "--out", str(out)], env=INTERPRETED, cwd=ROOT, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["context"], r["splits"]) for r in report["rows"]] == [(1, 40, 3), (1, 100, 3), (3, 40, 3), (3, 100, 3)]
+    assert report["max_abs_error"] < 2e-2 and report["commit"]

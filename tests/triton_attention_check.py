@@ -68,4 +68,35 @@ for heads, kv_heads, head_dim, window, dtype in (
         error = (got[0] - want[0]).abs().max().item()
         assert error < tolerance, (heads, kv_heads, head_dim, window, dtype, name, error)
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), "the caches differ"
+
+# Split-K decode: each sequence's keys read in parts (as a GPU does for a few sequences) and merged, against
+# the torch path: parts of several tiles, parts past a short sequence's keys, windows that start mid-part.
+from serving.models.triton_attention import paged_decode_attention  # noqa: E402
+
+DECODE_PLAN = [(0, 1), (16, 1), (100, 1), (230, 1), (63, 1)]  # one token at position 0: a one-key sequence
+for heads, kv_heads, head_dim, window, dtype in (
+    (4, 2, 16, None, torch.float32),
+    (6, 1, 24, None, torch.float32),
+    (4, 2, 16, 45, torch.float32),
+    (4, 2, 16, None, torch.bfloat16),
+):
+    attn = PagedAttention(heads, kv_heads, head_dim, head_dim**-0.5, window)
+    chunks = [ForwardChunk(c.key, c.token_ids, c.start, c.block_table, True) for c in chunks_for(DECODE_PLAN, 80)]
+    k_cache = torch.randn(80 * BLOCK_SIZE, kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn(80 * BLOCK_SIZE, kv_heads, head_dim, device=DEVICE).to(dtype)
+    q = torch.randn(7, heads, head_dim, device=DEVICE).to(dtype)
+    rows = torch.tensor([2, 0, 5, 3, 6], device=DEVICE)  # scattered rows of a mixed step
+    step = StepInputs.build(chunks, [0], BLOCK_SIZE, "torch", DEVICE)
+    want = attn._decode_torch(q[rows], k_cache, v_cache, step.batch).float().cpu()
+    for splits in (1, 2, 3, 8):
+        out = torch.zeros(7, heads, head_dim, device=DEVICE, dtype=dtype)
+        paged_decode_attention(q, k_cache, v_cache, step.batch.decode_blocks,
+                               step.batch.decode_lens, BLOCK_SIZE, attn.scale, window, rows, out, splits)  # fmt: skip
+        got = out[rows].float().cpu()
+        tolerance = 2e-2 if dtype is torch.bfloat16 else 1e-4
+        error = (got - want).abs().max().item()
+        assert error < tolerance, ("split decode", heads, kv_heads, head_dim, window, dtype, splits, error)
+        untouched = torch.ones(7, dtype=torch.bool)
+        untouched[rows.cpu()] = False
+        assert not out[untouched.to(DEVICE)].any(), "split decode wrote rows that are not its queries'"
 print("ok")
