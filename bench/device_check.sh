@@ -7,7 +7,9 @@
 #
 #   here:   bash bench/device_wheels.sh                 (the wheels the device image lacks)
 #           bash bench/device_preflight.sh              (optional: what runs on CPU, under the image's versions)
-#   device: run(command="bash bench/device_check.sh", carry=[".device-wheels"], kind="nvidia-h200", timeout_s=540)
+#   device: run(command="FLEETLM_COMMIT=<git rev-parse --short HEAD, here> bash bench/device_check.sh",
+#               carry=[".device-wheels"], kind="nvidia-h200", timeout_s=540)
+#           (the commit: the tree travels without .git, and every JSON names the commit it measured)
 #           (name the kind: a plain first call gets an H100, whose ~3.0 TB/s cannot meet the single-stream
 #           target, set for the H200's 4.3 TB/s)
 #
@@ -26,6 +28,9 @@ cap() {  # cap SECONDS [RESERVE]: SECONDS, or less when the deadline (less RESER
   ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"
 }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+FLEETLM_COMMIT="${FLEETLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
+export FLEETLM_COMMIT
+[ -n "$FLEETLM_COMMIT" ] || echo "warning: no .git here and FLEETLM_COMMIT unset: the results will name commit 'unknown'"
 
 log "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

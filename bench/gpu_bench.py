@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import signal
 import subprocess
@@ -216,7 +217,15 @@ def vocab_size_of(config_dir: str) -> int:
 
 
 def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    """The commit measured: FLEETLM_COMMIT where set, else git's HEAD. The lent GPU machine runs a copy of
+    the working tree without .git (and maybe without git), so bench/device_check.sh is given it."""
+    if given := os.environ.get("FLEETLM_COMMIT", "").strip():
+        return given
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:  # no git at all
+        return "unknown"
+    return head.stdout.strip() or "unknown"
 
 
 def machine_info(device: str) -> dict:
