@@ -58,8 +58,9 @@ def test_the_kernels_compile_for_a_hopper_gpu(group, head_dim, dtype, precision)
     strides = ["stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_tb"]
     tensors = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], dtype)
     parts = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
-    decode = {**tensors, **parts, "rows_ptr": "*i32", "tables_ptr": "*i32", "lens_ptr": "*i32"}
-    prefill = {**tensors, "starts_ptr": "*i32", "lens_ptr": "*i32", "cached_ptr": "*i32", "tables_ptr": "*i32"}
+    # Row ids, block tables, lengths and offsets are int64, as the runner sends them (host_inputs.HostInts).
+    decode = {**tensors, **parts, "rows_ptr": "*i64", "tables_ptr": "*i64", "lens_ptr": "*i64"}
+    prefill = {**tensors, "starts_ptr": "*i64", "lens_ptr": "*i64", "cached_ptr": "*i64", "tables_ptr": "*i64"}
     kernels = [
         (ta._paged_decode_kernel, decode, {"HAS_ROWS": rows, "GROUP": group, "GROUP_PAD": ta._pad(group), "HEAD_DIM": head_dim,
          "D_PAD": ta._pad(head_dim), "PAGE": 16, "BLOCK_N": ta._DECODE_N, "SPLITS": splits, "PRECISION": precision})
@@ -72,7 +73,7 @@ def test_the_kernels_compile_for_a_hopper_gpu(group, head_dim, dtype, precision)
         aligned = [n for n in [*pointers, *strides[:-1]] if n != "rows_ptr"]
         ptx = sm90_ptx(kernel, arguments, constants, aligned, {"num_warps": 4})
         assert precision == "ieee" or "mma" in ptx, (kernel.__name__, constants)  # float32 dots stay off the tensor cores
-    merge = {**parts, "out_ptr": dtype, "rows_ptr": "*i32", "stride_ot": "i32", "stride_oh": "i32"}
+    merge = {**parts, "out_ptr": dtype, "rows_ptr": "*i64", "stride_ot": "i32", "stride_oh": "i32"}
     for rows in (False, True):
         constants = {"HAS_ROWS": rows, "HEAD_DIM": head_dim, "D_PAD": ta._pad(head_dim), "SPLITS": 3, "SPLITS_PAD": 4}
         sm90_ptx(ta._merge_splits_kernel, merge, constants, [*parts, "out_ptr", "stride_ot"], {"num_warps": 1})
