@@ -42,7 +42,7 @@ fi
 python3 -c "import torch, triton, quart, hypercorn; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 log "Triton attention kernels (decode and prefill), compiled, against torch on cuda"
-FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 45)" python3 tests/triton_attention_check.py 2>&1 | tail -5
+FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 60)" python3 tests/triton_attention_check.py 2>&1 | tail -5
 log "decode attention: split-K against one part per sequence and the torch path (8B attention shape)"
 timeout "$(cap 40)" python3 -m bench.decode_attention_bench --out "$OUT/decode_attention_bench.json" 2>&1 | tail -16
 cp "$OUT/decode_attention_bench.json" bench/results/decode_attention_bench.json 2>/dev/null || true

@@ -88,7 +88,7 @@ for heads, kv_heads, head_dim, window, dtype in (
     rows = torch.tensor([2, 0, 5, 3, 6], device=DEVICE)  # scattered rows of a mixed step
     step = StepInputs.build(chunks, [0], BLOCK_SIZE, "torch", DEVICE)
     want = attn._decode_torch(q[rows], k_cache, v_cache, step.batch).float().cpu()
-    for splits in (1, 2, 3, 8):
+    for splits in (3, 8):  # a part count no power of two (padded in the merge), and one leaving parts empty
         out = torch.zeros(7, heads, head_dim, device=DEVICE, dtype=dtype)
         paged_decode_attention(q, k_cache, v_cache, step.batch.decode_blocks,
                                step.batch.decode_lens, BLOCK_SIZE, attn.scale, window, rows, out, splits)  # fmt: skip
