@@ -27,6 +27,7 @@ cap() {  # cap SECONDS [RESERVE]: SECONDS, or less when the deadline (less RESER
   local left=$((DEADLINE - SECONDS - ${2:-0}))
   ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"
 }
+keep() { cp "$OUT/$1" "bench/results/$1" 2>/dev/null || true; }  # keep NAME: a result, beside the others here too
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FLEETLM_COMMIT="${FLEETLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
 export FLEETLM_COMMIT
@@ -45,7 +46,7 @@ log "Triton attention kernels (decode and prefill), compiled, against torch on c
 FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 60)" python3 tests/triton_attention_check.py 2>&1 | tail -5
 log "decode attention: split-K against one part per sequence and the torch path (8B attention shape)"
 timeout "$(cap 40)" python3 -m bench.decode_attention_bench --out "$OUT/decode_attention_bench.json" 2>&1 | tail -16
-cp "$OUT/decode_attention_bench.json" bench/results/decode_attention_bench.json 2>/dev/null || true
+keep decode_attention_bench.json
 log "Triton fused RMS norm, rotary and silu * up, compiled, against the torch path on cuda"
 FLEETLM_CHECK_DEVICE=cuda timeout "$(cap 30)" python3 tests/triton_ops_check.py 2>&1 | tail -5
 log "Triton quantized matmuls (q8_0, q4_0, q4_1), compiled, against dequantize + matmul on cuda"
@@ -64,11 +65,11 @@ done
 log "engine benchmark: Llama-3.1-8B shape, bf16, random weights, transformers generate and HTTP at c64"
 timeout "$(cap 360 20)" python3 -m bench.gpu_bench --config bench/configs/llama-3.1-8b --device cuda --dtype bfloat16 \
   --out "$OUT/gpu_bench.json" 2>&1 | grep -v '^{"ts' | tail -40
-cp "$OUT/gpu_bench.json" bench/results/gpu_bench.json 2>/dev/null || true
+keep gpu_bench.json
 
 log "quantized weights (q8_0, q4_0) against bf16: memory, decode speed, greedy agreement on the demo model"
 timeout "$(cap 120)" python3 -m bench.quant_gpu_bench --config bench/configs/llama-3.1-8b --device cuda --dtype bfloat16 \
   --out "$OUT/quant_gpu_bench.json" 2>&1 | grep -v '^{"ts' | tail -20
-cp "$OUT/quant_gpu_bench.json" bench/results/quant_gpu_bench.json 2>/dev/null || true
+keep quant_gpu_bench.json
 
 log "done"

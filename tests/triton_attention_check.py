@@ -39,6 +39,11 @@ def run(backend: str, chunks, q, k, v, k_cache, v_cache, attn: PagedAttention, d
     return out.float().cpu(), kc.float().cpu(), vc.float().cpu()
 
 
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest difference allowed between the two backends' outputs."""
+    return 2e-2 if dtype is torch.bfloat16 else 1e-4
+
+
 PLANS = {
     "decodes first, then prefills": [(40, 1), (1, 1), (17, 1), (0, 37), (20, 13), (16, 16), (5, 1)],
     "scattered decodes": [(0, 5), (33, 1), (7, 21), (64, 1), (2, 1)],
@@ -64,9 +69,8 @@ for heads, kv_heads, head_dim, window, dtype in (
         q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]  # strided, as the model's
         want = run("torch", chunks, q, k, v, k_cache, v_cache, attn, dtype)
         got = run("triton", chunks, q, k, v, k_cache, v_cache, attn, dtype)
-        tolerance = 2e-2 if dtype is torch.bfloat16 else 1e-4
         error = (got[0] - want[0]).abs().max().item()
-        assert error < tolerance, (heads, kv_heads, head_dim, window, dtype, name, error)
+        assert error < tolerance(dtype), (heads, kv_heads, head_dim, window, dtype, name, error)
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), "the caches differ"
 
 # Split-K decode: each sequence's keys read in parts (as a GPU does for a few sequences) and merged, against
@@ -93,9 +97,8 @@ for heads, kv_heads, head_dim, window, dtype in (
         paged_decode_attention(q, k_cache, v_cache, step.batch.decode_blocks,
                                step.batch.decode_lens, BLOCK_SIZE, attn.scale, window, rows, out, splits)  # fmt: skip
         got = out[rows].float().cpu()
-        tolerance = 2e-2 if dtype is torch.bfloat16 else 1e-4
         error = (got - want).abs().max().item()
-        assert error < tolerance, ("split decode", heads, kv_heads, head_dim, window, dtype, splits, error)
+        assert error < tolerance(dtype), ("split decode", heads, kv_heads, head_dim, window, dtype, splits, error)
         untouched = torch.ones(7, dtype=torch.bool)
         untouched[rows.cpu()] = False
         assert not out[untouched.to(DEVICE)].any(), "split decode wrote rows that are not its queries'"
