@@ -93,17 +93,32 @@ def gpu_memory_bytes(spec: LLMDeploymentSpec, table: dict[str, int] | None = Non
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config  # multimodal configs nest the language model's
+    nested = config.get("text_config")  # multimodal configs nest the language model's
+    return nested if isinstance(nested, dict) and nested else config
 
 
-def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
-    """K and V for every layer: 2 x layers x kv heads x head dim x element size."""
+def _positive_int(config: dict[str, Any], *keys: str) -> int | None:
+    """The first of `keys` the config sets to a positive whole number, else None."""
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int | None:
+    """K and V for every layer: 2 x layers x kv heads x head dim x element size. None when the config
+    does not state them (architectures without a KV cache of this shape, configs that leave the
+    language model's fields to library defaults): nothing to plan with."""
     c = _text_config(config)
-    layers = c.get("num_hidden_layers") or c.get("n_layer")
-    heads = c.get("num_attention_heads") or c.get("n_head")
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or (c.get("hidden_size") or c.get("n_embd")) // heads
-    return 2 * int(layers) * int(kv_heads) * int(head_dim) * dtype_bytes
+    layers = _positive_int(c, "num_hidden_layers", "n_layer")
+    heads = _positive_int(c, "num_attention_heads", "n_head")
+    kv_heads = _positive_int(c, "num_key_value_heads") or heads
+    hidden = _positive_int(c, "hidden_size", "n_embd")
+    head_dim = _positive_int(c, "head_dim") or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
 def _engine_dtype_bytes(spec: LLMDeploymentSpec) -> int:
@@ -115,19 +130,20 @@ def _engine_dtype_bytes(spec: LLMDeploymentSpec) -> int:
 def served_weight_bytes(spec: LLMDeploymentSpec, facts: ModelFacts) -> int:
     """The weights as the engine holds them: the stored size rescaled to the engine's dtype or quantization."""
     stored = _text_config(facts.config).get("torch_dtype") or facts.config.get("torch_dtype") or "bfloat16"
-    per_weight = DTYPE_BYTES.get(stored, 2)
+    per_weight = DTYPE_BYTES.get(stored, 2) if isinstance(stored, str) else 2
     target = QUANT_BYTES.get(spec.engine.quantization) or _engine_dtype_bytes(spec)
     return int(facts.weight_bytes * target / per_weight)
 
 
 def fit(spec: LLMDeploymentSpec, facts: ModelFacts, table: dict[str, int] | None = None) -> Capacity | None:
     """The plan on one GPU of the requested product, or None when that product's memory is unknown (CPU
-    pods, a product missing from the table without resources.gpu.memory)."""
+    pods, a product missing from the table without resources.gpu.memory) or the config does not state
+    the KV cache's shape."""
     memory = gpu_memory_bytes(spec, table)
-    if memory is None:
+    per_token = kv_bytes_per_token(facts.config, _engine_dtype_bytes(spec))
+    if memory is None or per_token is None:
         return None
     weights = served_weight_bytes(spec, facts)
-    per_token = kv_bytes_per_token(facts.config, _engine_dtype_bytes(spec))
     budget = int(memory * MEMORY_FRACTION) - RESERVED_BYTES - weights
     engine = spec.engine
     tokens = max(budget, 0) // per_token

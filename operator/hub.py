@@ -42,9 +42,25 @@ class Resolution:
     checked_at: float
 
 
+def _size(sibling: dict[str, Any]) -> int:
+    lfs = sibling.get("lfs")
+    for value in (sibling.get("size"), lfs.get("size") if isinstance(lfs, dict) else None):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def _siblings(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The repo's files as the Hub lists them; entries a mirror garbled (no file name) are left out."""
+    listed = info.get("siblings")
+    if not isinstance(listed, list):
+        return []
+    return [s for s in listed if isinstance(s, dict) and isinstance(s.get("rfilename"), str)]
+
+
 def _weight_bytes(siblings: list[dict[str, Any]]) -> int:
     """What the downloader fetches to serve: every safetensors file, else the (first) GGUF, else .bin files."""
-    sizes = {s["rfilename"]: int(s.get("size") or s.get("lfs", {}).get("size") or 0) for s in siblings}
+    sizes = {s["rfilename"]: _size(s) for s in siblings}
     for suffix in (".safetensors",):
         chosen = [size for name, size in sizes.items() if name.endswith(suffix) and "/" not in name]
         if chosen:
@@ -85,12 +101,12 @@ class Hub:
         base = (endpoint or HUB).rstrip("/")
         quoted = urllib.parse.quote(revision, safe="")
         info = self.get_json(f"{base}/api/models/{repo}/revision/{quoted}?blobs=true", token, ca_pem)
-        commit = info.get("sha")
+        commit = info.get("sha") if isinstance(info, dict) else None
         if not isinstance(commit, str) or not COMMIT.match(commit):
             raise HubError(f"{base}: the answer for {repo}@{revision} names no commit")
         facts = None
-        siblings = info.get("siblings") or []
-        if any(s.get("rfilename") == "config.json" for s in siblings):
+        siblings = _siblings(info)
+        if any(s["rfilename"] == "config.json" for s in siblings):
             config = self.get_json(f"{base}/{repo}/resolve/{commit}/config.json", token, ca_pem)
             if isinstance(config, dict):
                 facts = ModelFacts(config=config, weight_bytes=_weight_bytes(siblings))

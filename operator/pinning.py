@@ -65,7 +65,12 @@ def _value(kube: Kube, namespace: str, kind: str, name: str, key: str) -> str | 
     raw = (found.get("data") or {}).get(key)
     if raw is None:
         return None
-    return base64.b64decode(raw).decode() if kind == "Secret" else raw
+    if kind != "Secret":
+        return raw if isinstance(raw, str) else None
+    try:
+        return base64.b64decode(raw, validate=True).decode()
+    except (ValueError, TypeError) as error:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise HubError(f"Secret {namespace}/{name} key {key!r} is not UTF-8 text: {error}") from None
 
 
 def _credentials(kube: Kube, namespace: str, spec: LLMDeploymentSpec) -> tuple[str | None, str | None]:

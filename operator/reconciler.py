@@ -162,6 +162,29 @@ class Reconciler:
             return "gone"  # the garbage collector removes the children through their ownerReferences
         generation = body["metadata"].get("generation", 1)
         first_time = generation != (body.get("status") or {}).get("observedGeneration")
+        try:
+            spec, blocker, notes, pin, capacity = self._plan_and_apply(body, generation, first_time, apply_all, change)
+        except (ApiException, urllib3.exceptions.HTTPError, TransientError):
+            raise  # the API's trouble, not the resource's: retried
+        except Exception as error:  # noqa: BLE001 - a bug or an input no rule foresaw must still be reported
+            logger.exception(f"{namespace}/{name}: reconciling failed")
+            metrics.ERRORS.labels(trigger, "internal").inc()
+            spec, notes, pin, capacity = None, (), None, None
+            blocker = Problem("InternalError", f"the operator failed to reconcile this resource: {type(error).__name__}: {error}")
+        if blocker is not None:
+            logger.info(
+                f"{namespace}/{name} not applied: {blocker.message}",
+                extra={"reason": blocker.reason, "trigger": trigger},
+            )
+        self._publish(body, spec, blocker, generation, notes, pin, capacity)
+        return "degraded" if blocker or notes else "ok"
+
+    def _plan_and_apply(
+        self, body: dict[str, Any], generation: int, first_time: bool, apply_all: bool, change: ChildChange | None
+    ) -> tuple[LLMDeploymentSpec | None, Problem | None, tuple[Problem, ...], PinState | None, Capacity | None]:
+        """Parse the spec, check it, pin the model, plan its fit, and apply the children (all of them, or
+        the one that changed): what the status then reports."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         spec: LLMDeploymentSpec | None = None
         notes: tuple[Problem, ...] = ()
         pin: PinState | None = None
@@ -206,13 +229,7 @@ class Reconciler:
                     ownership.applied = generation
             elif change is not None:
                 blocker = self._repair(desired, change)
-        if blocker is not None:
-            logger.info(
-                f"{namespace}/{name} not applied: {blocker.message}",
-                extra={"reason": blocker.reason, "trigger": trigger},
-            )
-        self._publish(body, spec, blocker, generation, notes, pin, capacity)
-        return "degraded" if blocker or notes else "ok"
+        return spec, blocker, notes, pin, capacity
 
     def _ownership(self, namespace: str, name: str) -> Ownership:
         with self._guard:

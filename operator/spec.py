@@ -9,12 +9,27 @@ CRD's: tests/operator/test_spec.py compares the two.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from kubernetes.utils.quantity import parse_quantity
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-Quantity = int | str
+
+def _quantity(value: int | str) -> int | str:
+    """A Kubernetes resource quantity the operator can compute with: the CRD's pattern lets through some
+    strings (an exponent like `1e.5`) that the kubernetes client cannot parse, nor the API server in a
+    Pod's resources; and a negative size or request means nothing."""
+    try:
+        parsed = parse_quantity(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2, 16Gi)") from None
+    if parsed < 0:
+        raise ValueError(f"{value!r} is negative")
+    return value
+
+
+Quantity = Annotated[int | str, AfterValidator(_quantity)]
 
 
 class _Model(BaseModel):

@@ -95,3 +95,15 @@ def test_the_operators_table_adds_products_and_the_chart_passes_it() -> None:
     assert chart.gpu_memory == (("Some-New-GPU", 48 * 2**30),)
     with _pytest.raises(SystemExit):
         parse_args(["--gpu-memory", "NVIDIA-L4"], env={})
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "llava", "text_config": {"model_type": "llama"}},  # the language model's fields left to defaults
+    {"model_type": "mamba", "num_hidden_layers": 24, "hidden_size": 768},  # no attention heads: no KV cache of this shape
+    {"num_hidden_layers": 0, "num_attention_heads": 8, "hidden_size": 512},
+    {"num_hidden_layers": "32", "num_attention_heads": 32, "hidden_size": 4096},  # a string where a count belongs
+    {"text_config": ["not", "a", "dict"], "num_hidden_layers": 2},
+])  # fmt: skip
+def test_a_config_without_the_kv_shape_plans_nothing(config) -> None:
+    assert kv_bytes_per_token(config, 2) is None
+    assert fit(spec(product="NVIDIA-L4"), ModelFacts(config, LLAMA_8B_BYTES)) is None

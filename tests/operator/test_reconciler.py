@@ -167,6 +167,31 @@ def test_api_outage_is_transient_and_counted(kube: Kube, namespace: str) -> None
     assert metrics.ERRORS.labels("test", "http_503")._value.get() == before + 1
 
 
+def test_an_unforeseen_failure_is_reported_not_retried_forever(kube: Kube, namespace: str, monkeypatch) -> None:
+    """A failure no rule foresaw (here injected: building the children raises) becomes a Degraded condition
+    and an Event; kopf would otherwise retry the handler every minute forever with no status at all."""
+    import llm_operator.reconciler as reconciler_module
+
+    def broken(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        raise KeyError("resources")
+
+    create(kube, namespace, "garbled")
+    before = metrics.ERRORS.labels("test", "internal")._value.get()
+    with monkeypatch.context() as patched:
+        patched.setattr(reconciler_module, "desired_children", broken)
+        Reconciler(kube, CONFIG).reconcile(namespace, "garbled", trigger="test", apply_all=True)
+    degraded = condition(kube, namespace, "garbled", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InternalError")
+    assert "KeyError" in degraded["message"]
+    assert [e["reason"] for e in kube.list("v1", "Event", namespace) if e["involvedObject"]["name"] == "garbled"] == [
+        "InternalError"
+    ]
+    assert metrics.ERRORS.labels("test", "internal")._value.get() == before + 1
+    # Once the input is sane again the same reconciler recovers.
+    Reconciler(kube, CONFIG).reconcile(namespace, "garbled", trigger="test", apply_all=True)
+    assert condition(kube, namespace, "garbled", "Degraded")["status"] == "False"
+
+
 def test_a_deleted_resource_is_left_to_the_garbage_collector(kube: Kube, namespace: str) -> None:
     Reconciler(kube, CONFIG).reconcile(namespace, "never-existed", trigger="test", apply_all=True)
     assert kube.list("v1", "Service", namespace) == []
@@ -361,3 +386,15 @@ def test_a_refused_spec_is_not_applied_later_one_repaired_child_at_a_time(kube: 
     reconciler.reconcile(namespace, "refused", trigger="child", change=ChildChange("Deployment", "refused", None))
     assert kube.get("apps/v1", "Deployment", namespace, "refused") is None
     assert condition(kube, namespace, "refused", "Degraded")["reason"] == "ChildRejected"
+
+
+def test_a_token_secret_that_is_not_text_is_reported(kube: Kube, namespace: str) -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace},
+              "data": {"HF_TOKEN": "//79"}}  # fmt: skip  (base64 of 0xff 0xfe 0xfd)
+    kube.apply(secret)
+    create(kube, namespace, "binary-token", model={"hf": {"repo": "org/model"}, "tokenSecretRef": {"name": "tok"}})
+    Reconciler(kube, CONFIG).reconcile(namespace, "binary-token", trigger="test", apply_all=True)
+    body = kube.get(f"{GROUP}/{VERSION}", "LLMDeployment", namespace, "binary-token")
+    assert body is not None
+    messages = " ".join(c["message"] for c in body["status"]["conditions"])
+    assert f"Secret {namespace}/tok key 'HF_TOKEN' is not UTF-8 text" in messages

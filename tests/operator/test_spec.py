@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from llm_operator.spec import parse_spec
 
 from tests.operator.crd_schema import apply_defaults, schema
@@ -45,3 +46,28 @@ def test_parse_reports_every_broken_rule_with_its_path() -> None:
     else:
         raise AssertionError("accepted an invalid spec")
     assert "engine.dtype" in message and "replicas" in message
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    (("resources", "cpu"), "1e.5", "not a Kubernetes quantity"),  # the CRD's pattern lets it through
+    (("resources", "memory"), "-2Gi", "negative"),
+    (("resources", "gpu", "memory"), "80 GB", "not a Kubernetes quantity"),
+    (("cache", "size"), "lots", "not a Kubernetes quantity"),
+])  # fmt: skip
+def test_a_quantity_the_client_cannot_parse_is_an_invalid_spec(field, value, says) -> None:
+    from llm_operator.spec import InvalidSpec
+
+    raw: dict = {"model": {"hf": {"repo": "a/b"}}}
+    node = raw
+    for key in field[:-1]:
+        node = node.setdefault(key, {})
+    node[field[-1]] = value
+    with pytest.raises(InvalidSpec, match=says) as error:
+        parse_spec(raw)
+    assert ".".join(field) in str(error.value)
+
+
+def test_quantities_in_every_form_kubernetes_writes_them_parse() -> None:
+    spec = parse_spec({"model": {"hf": {"repo": "a/b"}}, "resources": {"cpu": "1500m", "memory": 2147483648,
+                       "gpu": {"memory": "80Gi"}}, "cache": {"size": "1e11"}})  # fmt: skip
+    assert (spec.resources.cpu, spec.resources.memory, spec.cache.size) == ("1500m", 2147483648, "1e11")
