@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER=${CLUSTER:-fleetlm-e2e}
 VERSION=$(python3 -c 'import tomllib;print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
-SERVING_IMAGE=ghcr.io/fleetlm/fleetlm:$VERSION
+# kind's nodes have no GPU: the serving image built here is the CPU one (torch from PyTorch's CPU index,
+# no CUDA libraries), under the tag the chart gives CPU pods, and the chart is told so explicitly.
+SERVING_IMAGE=ghcr.io/fleetlm/fleetlm:$VERSION-cpu
 OPERATOR_IMAGE=ghcr.io/fleetlm/fleetlm-operator:$VERSION
 
 kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER" --wait 120s
@@ -14,14 +16,16 @@ kubectl config use-context "kind-$CLUSTER"
 docker build -f images/operator/Dockerfile -t "$OPERATOR_IMAGE" .
 kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE"
 if [ -f images/serving/Dockerfile ]; then
-  docker build -f images/serving/Dockerfile -t "$SERVING_IMAGE" .
+  docker build -f images/serving/Dockerfile --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu \
+    -t "$SERVING_IMAGE" .
   kind load docker-image --name "$CLUSTER" "$SERVING_IMAGE"
-  export FLEETLM_E2E_SERVE=1
+  export FLEETLM_E2E_SERVE=1 FLEETLM_E2E_IMAGE="$SERVING_IMAGE" FLEETLM_E2E_CPU_IMAGE="$SERVING_IMAGE"
 fi
 
 helm upgrade --install fleetlm-operator charts/fleetlm-operator \
   --namespace fleetlm-system --create-namespace \
-  --set image.pullPolicy=Never --set requireGpuNodes=false --wait --timeout 5m
+  --set image.pullPolicy=Never --set requireGpuNodes=false \
+  --set servingImage="$SERVING_IMAGE" --set servingCpuImage="$SERVING_IMAGE" --wait --timeout 5m
 kubectl -n fleetlm-system rollout status deployment/fleetlm-operator
 
 if [ "${FLEETLM_E2E_SERVE:-0}" = 1 ]; then

@@ -15,11 +15,9 @@ from tests.operator.crd_schema import CRD_PATH, ROOT
 CHART = ROOT / "charts" / "fleetlm-operator"
 
 
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def render(values: dict[str, Any] | None = None, release: str = "fleetlm-operator") -> list[dict[str, Any]]:
     with helm.Chart.load(str(CHART)) as chart:
-        manifests = chart.render(
-            values or {}, name="fleetlm-operator", namespace="fleetlm-system", is_install=True
-        )
+        manifests = chart.render(values or {}, name=release, namespace="fleetlm-system", is_install=True)
     yamls = [text for path, text in manifests.items() if path.endswith(".yaml")]  # not NOTES.txt
     return [doc for text in yamls for doc in yaml.safe_load_all(text) if doc]
 
@@ -76,6 +74,18 @@ def test_rendered_objects_are_valid_kubernetes(values: dict[str, Any], version: 
         if doc["apiVersion"].startswith(("kopf.dev/", "monitoring.coreos.com/")):
             continue  # custom kinds: kubernetes-validate knows the built-in schemas only
         kubernetes_validate.validate(doc, desired_version=version, strict=True)
+
+
+def test_the_longest_release_name_gives_names_the_api_accepts() -> None:
+    """Helm allows release names of 53 characters; every object name derived from one must still be a valid
+    name for its kind (Services: a DNS-1035 label of at most 63)."""
+    release = "a-very-long-release-name-for-the-team-llm-serving-xyz"[:53]  # without the chart name
+    docs = render({"preDeleteHook": {"enabled": True}}, release=release)
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert len(name) <= (63 if doc["kind"] in {"Service", "Deployment", "ServiceAccount", "Job"} else 253), name
+    services = [d["metadata"]["name"] for d in by_kind(docs, "Service")]
+    assert len(set(services)) == len(services) and all(n.endswith("-metrics") for n in services)
 
 
 def test_cluster_wide_install() -> None:
