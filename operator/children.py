@@ -97,7 +97,10 @@ def cache_claim(
         if live_spec.get("storageClassName") is not None:
             claim["storageClassName"] = live_spec["storageClassName"]
         live_size = _claim_size(live)
-        if live_size is not None and (not expandable or parse_quantity(live_size) > parse_quantity(size)):
+        # The API resizes only a bound claim (a Pending one's spec is wholly immutable): growth waits for
+        # the binding, which is a claim event the operator reconciles on.
+        bound = (live.get("status") or {}).get("phase") == "Bound"
+        if live_size is not None and (not expandable or not bound or parse_quantity(live_size) > parse_quantity(size)):
             claim["resources"]["requests"]["storage"] = live_size
     return {
         "apiVersion": "v1",

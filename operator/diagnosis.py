@@ -51,13 +51,24 @@ class PodReport:
             self.problems.append(problem)
 
 
-def diagnose(pods: list[dict[str, Any]], deployment: dict[str, Any] | None, model_uri: str) -> PodReport:
+def diagnose(
+    pods: list[dict[str, Any]], deployment: dict[str, Any] | None, model_uri: str, claim: dict[str, Any] | None = None
+) -> PodReport:
+    """What the pods, their Deployment and the model cache claim (when the operator manages one) say is wrong."""
     report = PodReport()
+    unplaced: list[tuple[str, str]] = []  # (pod, the scheduler's message)
     for pod in pods:
         if pod["metadata"].get("deletionTimestamp"):
             continue
         current = naming.runs_model(pod, model_uri)
         _diagnose_pod(pod, current, report)
+        unplaced += unscheduled(pod)
+    # A claim waiting for its first consumer is Pending whenever the pod is not placed, for any reason:
+    # it is named only when the scheduler's message is about volumes.
+    about_volumes = [(pod, message) for pod, message in unplaced if "volume" in message.lower()]
+    if about_volumes and _pending(claim):
+        assert claim is not None
+        report.problems.insert(0, _claim_pending(claim, *about_volumes[0]))
     for cond in (deployment or {}).get("status", {}).get("conditions", []):
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             report.add(
@@ -73,13 +84,10 @@ def diagnose(pods: list[dict[str, Any]], deployment: dict[str, Any] | None, mode
 def _diagnose_pod(pod: dict[str, Any], current: bool, report: PodReport) -> None:
     name = pod["metadata"]["name"]
     status = pod.get("status", {})
-    for cond in status.get("conditions", []):
-        if (
-            cond.get("type") == "PodScheduled"
-            and cond.get("status") == "False"
-            and cond.get("reason") == "Unschedulable"
-        ):
-            report.add(Problem("Unschedulable", f"pod {name}: {cond.get('message', 'no node fits')}"))
+    for pod_name, message in unscheduled(pod):
+        # Unschedulable: no node fits; SchedulerError: a node was chosen but binding failed (e.g. the
+        # volume binder could not provision the cache claim on it).
+        report.add(Problem("Unschedulable", f"pod {pod_name}: {message}"))
 
     for cs in status.get("initContainerStatuses", []):
         if cs.get("name") != DOWNLOAD_CONTAINER:
@@ -109,6 +117,40 @@ def _diagnose_pod(pod: dict[str, Any], current: bool, report: PodReport) -> None
             report.add(_waiting_problem(name, cs, waiting))
         elif waiting.get("reason") == "CrashLoopBackOff":
             report.add(_crash(name, cs))
+
+
+def unscheduled(pod: dict[str, Any]) -> list[tuple[str, str]]:
+    """(pod, message) when the scheduler could not place the pod; a gated pod (SchedulingGated) waits on
+    purpose and is not reported."""
+    for cond in pod.get("status", {}).get("conditions", []):
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") in {"Unschedulable", "SchedulerError"}
+        ):
+            return [(pod["metadata"]["name"], cond.get("message") or "no node fits")]
+    return []
+
+
+def _pending(claim: dict[str, Any] | None) -> bool:
+    return claim is not None and (claim.get("status") or {}).get("phase", "Pending") == "Pending"
+
+
+def _claim_pending(claim: dict[str, Any], pod: str, message: str) -> Problem:
+    spec = claim.get("spec") or {}
+    modes = ", ".join(spec.get("accessModes") or []) or "no access mode"
+    storage_class = spec.get("storageClassName") or "the cluster's default StorageClass"
+    text = (
+        f"the model cache claim {claim['metadata']['name']} ({modes}, {storage_class}) is not bound and "
+        f"pod {pod} cannot be scheduled: {message}"
+    )
+    if "ReadWriteMany" in (spec.get("accessModes") or []):
+        text += (
+            ". A claim for more than one replica asks for ReadWriteMany, which many StorageClasses (local-path, "
+            "AWS EBS, GCE PD, Azure Disk) do not offer: set cache.storageClassName to one that does (NFS, EFS, "
+            "Filestore, Azure Files, CephFS), or cache.accessMode: ReadWriteOnce with the replicas on one node"
+        )
+    return Problem("CacheClaimPending", text)
 
 
 def _download_failure(pod: str, terminated: dict[str, Any]) -> Problem:

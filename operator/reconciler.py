@@ -26,7 +26,7 @@ from llm_operator.capacity import Capacity, fit
 from llm_operator.children import claim_conflicts, claim_grows, desired_children, manages_cache
 from llm_operator.config import OperatorConfig
 from llm_operator.deployment import DOWNLOAD_CONTAINER, desired_replicas
-from llm_operator.diagnosis import Problem, diagnose
+from llm_operator.diagnosis import Problem, diagnose, unscheduled
 from llm_operator.drift import drifted
 from llm_operator.hub import Resolver
 from llm_operator.kube import Kube, api_error_message
@@ -376,6 +376,9 @@ class Reconciler:
         pods = self.kube.list("v1", "Pod", namespace, naming.selector_string(name))
         owner = naming.Owner.of(body)
         model = naming.model_uri(spec, pin.hub.commit if pin else None) if spec else ""
+        claim = None  # read only to explain a pod the scheduler cannot place
+        if spec is not None and manages_cache(spec) and any(unscheduled(p) for p in pods):
+            claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
         seen = Observation(
             generation=generation,
             model=model,
@@ -384,7 +387,7 @@ class Reconciler:
             from_volume=spec is not None and spec.model.pvc is not None,
             desired_replicas=desired_replicas(spec) if spec else 0,
             deployment=deployment,
-            report=diagnose(pods, deployment, model),
+            report=diagnose(pods, deployment, model, claim),
             blocker=blocker,
             notes=notes,
             pin=pin,

@@ -5,7 +5,7 @@ resourceVersion, generation and creationTimestamp; server-side apply that create
 replaces the applied fields; dry runs that store nothing; status subresources (a status write touches only
 status, a main-resource write never touches it); resourceVersion preconditions answered with 409; and
 equality label selectors on lists; a PersistentVolumeClaim's immutable spec (only a larger storage
-request may change), refused with the API server's own 422 messages; the PersistentVolumeClaimResize
+request may change, and only once the claim is bound), refused with the API server's own 422 messages; the PersistentVolumeClaimResize
 admission plugin (a larger request only where the claim's StorageClass sets allowVolumeExpansion, else
 its 403; claims without a class are not checked, as this API has no default StorageClass); and a 403 for
 the resources a test forbids (`forbid`), as RBAC would answer. Still absent: other validation,
@@ -256,11 +256,15 @@ def _patched(old: dict[str, Any], patch: Any, is_apply: bool, status_only: bool)
 def _check_claim_update(old: dict[str, Any], new: dict[str, Any]) -> None:
     """As the API server validates a PVC update (k8s.io/kubernetes pkg/apis/core/validation,
     ValidatePersistentVolumeClaimUpdate): the spec is immutable except resources.requests (and
-    volumeAttributesClassName), and the storage request may only grow."""
+    volumeAttributesClassName) of a bound claim, and the storage request may only grow. A claim not yet
+    bound (status.phase other than Bound) may not change at all."""
     name = old["metadata"]["name"]
     before, after = old.get("spec", {}), new.get("spec", {})
+    bound = (old.get("status") or {}).get("phase") == "Bound"
 
     def without_requests(spec: dict[str, Any]) -> dict[str, Any]:
+        if not bound:
+            return spec
         rest = {k: v for k, v in spec.items() if k not in ("resources", "volumeAttributesClassName")}
         limits = spec.get("resources", {}).get("limits")
         return {**rest, "limits": limits}

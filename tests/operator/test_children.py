@@ -238,11 +238,11 @@ def test_cache_is_shared_read_write_many_when_replicas_can_exceed_one(
     assert build(llmd(**spec))["PersistentVolumeClaim"]["spec"]["accessModes"] == [mode]
 
 
-def _live_claim(mode: str, size: str = "2Gi", storage_class: str | None = "standard") -> dict[str, Any]:
+def _live_claim(mode: str, size: str = "2Gi", storage_class: str | None = "standard", phase: str = "Bound") -> dict[str, Any]:
     spec: dict[str, Any] = {"accessModes": [mode], "resources": {"requests": {"storage": size}}, "volumeMode": "Filesystem"}
     if storage_class:
         spec["storageClassName"] = storage_class
-    return {"metadata": {"name": "m-model-cache"}, "spec": spec}
+    return {"metadata": {"name": "m-model-cache"}, "spec": spec, "status": {"phase": phase}}
 
 
 @pytest.mark.parametrize(
@@ -262,9 +262,12 @@ def _live_claim(mode: str, size: str = "2Gi", storage_class: str | None = "stand
         # a claim without a class is not given one;
         ({"cache": {"size": "2Gi", "storageClassName": "fast"}}, _live_claim("ReadWriteOnce", storage_class=None),
          {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}),
-        # a larger size is asked for (claims may grow).
+        # a larger size is asked for (bound claims may grow)...
         ({"cache": {"size": "10Gi"}}, _live_claim("ReadWriteOnce", "2Gi"),
          {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}, "storageClassName": "standard"}),
+        # ...but not yet of a claim still Pending, whose spec the API keeps wholly immutable until it binds.
+        ({"cache": {"size": "10Gi"}}, _live_claim("ReadWriteOnce", "2Gi", phase="Pending"),
+         {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}, "storageClassName": "standard"}),
     ],
 )  # fmt: skip
 def test_an_existing_cache_claim_keeps_what_a_claim_cannot_change(

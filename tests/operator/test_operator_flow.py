@@ -275,9 +275,14 @@ def test_asking_an_existing_claim_for_what_it_cannot_change_says_so_and_applies_
     claim = kube.get("v1", "PersistentVolumeClaim", namespace, "mode-model-cache")
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"] == "4Gi"
     assert any(e["reason"] == "CacheClaimImmutable" and e["type"] == "Warning" for e in events(kube, namespace, "mode"))
-    # Asking for what the claim is clears it; growing the claim is allowed.
+    # Asking for what the claim is clears it; growing the claim is allowed once it is bound (the API refuses
+    # any change to a Pending claim's spec): the PV controller's binding is a claim event that applies it.
     patch_spec(kube, namespace, "mode", {"cache": {"accessMode": None, "size": "8Gi"}})
     wait_condition(kube, namespace, "mode", "Degraded", "False")
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "mode-model-cache")["spec"]["resources"]["requests"]["storage"] == "4Gi"
+    kube.core.patch_namespaced_persistent_volume_claim_status(
+        "mode-model-cache", namespace, {"status": {"phase": "Bound"}}, _preload_content=False
+    )
     grown = eventually(
         lambda: kube.get("v1", "PersistentVolumeClaim", namespace, "mode-model-cache")["spec"]["resources"]["requests"]["storage"] == "8Gi",
         what="the claim to grow",

@@ -295,6 +295,13 @@ def storage_class(kube: Kube, name: str, expandable: bool | None) -> None:
     kube.custom.create_cluster_custom_object("storage.k8s.io", "v1", "storageclasses", body, _preload_content=False)
 
 
+def bind_claim(kube: Kube, namespace: str, name: str) -> None:
+    """What the PV controller does once a volume is provisioned for the cache claim."""
+    kube.core.patch_namespaced_persistent_volume_claim_status(
+        f"{name}-model-cache", namespace, {"status": {"phase": "Bound"}}, _preload_content=False
+    )
+
+
 def claim_size(kube: Kube, namespace: str, name: str) -> str:
     return kube.get("v1", "PersistentVolumeClaim", namespace, f"{name}-model-cache")["spec"]["resources"]["requests"]["storage"]
 
@@ -307,6 +314,7 @@ def test_a_cache_that_cannot_expand_keeps_its_size_says_so_and_applies_the_rest(
     create(kube, namespace, "grow", cache={"storageClassName": "fixed-size", "size": "2Gi"})
     reconciler = Reconciler(kube, CONFIG)
     reconciler.reconcile(namespace, "grow", trigger="test", apply_all=True)
+    bind_claim(kube, namespace, "grow")
     patch_spec(kube, namespace, "grow", {"cache": {"size": "4Gi"}, "engine": {"maxBatchSize": 48}})
     reconciler.reconcile(namespace, "grow", trigger="test", apply_all=True)
     degraded = condition(kube, namespace, "grow", "Degraded")
@@ -328,6 +336,7 @@ def test_a_storage_class_the_operator_may_not_read_leaves_the_decision_to_the_ap
     create(kube, namespace, "blind", cache={"storageClassName": "unreadable", "size": "2Gi"})
     reconciler = Reconciler(kube, CONFIG)
     reconciler.reconcile(namespace, "blind", trigger="test", apply_all=True)
+    bind_claim(kube, namespace, "blind")
     patch_spec(kube, namespace, "blind", {"cache": {"size": "4Gi"}})
     apiserver.forbid("storageclasses")
     try:
@@ -386,6 +395,22 @@ def test_a_refused_spec_is_not_applied_later_one_repaired_child_at_a_time(kube: 
     reconciler.reconcile(namespace, "refused", trigger="child", change=ChildChange("Deployment", "refused", None))
     assert kube.get("apps/v1", "Deployment", namespace, "refused") is None
     assert condition(kube, namespace, "refused", "Degraded")["reason"] == "ChildRejected"
+
+
+def test_a_pending_claim_is_not_resized_until_it_binds(kube: Kube, namespace: str) -> None:
+    """The API refuses any change to a claim that is not bound (422): a larger cache.size waits for the
+    binding instead of blocking every child as ChildRejected."""
+    storage_class(kube, "slow-binding", expandable=True)
+    create(kube, namespace, "unbound", cache={"storageClassName": "slow-binding", "size": "2Gi"})
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "unbound", trigger="test", apply_all=True)
+    patch_spec(kube, namespace, "unbound", {"cache": {"size": "4Gi"}, "engine": {"maxBatchSize": 48}})
+    reconciler.reconcile(namespace, "unbound", trigger="test", apply_all=True)
+    assert condition(kube, namespace, "unbound", "Degraded")["status"] == "False"
+    assert "48" in server_args(kube, namespace, "unbound") and claim_size(kube, namespace, "unbound") == "2Gi"
+    bind_claim(kube, namespace, "unbound")
+    reconciler.reconcile(namespace, "unbound", trigger="test", apply_all=True)
+    assert claim_size(kube, namespace, "unbound") == "4Gi"
 
 
 def test_a_token_secret_that_is_not_text_is_reported(kube: Kube, namespace: str) -> None:

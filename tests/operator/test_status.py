@@ -314,3 +314,41 @@ def test_the_startup_timeline_names_the_phase_a_pod_is_in() -> None:
     newer = {"metadata": {"name": "b", "creationTimestamp": "2026-12-02T11:00:00Z"}}
     gone = {"metadata": {"name": "c", "creationTimestamp": "2026-12-02T12:00:00Z", "deletionTimestamp": "x"}}
     assert newest_pod([older, newer, gone])["metadata"]["name"] == "b"
+
+
+def unplaced(reason: str, message: str) -> dict[str, Any]:
+    return pod({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": reason, "message": message}]})
+
+
+def claim(modes: list[str], phase: str = "Pending", storage_class: str | None = "local-path") -> dict[str, Any]:
+    spec: dict[str, Any] = {"accessModes": modes, "resources": {"requests": {"storage": "50Gi"}}}
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {"metadata": {"name": "m-model-cache"}, "spec": spec, "status": {"phase": phase}}
+
+
+def test_a_binding_failure_is_reported_like_no_node_fitting() -> None:
+    # WaitForFirstConsumer: the scheduler picks a node, then the volume binder fails: reason SchedulerError.
+    report = diagnose([unplaced("SchedulerError", 'running PreBind plugin "VolumeBinding": provisioning failed')], None, MODEL)
+    assert [(p.reason, "VolumeBinding" in p.message) for p in report.problems] == [("Unschedulable", True)]
+    gated = diagnose([unplaced("SchedulingGated", "Scheduling is blocked due to non-empty scheduling gates")], None, MODEL)
+    assert gated.problems == []
+
+
+def test_an_unbound_read_write_many_cache_claim_is_named_with_the_remedy() -> None:
+    message = "0/1 nodes are available: pod has unbound immediate PersistentVolumeClaims"
+    report = diagnose([unplaced("Unschedulable", message)], None, MODEL, claim(["ReadWriteMany"]))
+    first = report.problems[0]
+    assert first.reason == "CacheClaimPending"
+    assert "m-model-cache (ReadWriteMany, local-path) is not bound" in first.message and message in first.message
+    assert "cache.accessMode: ReadWriteOnce" in first.message
+    # A bound claim, or pods that are all placed, say nothing of the claim.
+    assert [p.reason for p in diagnose([unplaced("Unschedulable", message)], None, MODEL, claim(["ReadWriteMany"], "Bound")).problems] == ["Unschedulable"]
+    assert diagnose([pod({"phase": "Running"})], None, MODEL, claim(["ReadWriteOnce"])).problems == []
+    rwo = diagnose([unplaced("Unschedulable", message)], None, MODEL, claim(["ReadWriteOnce"], storage_class=None)).problems[0]
+    assert "ReadWriteOnce, the cluster's default StorageClass" in rwo.message and "accessMode" not in rwo.message
+    # A claim waiting for its first consumer is Pending while the pod waits for a GPU: not the claim's fault.
+    gpu = diagnose([unplaced("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu")], None, MODEL, claim(["ReadWriteOnce"]))
+    assert [p.reason for p in gpu.problems] == ["Unschedulable"]
+    binding = "running PreBind plugin \"VolumeBinding\": binding volumes: provisioning failed: only supports ReadWriteOnce"
+    assert diagnose([unplaced("SchedulerError", binding)], None, MODEL, claim(["ReadWriteMany"])).problems[0].reason == "CacheClaimPending"
