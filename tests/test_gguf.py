@@ -592,3 +592,24 @@ def test_loading_a_gguf_file_logs_progress_through_every_tensor(tmp_path, monkey
     lines = [r for r in caplog.records if r.getMessage() == "loading weights"]
     total = len(read_gguf_header(path).tensors)
     assert [r.tensors for r in lines] == list(range(1, total + 1)) and lines[-1].percent == 100
+
+
+def test_a_gguf_model_runs_in_bfloat16_its_embedding_in_the_models_dtype(tmp_path, monkeypatch):
+    """bf16 is the default on a GPU: the block-format token table must hand the layers bf16 rows (a
+    float32 residual stream fails at the first KV-cache write), and agree with the float32 model."""
+    from serving.config import ServeConfig
+    from serving.engine.builder import build_engine
+    from serving.models.quant import BlockQuantEmbedding
+    from serving.models.source import demo_model_dir
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(tie=True), Q.Q8_0)
+    force_exact_block_path(monkeypatch)
+    prompt = [1, 17, 42, 5, 88, 9, 63]
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        built = build_engine(ServeConfig(model_path=str(path), tokenizer_path=str(demo_model_dir()), device="cpu", dtype=dtype))
+        (table,) = [m for m in built.engine.runner.model.modules() if isinstance(m, BlockQuantEmbedding)]
+        assert table(torch.tensor([3, 4])).dtype == getattr(torch, dtype)
+        logits[dtype] = _teacher_forced(built, prompt).float()
+    error = (logits["bfloat16"] - logits["float32"]).norm() / logits["float32"].norm()
+    assert error < 0.05, error

@@ -30,6 +30,16 @@ def test_parts_come_back_as_added_padded_rows_included():
     assert on(lens).tolist() == [1, 2] and on(lens).dtype == torch.long
 
 
+def test_every_part_starts_16_byte_aligned_whatever_came_before():
+    """Triton keys its compiled kernels on each pointer's 16-byte alignment: parts at the mercy of the
+    lengths before them would compile a second variant of every kernel mid-traffic."""
+    ints = HostInts()
+    parts = [ints.add([1] * n) if n % 2 else ints.add_rows([[2] * n], n + 1) for n in (1, 3, 2, 5, 7, 1)]
+    on = ints.to(torch.device("cpu"))
+    assert all(on(part).data_ptr() % 16 == 0 for part in parts)
+    assert on(parts[0]).tolist() == [1] and on(parts[1]).tolist() == [1, 1, 1] and on(parts[2]).tolist() == [[2, 2, 0]]
+
+
 def test_nothing_added_is_an_empty_tensor():
     assert HostInts().to(torch.device("cpu"))((0, 0)).numel() == 0
 

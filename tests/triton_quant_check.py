@@ -8,7 +8,9 @@ compiled on a GPU with FLEETLM_CHECK_DEVICE=cuda): the Triton block-quantized ma
   `dequantize()` gives the exact weight back), bias, 3-D inputs, parts of different formats; a
   BlockQuantEmbedding on it keeps its table once;
 - a tiny native Llama quantized to q8_0 and q4_0, teacher-forced prefill and a decode step: the
-  triton path's logits are the dequantizing path's.
+  triton path's logits are the dequantizing path's;
+- the same of a tiny GGUF file (Q8_0 blocks kept, tied block embedding), loaded onto the device in the
+  model's dtype (bfloat16 on a GPU, the default there): every block layer's bytes on the device.
 """
 
 import os
@@ -102,4 +104,28 @@ with tempfile.TemporaryDirectory() as tmp:
         error = ((logits["triton"] - logits["dequantize"]).norm() / logits["dequantize"].norm()).item()
         assert error < 1e-5, (scheme, error)
         assert torch.equal(logits["triton"].argmax(-1), logits["dequantize"].argmax(-1)), scheme
+
+    # A GGUF file's blocks, kept as they are.
+    from gguf import GGMLQuantizationType
+
+    from serving.models.source import demo_model_dir
+    from tests.test_gguf import tiny_model, write_gguf
+
+    gguf_path = write_gguf(Path(tmp) / "tiny.gguf", tiny_model(tie=True), GGMLQuantizationType.Q8_0)
+    dtype = "bfloat16" if DEVICE.type == "cuda" else "float32"
+    logits = {}
+    for path in ("triton", "dequantize"):
+        os.environ["FLEETLM_QUANT_PATH"] = path
+        cfg = ServeConfig(model_path=str(gguf_path), tokenizer_path=str(demo_model_dir()), device=DEVICE.type, dtype=dtype)
+        runner = load_model(cfg).runner
+        blocks = [m for m in runner.model.modules() if isinstance(m, BlockQuantLinear)]
+        assert blocks and all(m.path == path for m in blocks), path
+        assert all(t.device.type == DEVICE.type for m in blocks for t in m.buffers()), path
+        runner.allocate_kv_cache(4, 16)
+        ids = [t % 96 for t in prompt[:12]]  # the tiny GGUF model's vocabulary
+        prefill = runner.execute([ForwardChunk(0, ids, 0, [0], decode=False)], list(range(12)))
+        decode = runner.execute([ForwardChunk(0, [5], 12, [0], decode=True)], [0])
+        logits[path] = torch.cat((prefill, decode)).float().cpu()
+    error = ((logits["triton"] - logits["dequantize"]).norm() / logits["dequantize"].norm()).item()
+    assert error < (2e-2 if dtype == "bfloat16" else 1e-5), ("gguf", error)
 print("ok")

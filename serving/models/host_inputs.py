@@ -40,14 +40,22 @@ class HostInts:
     def __init__(self) -> None:
         self.values: list[int] = []
 
+    def _align(self) -> int:
+        """Start the next part on 16 bytes (an even int64 index): Triton specialises a kernel on whether
+        each pointer is 16-byte aligned, so parts at odd offsets would compile a second variant of every
+        kernel they reach, depending on the lengths of the parts before them, in the middle of traffic."""
+        if len(self.values) % 2:
+            self.values.append(0)
+        return len(self.values)
+
     def add(self, values: list[int]) -> tuple[int, int]:
-        first = len(self.values)
+        first = self._align()
         self.values.extend(values)
         return first, len(values)
 
     def add_rows(self, rows: list[list[int]], width: int) -> tuple[int, int, int]:
         """Rows padded with 0 to `width` (block tables: padding points at block 0, masked by length)."""
-        first = len(self.values)
+        first = self._align()
         for row in rows:
             self.values.extend(row)
             self.values.extend([0] * (width - len(row)))

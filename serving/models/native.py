@@ -201,7 +201,7 @@ def build_native_runner(
     if dummy:
         _random_weights(model)
     elif plan is not None:
-        _load_gguf(model, plan, dtype, optional)
+        _load_gguf(model, plan, dtype, optional, device)
     else:
         tensors, count = checkpoint_tensors(source.directory)
         load_into(model, with_progress(tensors, count), optional, stacked=model.stacked_params())
@@ -278,9 +278,12 @@ def _plan_block_layers(model: LlamaForCausalLM, path: Path) -> _BlockPlan:
     return plan
 
 
-def _load_gguf(model: LlamaForCausalLM, plan: _BlockPlan, dtype: torch.dtype, optional: tuple[str, ...]) -> None:
+def _load_gguf(
+    model: LlamaForCausalLM, plan: _BlockPlan, dtype: torch.dtype, optional: tuple[str, ...], device: torch.device
+) -> None:
     """Float tensors go into the model's parameters; each planned layer becomes a BlockQuantLinear
-    (BlockQuantEmbedding for the token table) on its GGUF rows."""
+    (BlockQuantEmbedding for the token table) on its GGUF rows, moved to `device` first: a layer picks
+    its compute path by where its rows are."""
     stacked = model.stacked_params()
     parts: dict[str, list[tuple[int, BlockRows]]] = {layer: [] for layer in plan.pending}
 
@@ -300,7 +303,7 @@ def _load_gguf(model: LlamaForCausalLM, plan: _BlockPlan, dtype: torch.dtype, op
         original = plan.originals[layer]
         if isinstance(original, nn.Embedding):
             (_, only), = pieces
-            replacement: nn.Module = BlockQuantEmbedding(only.fmt, only.rows, original.embedding_dim)
+            replacement: nn.Module = BlockQuantEmbedding(only.fmt, only.rows.to(device), original.embedding_dim, dtype)
         else:
             groups: list[tuple[str, list[torch.Tensor]]] = []
             for _, piece in pieces:  # neighbouring pieces of one format become one part
@@ -308,7 +311,7 @@ def _load_gguf(model: LlamaForCausalLM, plan: _BlockPlan, dtype: torch.dtype, op
                     groups[-1][1].append(piece.rows)
                 else:
                     groups.append((piece.fmt, [piece.rows]))
-            parts_ = [(f, torch.cat(r)) for f, r in groups]
+            parts_ = [(f, torch.cat(r).to(device)) for f, r in groups]
             replacement = BlockQuantLinear(original.in_features, parts_, plan.pending[layer].bias)
             if replacement.out_features != original.out_features:
                 raise ValueError(f"GGUF tensors of {layer} hold {replacement.out_features} rows, not {original.out_features}")

@@ -255,9 +255,9 @@ class BlockQuantEmbedding(nn.Module):
     keeps no GGUF bytes to look rows up in, so on that path the table keeps its own copy.
     """
 
-    def __init__(self, fmt: str, rows: torch.Tensor, embedding_dim: int):
+    def __init__(self, fmt: str, rows: torch.Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.fmt, self.embedding_dim = fmt, embedding_dim
+        self.fmt, self.embedding_dim, self.dtype = fmt, embedding_dim, dtype  # dtype: the model's activations
         self.num_embeddings = rows.shape[0]
         self.projection = BlockQuantLinear(embedding_dim, [(fmt, rows.contiguous())])
         self.register_buffer("weight_blocks", rows.contiguous() if self.projection.path == "int4" else None)
@@ -265,7 +265,7 @@ class BlockQuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = self.projection.gguf_rows(0, flat) if self.weight_blocks is None else self.weight_blocks.index_select(0, flat)
-        return dequantize_blocks(rows, self.fmt).view(*ids.shape, self.embedding_dim)
+        return dequantize_blocks(rows, self.fmt, self.dtype).view(*ids.shape, self.embedding_dim)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.projection(hidden)

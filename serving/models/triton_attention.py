@@ -78,6 +78,12 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+# Ints that change from step to step (the block tables' width, a window that is the whole context):
+# Triton would otherwise compile a kernel variant for each of "equals 1", "divisible by 16" and neither,
+# mid-traffic. The kernels gain nothing from knowing either.
+_PER_STEP_INTS = ["window", "stride_tb"]
+
+
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     if PRECISION == "upcast":
@@ -101,7 +107,7 @@ def _softmax_step(scores, v, m, total, acc, PRECISION: tl.constexpr):
     return m_new, total, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, rows_ptr, tables_ptr, lens_ptr, scale, window,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
@@ -232,7 +238,7 @@ def paged_decode_attention(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def _paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, starts_ptr, lens_ptr, cached_ptr, tables_ptr, scale, window,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
