@@ -47,6 +47,16 @@ CASES = {
         COMPLETION + '"prompt": "a", "logit_bias": {"\u00b2": 1}}'.encode(),
         "logit_bias",
     ),
+    "tool_calls that is not a list (found by fuzzing: a 500)": (
+        "/v1/chat/completions",
+        COMPLETION + b'"messages": [{"role": "user", "content": "hi", "tool_calls": 1}]}',
+        "messages",
+    ),
+    "tool_calls of numbers, tokenize": (
+        "/tokenize",
+        b'{"messages": [{"role": "assistant", "content": "", "tool_calls": [1.5]}]}',
+        "messages",
+    ),
     "logit_bias key of 5,000 digits": (
         "/v1/completions",
         COMPLETION + b'"prompt": "a", "logit_bias": {"' + b"9" * 5000 + b'": 1}}',
@@ -67,6 +77,18 @@ def test_bad_input_is_a_400_naming_the_field(server, case):
     # ... and the server still answers correctly.
     ok = _post(server, "/v1/completions", COMPLETION + b'"prompt": "Once upon a time", "temperature": 0}')
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("setting", [{"temperature": 1e-300}, {"top_p": 1e-300}, {"repetition_penalty": 1e-300}])
+def test_vanishing_sampling_settings_are_greedy_even_under_a_constraint(server, setting):
+    """Found by fuzzing: values the schema accepts that are zero in float32 made NaN logits, token 0 every
+    time, and a 500 ("sampled outside the grammar") with a constraint."""
+    import json
+
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3, "structured_outputs": {"choice": ["yes", "no"]}, **setting}
+    r = _post(server, "/v1/completions", json.dumps(body).encode())
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("yes", "no")
 
 
 def test_real_non_ascii_text_still_works(server):

@@ -56,11 +56,30 @@ def test_sampling_follows_the_distribution():
     assert counts[3:].sum() == 0
 
 
-@pytest.mark.parametrize("params", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+@pytest.mark.parametrize("params", [dict(top_k=1), dict(top_p=1e-6), dict(top_p=1e-300), dict(min_p=1.0)])
 def test_truncation_to_one_token_is_the_argmax(params):
     logits = _logits(4, seed=3)
     seqs = [_seq(i, temperature=1.5, **params) for i in range(4)]
     assert sample(logits, seqs).token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-300), dict(temperature=1e-38), dict(temperature=1e-6, seed=3),
+                                    dict(temperature=1e-300, top_p=1e-300, repetition_penalty=1e-300)])  # fmt: skip
+def test_vanishing_settings_that_the_api_accepts_are_the_argmax_not_nan(params):
+    """A temperature, top_p or repetition penalty small enough to be zero in float32 once divided by or
+    compared with must not make NaN logits (token 0 every time; outside any grammar)."""
+    logits = _logits(4, seed=11)
+    seqs = [_seq(i, prompt=(), **params) for i in range(4)]  # nothing seen: the penalty changes nothing
+    assert sample(logits, seqs).token_ids == logits.argmax(-1).tolist()
+
+
+def test_a_vanishing_repetition_penalty_still_ranks_seen_tokens_without_infinities():
+    """Below 1 the penalty favours seen tokens (Hugging Face's rule); at 1e-300, zero in float32, both seen
+    tokens would become +inf and tie: applied as MIN_REPETITION_PENALTY they keep their order."""
+    logits = torch.full((1, VOCAB), -1.0)
+    logits[0, 1], logits[0, 3], logits[0, 7] = 0.5, 1.0, 2.0
+    seq = _seq(0, prompt=(1, 3), temperature=0.0, repetition_penalty=1e-300)
+    assert sample(logits, [seq]).token_ids == [3]
 
 
 def test_top_k_never_leaves_the_k_best():

@@ -78,8 +78,10 @@ def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
         )
-    except (TemplateError, ValueError) as exc:
-        raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from exc
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # The template renders the client's messages: whatever it fails on in them (an undefined field
+        # passed to tojson, a mapping where it wants a list) is the request's fault, a 400.
+        raise bad_request(f"the chat template rejected these messages: {type(exc).__name__}: {exc}", param="messages") from exc
     return Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
 
 

@@ -342,6 +342,9 @@ class ChatMessage(_Body):
         ),
     )
     name: str | None = None
+    # Typed so that a malformed one is a 400 naming it (they pass through to the template as they are).
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.engine.protocol import TokenLogprob
+from serving.engine.sampling_params import MIN_REPETITION_PENALTY
 from serving.engine.sequence import Sequence
 from serving.models.host_inputs import to_device
 
@@ -49,7 +50,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     vocab, device = logits.shape[-1], logits.device
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1.0 for p in params):
-        rep = _on(device, [p.repetition_penalty for p in params]).unsqueeze(1)
+        rep = _on(device, [max(p.repetition_penalty, MIN_REPETITION_PENALTY) for p in params]).unsqueeze(1)
         # Like Hugging Face's RepetitionPenaltyLogitsProcessor: over prompt and output tokens.
         seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
@@ -101,7 +102,8 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     device = logits.device
     params = [s.params for s in seqs]
     vocab = logits.shape[-1]
-    logits = logits / _on(device, [p.temperature or 1.0 for p in params]).unsqueeze(1)
+    # Greedy rows' temperature (below GREEDY_BELOW) is not divided by: their draw is not used.
+    logits = logits / _on(device, [1.0 if p.greedy else p.temperature for p in params]).unsqueeze(1)
     if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
         top_k = _on(device, [p.top_k if p.top_k > 0 else vocab for p in params])
         top_p = _on(device, [p.top_p for p in params])
@@ -109,8 +111,9 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         ranks = torch.arange(logits.shape[-1], device=device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)
         probs = sorted_logits.softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
+        # Keep the smallest prefix whose mass reaches top_p; the top token always stays (a top_p that is
+        # zero in float32, 1e-46 say, would drop it too).
+        drop |= ((probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)) & (ranks > 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     if any(p.min_p > 0 for p in params):

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A temperature this small is greedy decoding (as vLLM's 1e-5): dividing float32 logits by it overflows
+# them (1e-38 and below is zero in float32: inf and NaN, then token 0 every time).
+GREEDY_BELOW = 1e-5
+# A repetition penalty is applied as at least this: a smaller one turns logits into infinities.
+MIN_REPETITION_PENALTY = 1e-4
+
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
@@ -28,7 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:
