@@ -117,7 +117,7 @@ async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
         # Not constrained, but a tool whose parameters are not a usable JSON schema is refused all the same.
         schema = forced_schema(req.tool_functions(), "required", True)
         try:
-            await asyncio.wait_for(state.run_blocking(state.grammars.compile, json_schema_spec(schema)), GRAMMAR_COMPILE_TIMEOUT_S)
+            await state.grammar_check.compile(json_schema_spec(schema), GRAMMAR_COMPILE_TIMEOUT_S)
         except (GrammarError, TimeoutError) as exc:
             raise bad_request(f"tools: a function's parameters are not a usable JSON schema: {exc}", param="tools") from exc
     if isinstance(req, ChatCompletionRequest) and req.forced_tools:
@@ -134,7 +134,7 @@ async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
     else:
         spec = choice_spec(value)
     try:
-        await asyncio.wait_for(state.run_blocking(state.grammars.compile, spec), GRAMMAR_COMPILE_TIMEOUT_S)
+        await state.grammar_check.compile(spec, GRAMMAR_COMPILE_TIMEOUT_S)
     except GrammarError as exc:
         raise bad_request(f"{field}: the {kind} cannot be used: {exc}", param=field) from exc
     except TimeoutError as exc:

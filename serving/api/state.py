@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from serving.api.grammar_check import GrammarCheck
 from serving.config import ServeConfig
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.grammar import Grammars
@@ -51,6 +52,10 @@ class AppState:
     in_flight: int = 0
     _token_text: dict[int, str] = field(default_factory=dict)
     _grammars: Grammars | None = None
+    grammar_check: GrammarCheck = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grammar_check = GrammarCheck(lambda: self.grammars)
 
     @property
     def grammars(self) -> Grammars:

@@ -85,6 +85,11 @@ class Grammars:
             self._bytes = list(self._get_info().decoded_vocab)
         return self._bytes
 
+    def cached(self, spec: GrammarSpec) -> bool:
+        """Whether `spec` is compiled already (compile would return at once)."""
+        with self._lock:
+            return spec in self._cache
+
     def compile(self, spec: GrammarSpec) -> Any:
         """The compiled grammar (cached), or GrammarError."""
         with self._lock:
