@@ -57,6 +57,11 @@ CASES = {
         b'{"messages": [{"role": "assistant", "content": "", "tool_calls": [1.5]}]}',
         "messages",
     ),
+    "65 stop strings": ("/v1/completions", COMPLETION + b'"prompt": "a", "stop": [' + b",".join(b'"s%d"' % i for i in range(65)) + b"]}", "stop"),
+    "a token-id prompt of 2M ids, refused by length before every id is validated": (
+        "/v1/completions", COMPLETION + b'"prompt": [' + b",".join([b"7"] * 2_000_000) + b"]}", "prompt"),
+    "a batch holding one prompt longer than the context": (
+        "/v1/completions", COMPLETION + b'"prompt": [[1, 2], [' + b",".join([b"7"] * 600) + b"]]}", "prompt"),
     "logit_bias key of 5,000 digits": (
         "/v1/completions",
         COMPLETION + b'"prompt": "a", "logit_bias": {"' + b"9" * 5000 + b'": 1}}',

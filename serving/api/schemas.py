@@ -64,6 +64,9 @@ TOP_K_MAX = 2**31 - 1  # any larger top_k means the same as the vocabulary size
 TokenIds = list[Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID: True}), INTEGRAL]]
 
 
+
+MAX_STOP_STRINGS = 64  # OpenAI takes 4; vLLM users pass a handful
+
 class RuleError(ValueError):
     """A cross-field rule broken: a model validator's error, naming the field it is about (the
     error object's param; pydantic gives such an error no location)."""
@@ -252,6 +255,9 @@ class _Request(_Body):
         stops = [value] if isinstance(value, str) else list(value or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            # Each is looked for in the text of every token: 50,000 of them held the API's event loop for seconds.
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         return stops
 
     @field_validator("logit_bias")
