@@ -52,7 +52,7 @@ LANES=$(mktemp -d)
   # Greedy parity with transformers on tiny models of each architecture, mixed staggered batches, chunked
   # prefill, preemption, prefix caching and the CUDA graphs' padded buckets, on cuda; then that a step
   # waits for the GPU once, for its sampled ids (tests/test_cuda_host_sync.py).
-  ORACLE="single_request or mixed_staggered or preemption or static_padded or prefix_cache or waits_for_the_gpu_once"
+  ORACLE="single_request or mixed_staggered or preemption or static_padded or order_asked or prefix_cache or waits_for_the_gpu_once"
   for dtype in float32 bfloat16; do
     log "engine oracle on cuda, $dtype"
     FLEETLM_TEST_DEVICE=cuda FLEETLM_TEST_DTYPE=$dtype timeout "$(cap 85)" python3 -m pytest -q -p no:cacheprovider -x \

@@ -65,4 +65,7 @@ def test_the_profile_step_is_the_largest_the_scheduler_makes_and_leaves_no_cache
     logits = runner.profile_run(100, 7, 16)
     assert logits.shape == (7, runner.vocab_size) and torch.isfinite(logits).all()
     assert runner.kv_cache == [] and runner.graphs is None
+    # Its temporary cache, which the builder takes off the measured peak: 7 sequences of 14-15 tokens take
+    # a block of 16 each, plus the scratch block.
+    assert runner.profile_kv_bytes == (7 + 1) * 16 * runner.kv_bytes_per_token
     assert runner.profile_run(3, 8, 16).shape == (3, runner.vocab_size)  # never more sequences than tokens

@@ -109,7 +109,7 @@ def profile_activations(runner: NativeRunner, num_tokens: int, num_seqs: int) ->
     peak = torch.cuda.max_memory_allocated(device)
     del logits
     torch.cuda.empty_cache()
-    return peak - before
+    return max(0, peak - before - runner.profile_kv_bytes)  # the profile's temporary KV cache is not activations
 
 
 def _captures_graphs(cfg: ServeConfig, runner: NativeRunner) -> bool:
