@@ -97,7 +97,7 @@ def operator_settings() -> kopf.OperatorSettings:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=naming.GROUP, key="last-handled-spec"
     )
-    settings.persistence.finalizer = f"{naming.GROUP}/kopf-finalizer"
+    settings.persistence.finalizer = naming.FINALIZER
     # Watch only what the operator made, filtered by the API server (pods especially).
     for api_version, plural in (*handlers.CHILD_RESOURCES, ("v1", "pods")):
         settings.watching.label_selectors[api_version, plural] = (

@@ -66,7 +66,8 @@ def spec_changed(namespace: str, name: str, memo: Any, **_: Any) -> None:
 
 @kopf.on.delete(naming.GROUP, naming.VERSION, naming.PLURAL, optional=True)
 def deleted(namespace: str, name: str, memo: Any, **_: Any) -> None:
-    # optional: no finalizer; the garbage collector deletes the children via their ownerReferences.
+    # optional: this handler adds no finalizer of its own (the garbage collector deletes the children via their
+    # ownerReferences); the resync daemon below does need kopf's, which the chart's pre-delete hook removes.
     memo.reconciler.forget(namespace, name)
 
 

@@ -12,6 +12,9 @@ VERSION = "v1alpha1"
 PLURAL = "llmdeployments"
 KIND = "LLMDeployment"
 API_VERSION = f"{GROUP}/{VERSION}"
+# kopf puts it on every LLMDeployment (its per-resource resync daemon needs one); the chart's pre-delete
+# hook takes it off once the operator has stopped (llm_operator.shutdown).
+FINALIZER = f"{GROUP}/kopf-finalizer"
 
 MANAGED_BY = "fleetlm-operator"
 INSTANCE_LABEL = "fleetlm.dev/llmdeployment"

@@ -1,7 +1,7 @@
 """kmock's KubernetesEmulator with the API-server behaviour the operator relies on, in a background thread.
 
 kmock stores and merges JSON and nothing more. Added here, as the real API server does them: uid,
-resourceVersion, generation and creationTimestamp; server-side apply that creates a missing object and
+resourceVersion, generation, creationTimestamp and a created object's namespace; server-side apply that creates a missing object and
 replaces the applied fields; dry runs that store nothing; status subresources (a status write touches only
 status, a main-resource write never touches it); resourceVersion preconditions answered with 409; and
 equality label selectors on lists; a PersistentVolumeClaim's immutable spec (only a larger storage
@@ -81,6 +81,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if request.resource is not None and request.action == enums.action.CREATE:
             # In place: kmock routes only the very request objects it has recorded.
             request.data.setdefault("metadata", {}).update(self._stamped(request.data)["metadata"])
+            if request.namespace:  # the API server fills in the namespace of the path
+                request.data["metadata"]["namespace"] = request.namespace
         elif request.resource is not None and request.action == enums.action.UPDATE and request.name:
             return await self._patch(request)
         elif (

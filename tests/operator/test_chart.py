@@ -178,14 +178,15 @@ def test_uninstall_stops_the_operator_before_its_rbac_goes() -> None:
     docs = render()
     hooks = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]
     assert hooks and all(by_kind(hooks, d["kind"], hooks=True) for d in hooks)
-    assert sorted(d["kind"] for d in hooks) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    assert sorted(d["kind"] for d in hooks) == ["ClusterRole", "ClusterRoleBinding", "Job", "Role", "RoleBinding", "ServiceAccount"]
     weights = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
-    assert weights["Job"] > max(weights[k] for k in ("Role", "RoleBinding", "ServiceAccount"))  # RBAC first
+    assert weights["Job"] > max(weights[k] for k in ("Role", "RoleBinding", "ServiceAccount", "ClusterRole"))  # RBAC first
     (job,) = by_kind(hooks, "Job", hooks=True)
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"] == ["python", "-m", "llm_operator.shutdown"]
-    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    assert "--release-finalizers" in container["args"]  # then the operator's finalizer comes off its LLMDeployments
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"] if "=" in a)
     (operator,) = by_kind(docs, "Deployment")
     assert flags["deployment"] == operator["metadata"]["name"] and flags["namespace"] == "fleetlm-system"
     selector = dict(pair.split("=") for pair in flags["selector"].split(","))
@@ -198,6 +199,17 @@ def test_uninstall_stops_the_operator_before_its_rbac_goes() -> None:
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     ]
     assert pod["serviceAccountName"] == by_kind(hooks, "ServiceAccount", hooks=True)[0]["metadata"]["name"]
+    (finalizers,) = by_kind(hooks, "ClusterRole", hooks=True)
+    assert finalizers["rules"] == [{"apiGroups": ["fleetlm.dev"], "resources": ["llmdeployments"], "verbs": ["get", "list", "patch"]}]
+    (binding,) = by_kind(hooks, "ClusterRoleBinding", hooks=True)
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"] and binding["roleRef"]["name"] == finalizers["metadata"]["name"]
+    # A namespaced install releases the finalizers of its namespaces only, with a Role in each.
+    scoped = [d for d in render({"watchNamespaces": ["team-a", "team-b"]}) if d["metadata"].get("annotations", {}).get("helm.sh/hook")]
+    assert not by_kind(scoped, "ClusterRole", hooks=True)
+    assert {r["metadata"]["namespace"] for r in by_kind(scoped, "Role", hooks=True) if r["metadata"]["name"].endswith("-finalizers")} == {"team-a", "team-b"}
+    (scoped_job,) = by_kind(scoped, "Job", hooks=True)
+    assert [a for a in scoped_job["spec"]["template"]["spec"]["containers"][0]["args"] if "watch-namespace" in a] == [
+        "--watch-namespace=team-a", "--watch-namespace=team-b"]  # fmt: skip
     assert not [d for d in render({"preDeleteHook": {"enabled": False}}) if d["kind"] == "Job"]
 
 

@@ -4,10 +4,28 @@ operator's Deployment to zero and returns once its pods are gone."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
+import pytest
 from kubernetes.client import AppsV1Api, CoreV1Api
 from llm_operator import shutdown
 from llm_operator.kube import Kube
+
+from tests.operator.apiserver import BackgroundApiServer
+from tests.operator.conftest import client, write_kubeconfig
+
+
+# An API of this module's own: the session's running operator (the flow tests') would put its finalizer
+# back on the LLMDeployments made here, as it does on any it serves.
+@pytest.fixture(scope="module")
+def apiserver() -> Iterator[BackgroundApiServer]:
+    with BackgroundApiServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def kube(apiserver: BackgroundApiServer, tmp_path_factory: pytest.TempPathFactory) -> Kube:
+    return client(write_kubeconfig(apiserver, tmp_path_factory.mktemp("kube") / "config"))
 
 SELECTOR = {"app.kubernetes.io/name": "fleetlm-operator", "app.kubernetes.io/instance": "rel"}
 
@@ -60,3 +78,31 @@ def test_a_missing_deployment_or_lingering_pods_do_not_block_the_uninstall(kube:
     core.create_namespaced_pod(namespace, {"metadata": {"name": "stuck", "labels": {"app.kubernetes.io/name": "stuck"}},
                                            "spec": {"containers": [{"name": "c", "image": "x"}]}})  # fmt: skip
     assert shutdown.scale_down(apps, core, namespace, "absent", "app.kubernetes.io/name=stuck", 0.2) is False
+
+
+def test_the_operators_finalizer_comes_off_its_llmdeployments_and_only_it(kube: Kube, namespace: str) -> None:
+    """After the operator has stopped, nothing would remove kopf's finalizer: deleting an LLMDeployment
+    would hang in Terminating. Other finalizers stay; namespaces not served are left alone."""
+    from kubernetes.client import CustomObjectsApi
+    from llm_operator import naming
+
+    custom = CustomObjectsApi(kube.api)
+
+    def llmd(name: str, finalizers: list[str]) -> None:
+        body = {"apiVersion": naming.API_VERSION, "kind": naming.KIND,
+                "metadata": {"name": name, "finalizers": finalizers}, "spec": {"model": {"hf": {"repo": "org/m"}}}}  # fmt: skip
+        custom.create_namespaced_custom_object(naming.GROUP, naming.VERSION, namespace, naming.PLURAL, body)
+
+    llmd("ours", [naming.FINALIZER])
+    llmd("shared", ["example.com/keep", naming.FINALIZER])
+    llmd("none", [])
+    assert shutdown.release_finalizers(custom, ["elsewhere"]) == 0
+    assert shutdown.release_finalizers(custom, [namespace]) == 2
+    left = {
+        item["metadata"]["name"]: item["metadata"].get("finalizers") or []
+        for item in custom.list_namespaced_custom_object(naming.GROUP, naming.VERSION, namespace, naming.PLURAL)["items"]
+    }
+    assert left == {"ours": [], "shared": ["example.com/keep"], "none": []}
+    assert shutdown.release_finalizers(custom, [namespace]) == 0  # nothing left to release
+    llmd("again", [naming.FINALIZER])
+    assert shutdown.release_finalizers(custom) == 1  # every namespace, listed cluster-wide
