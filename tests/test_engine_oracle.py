@@ -32,6 +32,11 @@ ATTENTION = os.environ.get("FLEETLM_TEST_ATTENTION", "auto")
 
 
 def _cfg(model_dir: Path, **settings) -> ServeConfig:
+    if DEVICE == "cuda":
+        # A cache of its own size: on a GPU the cache otherwise takes most of the free memory, and an
+        # engine of an earlier test not yet collected would leave the next one none. The profiled sizing
+        # runs in tests/test_cuda_host_sync.py and bench/gpu_bench.py.
+        settings.setdefault("kv_cache_tokens", 1 << 15)
     return ServeConfig(model_path=str(model_dir), device=DEVICE, dtype=DTYPE, attention_backend=ATTENTION, **settings)
 
 
