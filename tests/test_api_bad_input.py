@@ -57,6 +57,7 @@ CASES = {
         b'{"messages": [{"role": "assistant", "content": "", "tool_calls": [1.5]}]}',
         "messages",
     ),
+    "1025 stop token ids": ("/v1/completions", COMPLETION + b'"prompt": "a", "stop_token_ids": [' + b",".join([b"3"] * 1025) + b"]}", "stop_token_ids"),
     "65 stop strings": ("/v1/completions", COMPLETION + b'"prompt": "a", "stop": [' + b",".join(b'"s%d"' % i for i in range(65)) + b"]}", "stop"),
     "a token-id prompt of 2M ids, refused by length before every id is validated": (
         "/v1/completions", COMPLETION + b'"prompt": [' + b",".join([b"7"] * 2_000_000) + b"]}", "prompt"),
@@ -207,3 +208,37 @@ def test_null_means_the_default(server, client):
     # null where there is no default is still refused, by name
     r = _post(server, "/v1/chat/completions", json.dumps({**chat, "messages": None}).encode())
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_escaped_surrogate_pairs_are_text_and_lone_halves_are_refused(server):
+    """A pair of escapes is one character (json.dumps writes every emoji so); only a lone half is refused."""
+    pair = _post(server, "/v1/completions", COMPLETION + b'"prompt": "hi \\uD83D\\ude00"}')
+    assert pair.status_code == 200, pair.text
+    for lone in (b'"hi \\uD83D"', b'"\\ude00 hi"', b'"\\ud83d\\ud83d"'):
+        r = _post(server, "/v1/completions", COMPLETION + b'"prompt": ' + lone + b"}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (lone, r.text)
+
+
+def test_tool_call_arguments_nested_past_the_parsers_depth_are_passed_as_text(server):
+    """Found by fuzzing: a RecursionError (500) from parsing a call's arguments for the template."""
+    import json
+
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": deep}}
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]}
+    r = _post(server, "/v1/chat/completions", json.dumps(body).encode())
+    assert r.status_code == 200, r.text
+
+
+def test_logprobs_under_a_grammar_are_finite_json(server):
+    """Tokens a grammar rules out have logprob -inf, which JSON cannot hold (Python wrote -Infinity)."""
+    import json
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 6, "logprobs": 5, "response_format": {"type": "json_object"}}
+    r = _post(server, "/v1/completions", json.dumps(body).encode())
+    assert r.status_code == 200, r.text
+    tops = strict(r.text)["choices"][0]["logprobs"]["top_logprobs"]
+    assert any(value == -9999.0 for top in tops for value in top.values())  # the floor, where the grammar left fewer than 5

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from serving.api.grammar_check import GrammarCheck
+from serving.api.grammar_check import GrammarBusy, GrammarCheck
 from serving.engine.grammar import GrammarError
 
 
@@ -51,10 +51,11 @@ def test_a_slow_compile_times_out_keeps_its_slot_and_is_then_refused_at_once() -
         await check.compile(("regex", "fine"), timeout=1)
         with pytest.raises(GrammarError, match="not a grammar"):
             await check.compile(("regex", "bad"), timeout=1)
-        # A second runaway takes the last slot: the next grammar waits, within its own timeout.
+        # A second runaway takes the last slot: the next grammar waits, within its own timeout, and is told
+        # the compiler is busy (not that it is too slow: it never started), and is not remembered.
         with pytest.raises(TimeoutError):
             await check.compile(("regex", "slow-2"), timeout=0.2)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(GrammarBusy):
             await check.compile(("regex", "fine-2"), timeout=0.2)
         grammars.release.set()  # the runaways end: their slots come back
         await check.compile(("regex", "fine-2"), timeout=5)

@@ -11,6 +11,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from serving.api.errors import APIError, bad_request
+from serving.api.grammar_check import GrammarBusy
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, _Request
 from serving.api.state import AppState
 from serving.api.tools import forced_schema
@@ -118,8 +119,14 @@ async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
         schema = forced_schema(req.tool_functions(), "required", True)
         try:
             await state.grammar_check.compile(json_schema_spec(schema), GRAMMAR_COMPILE_TIMEOUT_S)
-        except (GrammarError, TimeoutError) as exc:
+        except GrammarError as exc:
             raise bad_request(f"tools: a function's parameters are not a usable JSON schema: {exc}", param="tools") from exc
+        except TimeoutError as exc:
+            raise bad_request(
+                f"tools: the functions' parameters took more than {GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile as a grammar", param="tools"
+            ) from exc
+        except GrammarBusy as exc:
+            raise grammars_busy() from exc
     if isinstance(req, ChatCompletionRequest) and req.forced_tools:
         constraint = ("tool_choice", "json_schema", forced_schema(req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False))
     if constraint is None:
@@ -139,7 +146,21 @@ async def compile_grammar(state: AppState, req: _Request) -> GrammarSpec | None:
         raise bad_request(f"{field}: the {kind} cannot be used: {exc}", param=field) from exc
     except TimeoutError as exc:
         raise bad_request(f"{field}: the {kind} took more than {GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile", param=field) from exc
+    except GrammarBusy as exc:
+        raise grammars_busy() from exc
     return spec
+
+
+def grammars_busy() -> APIError:
+    """Other grammars held every compile slot for the whole timeout: the server's state, not the request's
+    fault, so a 503 to retry (the openai client does), not a 400."""
+    return APIError(
+        503,
+        f"the server is busy compiling other requests' grammars; retry in {RETRY_AFTER_SECONDS} s",
+        type="server_error",
+        code="grammar_compiler_busy",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def sampling_params(

@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from serving.engine.grammar import Grammars, GrammarSpec
 
 SLOTS = 2
+
+
+class GrammarBusy(Exception):
+    """Every compile slot stayed busy (with other grammars) for the whole of a request's timeout."""
+
 REMEMBERED = 256  # grammars known to be too slow
 
 
@@ -35,8 +40,8 @@ class GrammarCheck:
         self._tasks: set[asyncio.Task] = set()
 
     async def compile(self, spec: GrammarSpec, timeout: float) -> None:
-        """Returns once `spec` compiled; raises GrammarError (the library refused it) or TimeoutError
-        (it, or the wait for a slot, took more than `timeout` seconds). Requests for a grammar already
+        """Returns once `spec` compiled; raises GrammarError (the library refused it), TimeoutError (its
+        compile took more than `timeout` seconds) or GrammarBusy (no slot came free in that time). Requests for a grammar already
         waiting or compiling wait for that compile rather than start another."""
         if spec in self._too_slow:
             self._too_slow.move_to_end(spec)
@@ -54,10 +59,11 @@ class GrammarCheck:
         try:
             outcome = await asyncio.wait_for(asyncio.shield(job.done), timeout)
         except TimeoutError:
-            if job.started:  # the compile itself ran out of time, not the wait for a slot
-                self._too_slow[spec] = None
-                while len(self._too_slow) > REMEMBERED:
-                    self._too_slow.popitem(last=False)
+            if not job.started:  # the wait for a slot ran out of time: the grammar is not to blame
+                raise GrammarBusy from None
+            self._too_slow[spec] = None
+            while len(self._too_slow) > REMEMBERED:
+                self._too_slow.popitem(last=False)
             raise
         finally:
             job.waiting -= 1

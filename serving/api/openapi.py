@@ -65,7 +65,7 @@ class _Provider(OpenAPIProvider):
         408: "The client stopped reading its stream; the request was aborted",
         413: "Request body too large",
         429: "Queue full: retry after the Retry-After header's seconds",
-        503: "Model still loading, engine stopped, or server draining",
+        503: "Model still loading, engine stopped, server draining, or every grammar compile slot busy (Retry-After)",
     }
 
     def schema(self) -> dict[str, Any]:

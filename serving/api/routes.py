@@ -66,31 +66,47 @@ def _parse_int(digits: str) -> int | float:
     return int(digits) if len(digits) <= 40 else float(digits)
 
 
+def _lone_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _surrogate_path(data: object) -> str | None:
-    """The path of the first string (key or value) holding a lone UTF-16 surrogate (JSON's
-    "\\ud800" escape parses to one; no tokenizer can encode it), or None. Iterative: the body may
-    nest as deep as the JSON parser allows."""
+    """The path of a string (key or value) holding a lone UTF-16 surrogate (JSON's "\\ud800" escape
+    parses to one; no tokenizer can encode it), or None. Iterative: the body may nest as deep as the JSON
+    parser allows. A path is made only for what can hold a string: a list of 15M token ids is one loop of
+    type checks, not 15M paths."""
     stack: list[tuple[object, str]] = [(data, "")]
     while stack:
         value, path = stack.pop()
-        if isinstance(value, str):
-            if not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    return path or "body"
-        elif isinstance(value, dict):
-            for key, item in reversed(value.items()):
+        if isinstance(value, dict):
+            for key, item in value.items():
                 where = f"{path}.{key}" if path else str(key)
-                stack.append((item, where))
-                stack.append((key, where))
+                if _lone_surrogate(key) or (type(item) is str and _lone_surrogate(item)):
+                    return where
+                if type(item) is dict or type(item) is list:
+                    stack.append((item, where))
         elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+            for i, item in enumerate(value):
+                kind = type(item)
+                if kind is str and _lone_surrogate(item):
+                    return f"{path}[{i}]"
+                if kind is dict or kind is list:
+                    stack.append((item, f"{path}[{i}]"))
+        elif isinstance(value, str) and _lone_surrogate(value):
+            return path or "body"
     return None
 
 
-# A JSON escape of a UTF-16 surrogate (half of a pair, or a lone one).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A JSON escape of a lone UTF-16 surrogate: a high half not followed by a low one, or a low half not after
+# a high one (a pair, which json.loads joins into one character, is fine).
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_LONE_SURROGATE_ESCAPE = re.compile(_HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW)
 
 
 def _loads(text: str) -> Any:
@@ -144,9 +160,9 @@ async def parse_body(model: type[M], precheck: Callable[[dict[str, Any]], None] 
         raise bad_request("The request body must be a JSON object.")
     if precheck is not None:
         precheck(data)
-    # Only bytes that are not UTF-8 or a surrogate's escape can make one: the walk of every value (17 s
-    # for a body of 16M token ids) is for bodies that hold either.
-    if (not clean or _SURROGATE_ESCAPE.search(raw)) and (where := _surrogate_path(data)) is not None:
+    # Only bytes that are not UTF-8 or a lone surrogate's escape can make one: the walk of the values is for
+    # bodies that hold either.
+    if (not clean or _LONE_SURROGATE_ESCAPE.search(raw)) and (where := _surrogate_path(data)) is not None:
         raise bad_request(
             f"'{where}' holds bytes that are not UTF-8 or a lone UTF-16 surrogate, which is not a character.",
             param=where,

@@ -66,6 +66,8 @@ TokenIds = list[Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID: True}), 
 
 
 MAX_STOP_STRINGS = 64  # OpenAI takes 4; vLLM users pass a handful
+# Each sampled token is looked up among them: 15M of them (a 30 MB body) were accepted and slowed every step.
+MAX_STOP_TOKEN_IDS = 1024
 
 class RuleError(ValueError):
     """A cross-field rule broken: a model validator's error, naming the field it is about (the
@@ -215,7 +217,7 @@ class _Request(_Body):
     top_k: Annotated[int, Field(ge=-1, le=TOP_K_MAX), INTEGRAL] = 0  # 0 or -1: off; beyond the vocabulary: the whole of it
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    stop_token_ids: TokenIds | None = None
+    stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     response_format: ResponseFormat | None = None
@@ -371,7 +373,7 @@ class ChatMessage(_Body):
         for call in data.get("tool_calls") or []:
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                with contextlib.suppress(ValueError):  # not JSON: the template gets the string
+                with contextlib.suppress(ValueError, RecursionError):  # not JSON (or too deep): the template gets the string
                     function["arguments"] = json.loads(function["arguments"])
         if data["role"] == "developer":  # OpenAI's newer name for the system role
             data["role"] = "system"

@@ -56,7 +56,7 @@ def _as_call(value: Any, names: set[str]) -> dict[str, Any] | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             return None
     return _call(value["name"], arguments) if isinstance(arguments, dict) else None
 
@@ -116,7 +116,7 @@ def _parse(text: str, functions: list[dict[str, Any]], choice: Any, parser: str)
     if choice == "required" or isinstance(choice, dict):
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             return text, []  # cut by max_tokens: the client sees what was written
         values = value if isinstance(value, list) else [value]
         calls = [c for c in (_as_call(v, names) for v in values) if c]
@@ -125,7 +125,7 @@ def _parse(text: str, functions: list[dict[str, Any]], choice: Any, parser: str)
     for block in _HERMES.findall(text) if "hermes" in use else []:
         try:
             call = _as_call(json.loads(block), names)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             call = None
         if call:
             calls.append(call)
@@ -136,7 +136,7 @@ def _parse(text: str, functions: list[dict[str, Any]], choice: Any, parser: str)
     if "mistral" in use and stripped.startswith(_MISTRAL):
         try:
             value = json.loads(stripped[len(_MISTRAL) :].strip())
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             value = None
         values = value if isinstance(value, list) else [value]
         calls = [c for c in (_as_call(v, names) for v in values) if c]
@@ -145,7 +145,7 @@ def _parse(text: str, functions: list[dict[str, Any]], choice: Any, parser: str)
     if "llama3_json" in use and stripped.startswith("{"):
         try:
             call = _as_call(json.loads(stripped), names)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             call = None
         if call:
             return None, [call]

@@ -132,9 +132,15 @@ def _exponential_noise(seqs: list[Sequence], vocab: int, device: torch.device) -
     return noise
 
 
+# The floor of a reported logprob (vLLM's): a token a grammar rules out has -inf, which JSON cannot hold
+# (Python writes -Infinity, which JavaScript's JSON.parse and other strict parsers refuse).
+MIN_LOGPROB = -9999.0
+
+
 def _scored(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
     """(chosen id, its logprob, the k most likely (id, logprob)) of each row, read back in one copy:
-    ids and float32 logprobs side by side in float64, which holds both exactly."""
+    ids and float32 logprobs side by side in float64, which holds both exactly; at least MIN_LOGPROB."""
+    logprobs = logprobs.clamp(min=MIN_LOGPROB)
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))
     top_vals, top_ids = logprobs.topk(max(k, 1), dim=-1)
     table = torch.cat([chosen.unsqueeze(1).double(), chosen_lp.double(), top_ids[:, :k].double(), top_vals[:, :k].double()], 1)
