@@ -97,8 +97,8 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     return nested if isinstance(nested, dict) and nested else config
 
 
-def _positive_int(config: dict[str, Any], *keys: str) -> int | None:
-    """The first of `keys` the config sets to a positive whole number, else None."""
+def positive_int(config: dict[str, Any], *keys: str) -> int | None:
+    """The first of `keys` the mapping sets to a positive whole number (not a bool), else None."""
     for key in keys:
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -111,11 +111,11 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int | None:
     does not state them (architectures without a KV cache of this shape, configs that leave the
     language model's fields to library defaults): nothing to plan with."""
     c = _text_config(config)
-    layers = _positive_int(c, "num_hidden_layers", "n_layer")
-    heads = _positive_int(c, "num_attention_heads", "n_head")
-    kv_heads = _positive_int(c, "num_key_value_heads") or heads
-    hidden = _positive_int(c, "hidden_size", "n_embd")
-    head_dim = _positive_int(c, "head_dim") or (hidden // heads if hidden and heads else None)
+    layers = positive_int(c, "num_hidden_layers", "n_layer")
+    heads = positive_int(c, "num_attention_heads", "n_head")
+    kv_heads = positive_int(c, "num_key_value_heads") or heads
+    hidden = positive_int(c, "hidden_size", "n_embd")
+    head_dim = positive_int(c, "head_dim") or (hidden // heads if hidden and heads else None)
     if not (layers and kv_heads and head_dim):
         return None
     return 2 * layers * kv_heads * head_dim * dtype_bytes

@@ -62,7 +62,8 @@ def diagnose(
             continue
         current = naming.runs_model(pod, model_uri)
         _diagnose_pod(pod, current, report)
-        unplaced += unscheduled(pod)
+        if (message := unscheduled(pod)) is not None:
+            unplaced.append((pod["metadata"]["name"], message))
     # A claim waiting for its first consumer is Pending whenever the pod is not placed, for any reason:
     # it is named only when the scheduler's message is about volumes.
     about_volumes = [(pod, message) for pod, message in unplaced if "volume" in message.lower()]
@@ -84,10 +85,10 @@ def diagnose(
 def _diagnose_pod(pod: dict[str, Any], current: bool, report: PodReport) -> None:
     name = pod["metadata"]["name"]
     status = pod.get("status", {})
-    for pod_name, message in unscheduled(pod):
+    if (message := unscheduled(pod)) is not None:
         # Unschedulable: no node fits; SchedulerError: a node was chosen but binding failed (e.g. the
         # volume binder could not provision the cache claim on it).
-        report.add(Problem("Unschedulable", f"pod {pod_name}: {message}"))
+        report.add(Problem("Unschedulable", f"pod {name}: {message}"))
 
     for cs in status.get("initContainerStatuses", []):
         if cs.get("name") != DOWNLOAD_CONTAINER:
@@ -119,17 +120,17 @@ def _diagnose_pod(pod: dict[str, Any], current: bool, report: PodReport) -> None
             report.add(_crash(name, cs))
 
 
-def unscheduled(pod: dict[str, Any]) -> list[tuple[str, str]]:
-    """(pod, message) when the scheduler could not place the pod; a gated pod (SchedulingGated) waits on
-    purpose and is not reported."""
+def unscheduled(pod: dict[str, Any]) -> str | None:
+    """The scheduler's message when it could not place the pod, else None; a gated pod (SchedulingGated)
+    waits on purpose and is not reported."""
     for cond in pod.get("status", {}).get("conditions", []):
         if (
             cond.get("type") == "PodScheduled"
             and cond.get("status") == "False"
             and cond.get("reason") in {"Unschedulable", "SchedulerError"}
         ):
-            return [(pod["metadata"]["name"], cond.get("message") or "no node fits")]
-    return []
+            return cond.get("message") or "no node fits"
+    return None
 
 
 def _pending(claim: dict[str, Any] | None) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llm_operator.capacity import ModelFacts
+from llm_operator.capacity import ModelFacts, positive_int
 
 HUB = "https://huggingface.co"
 TIMEOUT_S = 10.0
@@ -44,10 +44,7 @@ class Resolution:
 
 def _size(sibling: dict[str, Any]) -> int:
     lfs = sibling.get("lfs")
-    for value in (sibling.get("size"), lfs.get("size") if isinstance(lfs, dict) else None):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return 0
+    return positive_int(sibling, "size") or (positive_int(lfs, "size") if isinstance(lfs, dict) else None) or 0
 
 
 def _siblings(info: dict[str, Any]) -> list[dict[str, Any]]:

@@ -377,7 +377,7 @@ class Reconciler:
         owner = naming.Owner.of(body)
         model = naming.model_uri(spec, pin.hub.commit if pin else None) if spec else ""
         claim = None  # read only to explain a pod the scheduler cannot place
-        if spec is not None and manages_cache(spec) and any(unscheduled(p) for p in pods):
+        if spec is not None and manages_cache(spec) and any(unscheduled(p) is not None for p in pods):
             claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
         seen = Observation(
             generation=generation,

@@ -5,9 +5,10 @@ strings: compile time grows much faster than its size). Run on the API's shared 
 compiles had left every tokenizer and template call queued behind them, so every generation request
 hung, and the process could not exit on SIGTERM (its pool's threads are joined at exit). Here each
 compile runs on its own daemon thread, at most SLOTS at a time; a request waits for a slot and its
-compile within one timeout, then gets its 400. A compile that ran out of time keeps its slot until it
-ends, and its grammar is remembered as too slow: asking again is refused at once, and the engine, which
-compiles each admitted grammar again in its own process, never meets it.
+compile within one timeout, then gets its 400 (its compile ran out of time) or 503 (no slot came free).
+A compile that ran out of time keeps its slot until it ends, and its grammar is remembered as too slow:
+asking again is refused at once, and the engine, which compiles each admitted grammar again in its own
+process, never meets it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from dataclasses import dataclass
 from serving.engine.grammar import Grammars, GrammarSpec
 
 SLOTS = 2
+REMEMBERED = 256  # grammars known to be too slow
 
 
 class GrammarBusy(Exception):
     """Every compile slot stayed busy (with other grammars) for the whole of a request's timeout."""
-
-REMEMBERED = 256  # grammars known to be too slow
 
 
 class GrammarCheck:
@@ -41,8 +41,8 @@ class GrammarCheck:
 
     async def compile(self, spec: GrammarSpec, timeout: float) -> None:
         """Returns once `spec` compiled; raises GrammarError (the library refused it), TimeoutError (its
-        compile took more than `timeout` seconds) or GrammarBusy (no slot came free in that time). Requests for a grammar already
-        waiting or compiling wait for that compile rather than start another."""
+        compile took more than `timeout` seconds) or GrammarBusy (no slot came free in that time).
+        Requests for a grammar already waiting or compiling wait for that compile rather than start another."""
         if spec in self._too_slow:
             self._too_slow.move_to_end(spec)
             raise TimeoutError

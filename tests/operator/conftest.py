@@ -72,6 +72,22 @@ def client(kubeconfig: Path) -> Kube:
     return Kube(kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
 
 
+def private_api() -> tuple:
+    """Module-scoped `apiserver` and `kube` fixtures for a test module that needs an API of its own, out of
+    reach of the session's running operator: `apiserver, kube = private_api()` at the module's top."""
+
+    @pytest.fixture(scope="module")
+    def apiserver() -> Iterator[BackgroundApiServer]:
+        with BackgroundApiServer() as server:
+            yield server
+
+    @pytest.fixture(scope="module")
+    def kube(apiserver: BackgroundApiServer, tmp_path_factory: pytest.TempPathFactory) -> Kube:
+        return client(write_kubeconfig(apiserver, tmp_path_factory.mktemp("kube") / "config"))
+
+    return apiserver, kube
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

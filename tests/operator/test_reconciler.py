@@ -5,7 +5,6 @@ operator of the flow tests would otherwise reconcile these objects too)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,21 +16,13 @@ from llm_operator.kube import Kube
 from llm_operator.reconciler import ChildChange, Reconciler, TransientError
 
 from tests.operator.apiserver import BackgroundApiServer
-from tests.operator.conftest import NO_HUB, client, write_kubeconfig
+from tests.operator.conftest import NO_HUB, private_api
 
 GROUP, VERSION, PLURAL = "fleetlm.dev", "v1alpha1", "llmdeployments"
 CONFIG = parse_args(["--standalone", "--default-image", "img:test", "--hf-endpoint", NO_HUB], env={})
 
 
-@pytest.fixture(scope="module")
-def apiserver() -> Iterator[BackgroundApiServer]:
-    with BackgroundApiServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def kube(apiserver: BackgroundApiServer, tmp_path_factory: pytest.TempPathFactory) -> Kube:
-    return client(write_kubeconfig(apiserver, tmp_path_factory.mktemp("kube") / "config"))
+apiserver, kube = private_api()
 
 
 def create(kube: Kube, namespace: str, name: str, **spec: Any) -> dict[str, Any]:

@@ -4,28 +4,16 @@ operator's Deployment to zero and returns once its pods are gone."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
-import pytest
 from kubernetes.client import AppsV1Api, CoreV1Api
 from llm_operator import shutdown
 from llm_operator.kube import Kube
 
-from tests.operator.apiserver import BackgroundApiServer
-from tests.operator.conftest import client, write_kubeconfig
-
+from tests.operator.conftest import private_api
 
 # An API of this module's own: the session's running operator (the flow tests') would put its finalizer
 # back on the LLMDeployments made here, as it does on any it serves.
-@pytest.fixture(scope="module")
-def apiserver() -> Iterator[BackgroundApiServer]:
-    with BackgroundApiServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def kube(apiserver: BackgroundApiServer, tmp_path_factory: pytest.TempPathFactory) -> Kube:
-    return client(write_kubeconfig(apiserver, tmp_path_factory.mktemp("kube") / "config"))
+apiserver, kube = private_api()
 
 SELECTOR = {"app.kubernetes.io/name": "fleetlm-operator", "app.kubernetes.io/instance": "rel"}
 
