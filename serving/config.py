@@ -132,6 +132,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# vLLM's names for the same settings, so that a `vllm serve` command line needs no rewriting for the
+# settings both servers have (`--model` also ends argparse's ambiguity between --model-path and
+# --model-arch). On the command line only: the environment and --config files use FleetLM's names.
+VLLM_ALIASES = {
+    "model_path": "--model",
+    "tokenizer_path": "--tokenizer",
+    "max_seq_len": "--max-model-len",
+    "max_batch_size": "--max-num-seqs",
+    "prefix_caching": "--enable-prefix-caching",
+}
+
+
 def program_name() -> str:
     """What the user typed: `fleetlm` (the console script) or `python -m serving`."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
@@ -142,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     prog = program_name()
     parser = argparse.ArgumentParser(
         prog=prog,
-        usage=f"%(prog)s [-h] [--config FILE] [--FLAG VALUE ...]\n       {prog} download [-h] ...",
+        usage=f"%(prog)s [-h] [--config FILE] [--FLAG VALUE ...] [MODEL]\n       {prog} download [-h] ...",
         description="Serve a model behind an OpenAI-compatible API. Every flag can also be set as an "
         f"{ENV_PREFIX}<NAME> environment variable (e.g. {ENV_PREFIX}MODEL_PATH) or in a TOML --config file; "
         "flags win over the environment, which wins over the file. "
@@ -150,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="TOML file with settings (keys as flag names, - or _)")
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL", help="the model to serve, as --model-path takes it (`vllm serve MODEL` style)"
+    )
     for name, field in ServeConfig.model_fields.items():
         env = f"env {ENV_PREFIX}{name.upper()}"
         description = field.description or ""
@@ -159,12 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
             default = {True: "on", False: "off"}.get(field.default, field.default) if field.annotation is bool else field.default
             help_text = f"{description} (default: {default}; {env})"
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        flags = [_flag(name)] + ([VLLM_ALIASES[name]] if name in VLLM_ALIASES else [])
         if field.annotation is bool:  # --prefix-caching / --no-prefix-caching
-            parser.add_argument(_flag(name), dest=name, help=help_text, action=argparse.BooleanOptionalAction)
+            parser.add_argument(*flags, dest=name, help=help_text, action=argparse.BooleanOptionalAction)
         elif choices:  # listed in the help; checked by the model, which names the flag in its error
-            parser.add_argument(_flag(name), dest=name, help=help_text, metavar="{" + ",".join(choices) + "}")
+            parser.add_argument(*flags, dest=name, help=help_text, metavar="{" + ",".join(choices) + "}")
         else:
-            parser.add_argument(_flag(name), dest=name, help=help_text, metavar=name.upper())
+            parser.add_argument(*flags, dest=name, help=help_text, metavar=name.upper())
+    parser.add_argument(
+        "--enforce-eager", dest="cuda_graphs", action="store_false", help="vLLM's name for --no-cuda-graphs"
+    )
     return parser
 
 
@@ -184,7 +203,13 @@ def _from_file(path: str) -> dict[str, Any]:
 
 def load_config(argv: list[str], environ: dict[str, str] | None = None) -> ServeConfig:
     environ = dict(os.environ) if environ is None else environ
-    flags = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    model = flags.pop("model", None)
+    if model is not None:
+        if flags.get("model_path", model) != model:
+            raise ConfigError(f"the model is given twice: {model!r} and --model-path {flags['model_path']!r}")
+        flags["model_path"] = model
     config_file = flags.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
     merged: dict[str, Any] = _from_file(config_file) if config_file else {}
     merged.update(_from_env(environ))

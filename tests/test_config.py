@@ -110,3 +110,19 @@ def test_the_current_directory_names_the_model_by_its_name(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     assert served_name(load_config(["--model-path", "."], {})) == tmp_path.name
+
+
+def test_vllm_command_lines_need_no_rewriting():
+    cfg = load_config(
+        ["Qwen/Qwen2.5-0.5B-Instruct", "--max-model-len", "4096", "--max-num-seqs", "32", "--enforce-eager",
+         "--no-enable-prefix-caching", "--tokenizer", "Qwen/Qwen2.5-0.5B"],
+        {},
+    )  # fmt: skip
+    assert cfg.model_path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.tokenizer_path == "Qwen/Qwen2.5-0.5B"
+    assert (cfg.max_seq_len, cfg.max_batch_size, cfg.cuda_graphs, cfg.prefix_caching) == (4096, 32, False, False)
+    assert load_config(["--model", "org/name"], {}).model_path == "org/name"  # not "ambiguous option"
+    assert load_config(["--model-path", "org/name", "org/name"], {}).model_path == "org/name"
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(["org/one", "--model-path", "org/two"], {})
+    assert load_config([], {"LLM_MODEL_PATH": "org/env"}).model_path == "org/env"
+    assert load_config(["org/flag"], {"LLM_MODEL_PATH": "org/env"}).model_path == "org/flag"
