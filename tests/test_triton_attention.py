@@ -51,12 +51,14 @@ COMPILED_SHAPES = [(4, 128, "*bf16", "tf32"), (4, 128, "*fp32", "ieee"), (7, 80,
 @pytest.mark.parametrize("group,head_dim,dtype,precision", COMPILED_SHAPES)
 def test_the_kernels_compile_for_a_hopper_gpu(group, head_dim, dtype, precision):
     """No GPU needed to compile: the decode kernel (with and without row indirection) and the prefill
-    kernel build to PTX for sm_90, their half-precision dots on tensor cores (MMA), so a GPU run meets no compile error."""
+    kernel build for sm_90, their half-precision dots on tensor cores (MMA) and no register spilled to
+    local memory, so a GPU run meets no compile error and no slow path."""
     from serving.models import triton_attention as ta
     from tests.hopper_ptx import sm90_ptx
 
     strides = ["stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_tb"]
     tensors = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], dtype)
+    size = 4 if dtype == "*fp32" else 2  # bytes per element: the prefill tile depends on it
     parts = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
     # Row ids, block tables, lengths and offsets are int64, as the runner sends them (host_inputs.HostInts).
     decode = {**tensors, **parts, "rows_ptr": "*i64", "tables_ptr": "*i64", "lens_ptr": "*i64"}
@@ -67,7 +69,7 @@ def test_the_kernels_compile_for_a_hopper_gpu(group, head_dim, dtype, precision)
         for rows in (False, True) for splits in (1, ta._MAX_SPLITS)
     ]  # fmt: skip
     kernels.append((ta._paged_prefill_kernel, prefill, {"GROUP": group, "HEAD_DIM": head_dim, "D_PAD": ta._pad(head_dim), "PAGE": 16,
-                    "BLOCK_M": ta._PREFILL_M, "BLOCK_N": ta._PREFILL_N, "PRECISION": precision}))  # fmt: skip
+                    "BLOCK_M": ta.prefill_tile(size), "BLOCK_N": ta.prefill_tile(size), "PRECISION": precision}))  # fmt: skip
     for kernel, pointers, constants in kernels:
         arguments = {**pointers, "scale": "fp32", "window": "i32", **dict.fromkeys(strides, "i32")}
         aligned = [n for n in [*pointers, *strides[:-1]] if n != "rows_ptr"]

@@ -31,12 +31,18 @@ import triton.language as tl
 # The interpreter runs tl.dot in numpy: small tiles keep CI fast there. On a GPU, larger query and key
 # tiles use the tensor cores well (64 x 64 x head_dim per dot).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_PREFILL_M = 16 if _INTERPRETED else 64
-_PREFILL_N = 16 if _INTERPRETED else 64
+_PREFILL_TILE = 16 if _INTERPRETED else 64  # query rows and keys per prefill tile (see prefill_tile)
 # Keys per decode tile: several cache blocks at once (each token's block looked up in the table), so a
 # program has that many loads in flight per step of its loop rather than one 16-token block. 32 under
 # the interpreter still spans two blocks of 16, the path a GPU takes.
 _DECODE_N = 32 if _INTERPRETED else 64
+
+
+def prefill_tile(element_size: int) -> int:
+    """Query rows and keys per prefill tile. Float32 takes 32 x 32: at 64 x 64 with a head size of 128
+    its tiles outgrow the registers (ptxas spills some 10 KB a thread to local memory on sm_90)."""
+    return _PREFILL_TILE if element_size < 4 else min(_PREFILL_TILE, 32)
+
 _NO_WINDOW = 1 << 30
 # Split-K: at most this many parts per sequence, enough for one stream of an 8-KV-head model to put
 # some 128 programs on the GPU's multiprocessors (more parts would mostly add empty ones and merge work).
@@ -309,12 +315,13 @@ def paged_prefill_attention(
         return out
     heads, head_dim = q.shape[1], q.shape[2]
     group = heads // k_cache.shape[1]
-    grid = (chunks, triton.cdiv(max_len, _PREFILL_M), heads)
+    tile = prefill_tile(q.element_size())
+    grid = (chunks, triton.cdiv(max_len, tile), heads)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, chunk_starts, chunk_lens, chunk_cached, block_tables, scale, window or _NO_WINDOW,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, D_PAD=_pad(head_dim), PAGE=block_size,
-        BLOCK_M=_PREFILL_M, BLOCK_N=_PREFILL_N, PRECISION=_precision(q),
+        BLOCK_M=tile, BLOCK_N=tile, PRECISION=_precision(q),
     )  # fmt: skip
     return out
