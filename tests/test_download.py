@@ -341,6 +341,44 @@ def test_a_killed_download_is_completed_by_the_next_run(fake_hub, tmp_path):
     assert all(len(fake_hub.gets(name)) == 1 for name in NEEDED if name != "model.safetensors")
 
 
+def _pid_1_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("as_pid_1", [False, True])
+def test_sigterm_stops_a_download_at_once_even_as_pid_1(fake_hub, tmp_path, as_pid_1):
+    """A pod deleted mid-download: the init container's process, PID 1 of its PID namespace (whose
+    signals without a handler the kernel drops), stops on SIGTERM rather than after the grace period,
+    and the next run completes the model."""
+    if as_pid_1 and not _pid_1_works():
+        pytest.skip("no PID namespaces here (unshare --pid)")
+    files = model_files(weights_size=3 * MB)
+    fake_hub.add_repo("org/big", files)
+    stall = fake_hub.stall("model.safetensors", after_bytes=MB)
+    dest, log = tmp_path / "m", tmp_path / "first.log"
+    wrap = ["unshare", "--pid", "--fork", "--kill-child"] if as_pid_1 else []
+    with open(log, "w") as stderr:
+        outer = subprocess.Popen([*wrap, sys.executable, "-c", CLI, "--model", "org/big", "--dest", str(dest)], stderr=stderr)
+    wait_until(lambda: stall.reached.is_set())
+    if as_pid_1:  # the Python process is unshare's child, PID 1 inside; signal it from outside, as the kubelet's runtime does
+        (child,) = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
+        os.kill(int(child), signal.SIGTERM)
+    else:
+        outer.send_signal(signal.SIGTERM)
+    assert outer.wait(timeout=10) == 128 + signal.SIGTERM
+    assert log_lines(log)[-1]["msg"] == "download stopped by SIGTERM"
+    assert not (dest / MARKER_NAME).exists()
+    stall.release()
+
+    code, _ = cli("--model", "org/big", "--dest", str(dest))
+
+    assert code == 0
+    assert_holds(dest, files, NEEDED)
+
+
 def test_two_downloaders_into_one_directory_take_turns(fake_hub, tmp_path):
     files = model_files(weights_size=2 * MB)
     fake_hub.add_repo("org/tiny", files)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 for --help
         return int(exit_.code or 0)
     setup_logging(args.log_level)
+    signal.signal(signal.SIGTERM, _terminated)
     if args.log_level != "debug":  # one line per HTTP request drowns the per-file progress
         logging.getLogger(httpx.__name__).setLevel(logging.WARNING)
     if args.source is not None and args.revision is not None:
@@ -144,6 +146,16 @@ def main(argv: list[str]) -> int:
         logger.exception("download failed unexpectedly")
         return ExitCode.UNEXPECTED
     return ExitCode.OK
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a pod deleted or rolled mid-download) stops at once. As a container's PID 1 the process
+    would otherwise never see it: the kernel drops signals PID 1 has no handler for, and the pod would
+    wait out its whole grace period. Nothing is lost: the marker is written last, the kernel frees the
+    lock, and the next downloader sweeps the temp files (and resumes the Hub's partial ones)."""
+    logger.warning("download stopped by SIGTERM", extra={"exit_code": 128 + signum})
+    logging.shutdown()
+    os._exit(128 + signum)  # not SystemExit: the pool's threads would keep the process alive
 
 
 def _parser() -> argparse.ArgumentParser:
