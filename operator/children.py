@@ -37,6 +37,12 @@ def manages_cache(spec: LLMDeploymentSpec) -> bool:
     return spec.model.hf is not None and spec.cache.existing_claim is None
 
 
+def referenced_claims(spec: LLMDeploymentSpec) -> set[str]:
+    """The claims the spec names, to be used as they are (never the operator's to delete)."""
+    named = {spec.cache.existing_claim, spec.model.pvc.claim_name if spec.model.pvc is not None else None}
+    return {name for name in named if name is not None}
+
+
 def desired_children(
     body: dict[str, Any],
     spec: LLMDeploymentSpec,
@@ -131,7 +137,8 @@ def claim_conflicts(spec: LLMDeploymentSpec, live: dict[str, Any] | None, expand
     live_spec = live.get("spec", {})
     remedy = (
         f"a PersistentVolumeClaim cannot change this after creation: to get it, delete the claim "
-        f"(kubectl delete pvc {name}; the operator recreates it and the model is downloaded again), or point "
+        f"(kubectl delete pvc {name}; the serving pods stop until it is gone, then the operator recreates it, the "
+        "model is downloaded again and the pods start), or point "
         "cache.existingClaim at a claim made as wanted"
     )
     found = []
@@ -156,8 +163,9 @@ def claim_conflicts(spec: LLMDeploymentSpec, live: dict[str, Any] | None, expand
                 f"cache.size is {spec.cache.size} but claim {name} holds {live_size} and cannot grow: its "
                 f"StorageClass {storage_class} does not set allowVolumeExpansion: true. The claim keeps its size "
                 "and everything else is applied; to grow it, allow expansion on the class (where its provisioner "
-                f"supports it), or delete the claim (kubectl delete pvc {name}; it is recreated at the new size "
-                "and the model downloaded again), or point cache.existingClaim at a larger claim",
+                f"supports it), or delete the claim (kubectl delete pvc {name}; the serving pods stop until it is gone, "
+                "then it is recreated at the new size and the model downloaded again), or point cache.existingClaim "
+                "at a larger claim",
             )
         )
     return problems

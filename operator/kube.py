@@ -70,6 +70,9 @@ class Kube:
             **options,
         )
 
+    def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self._call("patch", api_version, kind, namespace, name, body=patch, _content_type=MERGE)
+
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self._call("read", api_version, kind, namespace, name)

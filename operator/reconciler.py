@@ -23,7 +23,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 from llm_operator import metrics, naming, startup
 from llm_operator.capacity import Capacity, fit
-from llm_operator.children import claim_conflicts, claim_grows, desired_children, manages_cache
+from llm_operator.children import claim_conflicts, claim_grows, desired_children, manages_cache, referenced_claims
 from llm_operator.config import OperatorConfig
 from llm_operator.deployment import DOWNLOAD_CONTAINER, desired_replicas
 from llm_operator.diagnosis import Problem, diagnose, unscheduled
@@ -94,6 +94,27 @@ class Ownership:
         else:
             self.ours.discard(key)
             self.conflicts[key] = _conflict(owner["namespace"], *key)
+
+
+def _terminating_claim(body: dict[str, Any], live_claim: dict[str, Any] | None) -> Problem | None:
+    """Our cache claim is being deleted (to be recreated: the remedy for a claim that cannot change).
+    Kubernetes keeps a claim while pods mount it (pvc-protection), and pods of a deleted claim cannot
+    start: the serving pods are stopped so that it can go, and the claim and the pods come back once
+    it is gone."""
+    if live_claim is None or not live_claim["metadata"].get("deletionTimestamp"):
+        return None
+    if not naming.owned_by(live_claim, body["metadata"]["uid"]):
+        return None
+    return Problem(
+        "CacheClaimTerminating",
+        f"PersistentVolumeClaim {live_claim['metadata']['name']} is being deleted: the serving pods are stopped "
+        "so that Kubernetes can remove it (it keeps a claim while pods mount it); once it is gone the operator "
+        "recreates it, the model is downloaded again and the pods start",
+    )
+
+
+def _stopped(deployment: dict[str, Any]) -> dict[str, Any]:
+    return {**deployment, "spec": {**deployment["spec"], "replicas": 0}}
 
 
 class Reconciler:
@@ -206,12 +227,18 @@ class Reconciler:
             live_claim = None
             if manages_cache(spec):
                 live_claim = self.kube.get("v1", "PersistentVolumeClaim", namespace, naming.cache_claim_name(name))
+            terminating = _terminating_claim(body, live_claim)
+            if change is not None and (change.kind, change.name) == ("PersistentVolumeClaim", naming.cache_claim_name(name)):
+                # The cache claim going (kubectl delete pvc) or gone: the Deployment's replicas change with it.
+                apply_all = apply_all or terminating is not None or change.live is None
             expandable = self._expandable(spec, live_claim)
             desired = self._servable(
                 body,
                 desired_children(body, spec, self._default_image(spec), live_claim, hub, expandable),
                 first_time,
             )
+            if terminating is not None:
+                desired = [_stopped(c) if c["kind"] == "Deployment" else c for c in desired]
             ownership = self._ownership(namespace, name)
             unapplied = ownership.applied != generation
             if apply_all or unapplied:
@@ -222,8 +249,9 @@ class Reconciler:
             if ("PersistentVolumeClaim", naming.cache_claim_name(name)) in ownership.conflicts:
                 live_claim = None  # not ours: nothing to say about what it cannot change
             notes = tuple(ownership.conflicts.values()) + tuple(claim_conflicts(spec, live_claim, expandable))
+            notes += (terminating,) if terminating is not None else ()
             if apply_all or unapplied:
-                blocker = self._apply_all(body, desired, dry_run_first=unapplied)
+                blocker = self._apply_all(body, spec, desired, dry_run_first=unapplied)
                 if blocker is None:
                     ownership.ours |= {_key(c) for c in desired}
                     ownership.applied = generation
@@ -302,7 +330,7 @@ class Reconciler:
         return [c for c in desired if c["kind"] != "ServiceMonitor"]
 
     def _apply_all(
-        self, body: dict[str, Any], desired: list[dict[str, Any]], *, dry_run_first: bool
+        self, body: dict[str, Any], spec: LLMDeploymentSpec, desired: list[dict[str, Any]], *, dry_run_first: bool
     ) -> Problem | None:
         child: dict[str, Any] = {}
         try:
@@ -315,7 +343,7 @@ class Reconciler:
                 self._apply(child)
         except ApiException as error:
             return _refusal(child, error)
-        self._prune(body, desired)
+        self._prune(body, desired, referenced_claims(spec))
         return None
 
     def _repair(self, desired: list[dict[str, Any]], change: ChildChange) -> Problem | None:
@@ -344,7 +372,11 @@ class Reconciler:
                     raise
                 time.sleep(0.1 * 2**attempt)
 
-    def _prune(self, body: dict[str, Any], desired: list[dict[str, Any]]) -> None:
+    def _prune(self, body: dict[str, Any], desired: list[dict[str, Any]], claims: set[str]) -> None:
+        """Delete the children this resource owns that the spec no longer wants, but for a claim the spec
+        now names as it is (cache.existingClaim or model.pvc pointed at the operator's own cache claim, the
+        way to keep a cache): that one is released, its ownerReference dropped, so that neither this
+        prune nor the garbage collector after the LLMDeployment deletes the cache it names."""
         meta = body["metadata"]
         keep = {(c["kind"], c["metadata"]["name"]) for c in desired}
         selector = f"{naming.INSTANCE_LABEL}={meta['name']}"
@@ -354,11 +386,21 @@ class Reconciler:
             for live in self.kube.list(api_version, kind, meta["namespace"], selector):
                 owners = live["metadata"].get("ownerReferences", [])
                 mine = any(ref.get("uid") == meta["uid"] for ref in owners)
-                if mine and (kind, live["metadata"]["name"]) not in keep:
+                if mine and kind == "PersistentVolumeClaim" and live["metadata"]["name"] in claims:
+                    self._release(live, meta["uid"])
+                elif mine and (kind, live["metadata"]["name"]) not in keep:
                     logger.info(
                         f"deleting {kind} {meta['namespace']}/{live['metadata']['name']}: no longer in the spec"
                     )
                     self.kube.delete(api_version, kind, meta["namespace"], live["metadata"]["name"])
+
+    def _release(self, live: dict[str, Any], uid: str) -> None:
+        meta = live["metadata"]
+        others = [ref for ref in meta.get("ownerReferences", []) if ref.get("uid") != uid]
+        logger.info(f"releasing PersistentVolumeClaim {meta['namespace']}/{meta['name']}: the spec names it as it is")
+        # resourceVersion: a claim changed since the list is left for the next reconcile to look at again.
+        patch = {"metadata": {"ownerReferences": others or None, "resourceVersion": meta["resourceVersion"]}}
+        self.kube.merge_patch("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"], patch)
 
     def _publish(
         self,

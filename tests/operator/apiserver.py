@@ -3,8 +3,8 @@
 kmock stores and merges JSON and nothing more. Added here, as the real API server does them: uid,
 resourceVersion, generation, creationTimestamp and a created object's namespace; server-side apply that creates a missing object and
 replaces the applied fields; dry runs that store nothing; status subresources (a status write touches only
-status, a main-resource write never touches it); resourceVersion preconditions answered with 409; and
-equality label selectors on lists; a PersistentVolumeClaim's immutable spec (only a larger storage
+status, a main-resource write never touches it); resourceVersion preconditions answered with 409; an object
+being deleted that goes when a patch removes its last finalizer; equality label selectors on lists; a PersistentVolumeClaim's immutable spec (only a larger storage
 request may change, and only once the claim is bound), refused with the API server's own 422 messages; the PersistentVolumeClaimResize
 admission plugin (a larger request only where the claim's StorageClass sets allowVolumeExpansion, else
 its 403; claims without a class are not checked, as this API has no default StorageClass); and a 403 for
@@ -150,6 +150,9 @@ class ApiServer(kmock.KubernetesEmulator):
                 if not dry_run:
                     self._objects[key].create(new)
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
+                    if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+                        self._objects[key].delete()  # its last finalizer removed: the object goes
+                        await self._buses[request.resource].put({"type": "DELETED", "object": new})
             return aiohttp.web.json_response(new)
 
 

@@ -414,3 +414,62 @@ def test_a_token_secret_that_is_not_text_is_reported(kube: Kube, namespace: str)
     assert body is not None
     messages = " ".join(c["message"] for c in body["status"]["conditions"])
     assert f"Secret {namespace}/tok key 'HF_TOKEN' is not UTF-8 text" in messages
+
+
+def test_a_cache_claim_the_spec_then_names_as_it_is_is_released_not_deleted(kube: Kube, namespace: str) -> None:
+    """cache.existingClaim pointed at the operator's own cache claim (the way to keep a cache beyond its
+    LLMDeployment): the claim is no longer a desired child, but deleting it would take the cache the
+    spec names (on a real cluster it would hang Terminating under pvc-protection while the old pods
+    mount it, and new pods could not schedule). It loses its ownerReference instead, so the garbage
+    collector leaves it too."""
+    body = create(kube, namespace, "keep")
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "keep", trigger="test", apply_all=True)
+    claim = kube.get("v1", "PersistentVolumeClaim", namespace, "keep-model-cache")
+    assert [ref["uid"] for ref in claim["metadata"]["ownerReferences"]] == [body["metadata"]["uid"]]
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    bind_claim(kube, namespace, "keep")
+
+    patch_spec(kube, namespace, "keep", {"cache": {"existingClaim": "keep-model-cache"}})
+    reconciler.reconcile(namespace, "keep", trigger="test", apply_all=True)
+
+    claim = kube.get("v1", "PersistentVolumeClaim", namespace, "keep-model-cache")
+    assert claim is not None and not claim["metadata"].get("ownerReferences")
+    assert claim["spec"]["resources"]["requests"]["storage"] == size
+    assert condition(kube, namespace, "keep", "Degraded")["status"] == "False"
+    deployment = kube.get("apps/v1", "Deployment", namespace, "keep")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "keep-model-cache" for v in volumes.values())
+    reconciler.reconcile(namespace, "keep", trigger="test", apply_all=True)  # released once; nothing more to do
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "keep-model-cache") is not None
+
+
+def test_a_deleted_cache_claim_stops_the_pods_until_it_is_gone_then_comes_back(kube: Kube, namespace: str) -> None:
+    """`kubectl delete pvc` is the remedy for a claim that cannot change, but Kubernetes keeps a claim
+    while pods mount it (the pvc-protection finalizer) and new pods of a deleted claim cannot start: the
+    operator stops the serving pods, says why, and recreates the claim and the pods once it is gone."""
+    create(kube, namespace, "recreate", replicas=2)
+    reconciler = Reconciler(kube, CONFIG)
+    reconciler.reconcile(namespace, "recreate", trigger="test", apply_all=True)
+    claim_name = "recreate-model-cache"
+    kube.merge_patch("v1", "PersistentVolumeClaim", namespace, claim_name, {"metadata": {"finalizers": ["kubernetes.io/pvc-protection"]}})
+    kube.delete("v1", "PersistentVolumeClaim", namespace, claim_name)
+    going = kube.get("v1", "PersistentVolumeClaim", namespace, claim_name)
+    assert going is not None and going["metadata"].get("deletionTimestamp")
+
+    reconciler.reconcile(namespace, "recreate", trigger="test", change=ChildChange("PersistentVolumeClaim", claim_name, going))
+
+    assert kube.get("apps/v1", "Deployment", namespace, "recreate")["spec"]["replicas"] == 0
+    degraded = condition(kube, namespace, "recreate", "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "CacheClaimTerminating"
+
+    # The pods gone, the PVC protection controller lets the claim go.
+    kube.merge_patch("v1", "PersistentVolumeClaim", namespace, claim_name, {"metadata": {"finalizers": None}})
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, claim_name) is None
+    reconciler.reconcile(namespace, "recreate", trigger="test", change=ChildChange("PersistentVolumeClaim", claim_name, None))
+
+    fresh = kube.get("v1", "PersistentVolumeClaim", namespace, claim_name)
+    assert fresh is not None and not fresh["metadata"].get("deletionTimestamp")
+    assert fresh["metadata"]["uid"] != going["metadata"]["uid"]
+    assert kube.get("apps/v1", "Deployment", namespace, "recreate")["spec"]["replicas"] == 2
+    assert condition(kube, namespace, "recreate", "Degraded")["status"] == "False"
