@@ -23,7 +23,13 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 from llm_operator import metrics, naming, startup
 from llm_operator.capacity import Capacity, fit
-from llm_operator.children import claim_conflicts, claim_grows, desired_children, manages_cache, referenced_claims
+from llm_operator.children import (
+    claim_conflicts,
+    claim_grows,
+    desired_children,
+    manages_cache,
+    referenced_claims,
+)
 from llm_operator.config import OperatorConfig
 from llm_operator.deployment import DOWNLOAD_CONTAINER, desired_replicas
 from llm_operator.diagnosis import Problem, diagnose, unscheduled
