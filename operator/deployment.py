@@ -289,7 +289,8 @@ def _volumes(owner: Owner, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
 def _schedule(pod: dict[str, Any], spec: LLMDeploymentSpec) -> None:
     sched = spec.scheduling
     node_selector = dict(sched.node_selector)
-    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
+    # The API omits empty strings (effect "" means every effect): sent, they would read as drift forever.
+    tolerations = [{k: v for k, v in t.model_dump(by_alias=True, exclude_none=True).items() if v != ""} for t in sched.tolerations]
     gpu = spec.resources.requested_gpu
     if gpu is not None:
         if gpu.product:

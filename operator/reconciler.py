@@ -39,7 +39,7 @@ from llm_operator.kube import Kube, api_error_message
 from llm_operator.naming import HubPin
 from llm_operator.pinning import PinState, pin_revision
 from llm_operator.preflight import preflight
-from llm_operator.spec import InvalidSpec, LLMDeploymentSpec, parse_spec
+from llm_operator.spec import InvalidSpec, LLMDeploymentSpec, check_name, parse_spec
 from llm_operator.status import Observation, compute_status, transitions
 
 logger = logging.getLogger("fleetlm.operator")
@@ -218,7 +218,11 @@ class Reconciler:
         capacity: Capacity | None = None
         try:
             spec = parse_spec(body.get("spec") or {})
+            bad_name = check_name(name)
+            if bad_name is not None:
+                raise InvalidSpec(bad_name)
         except InvalidSpec as error:
+            spec = None
             blocker: Problem | None = Problem("InvalidSpec", str(error))
         else:
             blocker = preflight(self.kube, namespace, spec, require_gpu_nodes=self.config.require_gpu_nodes)

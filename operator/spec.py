@@ -12,7 +12,15 @@ import re
 from typing import Annotated, Any, Literal
 
 from kubernetes.utils.quantity import parse_quantity
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 
@@ -154,11 +162,39 @@ class AutoscalingSpec(_Model):
         return self
 
 
+# A label key as the API server validates it: an optional DNS-subdomain prefix (at most 253) and a name of
+# at most 63; a label value: at most 63, alphanumeric at both ends; a DNS-1035 label (a Service's name).
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _label_key(key: str) -> bool:
+    return len(key) <= 317 and LABEL_KEY.fullmatch(key) is not None
+
+
+def check_name(name: str) -> str | None:
+    """What is wrong with an LLMDeployment's name (the CRD's CEL rule, for API servers without CEL)."""
+    if DNS_1035.fullmatch(name):
+        return None
+    return f"metadata.name {name!r}: the name becomes a Service name: a DNS-1035 label (lower case, starts with a letter, at most 63 characters)"
+
+
 class GpuSpec(_Model):
     count: int = 1
     resource_name: str = "nvidia.com/gpu"
     product: str | None = None
     memory: Quantity | None = None  # one GPU's memory, for the fit check; else the product's, from a table
+
+    @field_validator("product")
+    @classmethod
+    def _product_is_a_label_value(cls, product: str | None) -> str | None:
+        if product is not None and not LABEL_VALUE.fullmatch(product):
+            raise ValueError(
+                f"{product!r} is matched against the node label nvidia.com/gpu.product, so it must be a label value "
+                "(at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric)"
+            )
+        return product
 
 
 class ResourcesSpec(_Model):
@@ -188,6 +224,14 @@ class SchedulingSpec(_Model):
     priority_class_name: str | None = None
     runtime_class_name: str | None = None
 
+    @field_validator("node_selector")
+    @classmethod
+    def _node_labels(cls, selector: dict[str, str]) -> dict[str, str]:
+        bad = [f"{k}={v}" for k, v in selector.items() if not _label_key(k) or not LABEL_VALUE.fullmatch(v)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a valid node label (key and value)")
+        return selector
+
 
 class CacheSpec(_Model):
     size: Quantity = "50Gi"
@@ -213,9 +257,13 @@ class ServiceSpec(_Model):
     port: int = 80
     annotations: dict[str, str] = Field(default_factory=dict)
 
-
-# A label key as the API server validates it: an optional DNS-subdomain prefix and a name of at most 63.
-LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+    @field_validator("annotations")
+    @classmethod
+    def _annotation_keys(cls, annotations: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in annotations if not _label_key(k)]  # annotation keys follow the label key rules
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a valid annotation key")
+        return annotations
 
 
 class MonitoringSpec(_Model):
@@ -226,7 +274,7 @@ class MonitoringSpec(_Model):
     @model_validator(mode="after")
     def _label_keys(self) -> MonitoringSpec:
         # The CRD checks the values; a key the API server would refuse is caught here, before any apply.
-        bad = [k for k in self.service_monitor_labels if len(k) > 317 or not LABEL_KEY.fullmatch(k)]
+        bad = [k for k in self.service_monitor_labels if not _label_key(k)]
         if bad:
             raise ValueError(f"serviceMonitorLabels: {', '.join(map(repr, bad))} are not valid label keys")
         return self

@@ -500,3 +500,18 @@ def test_a_gguf_file_of_a_multi_quant_repo_reaches_the_downloader() -> None:
     for bad in ("../m.gguf", "/abs/m.gguf", "m.bin"):
         with pytest.raises(InvalidSpec, match="ggufFile"):
             parse_spec(llmd(model={"hf": {"repo": "org/m-GGUF", "ggufFile": bad}})["spec"])
+
+
+def test_empty_toleration_fields_are_left_out_as_the_api_stores_them() -> None:
+    """effect "" (every effect) and key "" (every key): the API server drops empty strings, so sending them
+    would read as drift on every watch event of the Deployment."""
+    from llm_operator.drift import drifted
+
+    def stored(value: Any) -> Any:  # what the API server keeps of it: omitempty drops empty strings
+        if isinstance(value, dict):
+            return {k: stored(v) for k, v in value.items() if v != ""}
+        return [stored(v) for v in value] if isinstance(value, list) else value
+
+    deployment = build(llmd(scheduling={"tolerations": [{"key": "", "operator": "Exists", "effect": ""}]}))["Deployment"]
+    assert deployment["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
+    assert not drifted(deployment, stored(deployment))

@@ -169,3 +169,10 @@ def test_the_examples_other_objects_are_valid_kubernetes(path: Path) -> None:
     for doc in yaml.safe_load_all(path.read_text()):
         if doc and doc.get("kind") != "LLMDeployment":
             kubernetes_validate.validate(doc, desired_version="1.29", strict=True)
+        if doc and doc.get("kind") == "Pod":  # Pod Security's "restricted" level, which namespaces may enforce
+            pod = doc["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for c in pod["containers"]:
+                sec = c["securityContext"]
+                assert sec["allowPrivilegeEscalation"] is False and sec["capabilities"] == {"drop": ["ALL"]}
+            assert all(c["image"].endswith("-cpu") for c in pod["containers"]), "kind (e2e/kind.sh) loads the CPU image"

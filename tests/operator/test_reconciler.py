@@ -473,3 +473,13 @@ def test_a_deleted_cache_claim_stops_the_pods_until_it_is_gone_then_comes_back(k
     assert fresh["metadata"]["uid"] != going["metadata"]["uid"]
     assert kube.get("apps/v1", "Deployment", namespace, "recreate")["spec"]["replicas"] == 2
     assert condition(kube, namespace, "recreate", "Degraded")["status"] == "False"
+
+
+def test_a_name_that_cannot_name_a_service_is_an_invalid_spec_without_cel(kube: Kube, namespace: str) -> None:
+    """This API server, like one that does not evaluate the CRD's CEL rules, stores the name; the operator
+    refuses it itself before applying anything, rather than leaving it to the Service's refusal."""
+    create(kube, namespace, "9-lives")
+    Reconciler(kube, CONFIG).reconcile(namespace, "9-lives", trigger="test", apply_all=True)
+    degraded = condition(kube, namespace, "9-lives", "Degraded")
+    assert degraded["reason"] == "InvalidSpec" and "DNS-1035" in degraded["message"]
+    assert kube.get("apps/v1", "Deployment", namespace, "9-lives") is None
