@@ -38,6 +38,9 @@ BASE_ENV = [
     {"name": "HOME", "value": "/tmp"},
     {"name": "TRITON_HOME", "value": "/tmp"},
     {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+    # Hub files stored with Xet come through hf-xet, whose chunk cache (up to 10 GB in some builds) would fill
+    # /tmp, an emptyDir on the node's disk, for nothing: each file is fetched once, into the model's volume.
+    {"name": "HF_XET_CHUNK_CACHE_SIZE_BYTES", "value": "0"},
 ]
 
 CONTAINER_SECURITY = {

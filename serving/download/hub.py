@@ -70,6 +70,8 @@ def fetch(
     """Download `path` at `commit` into `dest`; a file already there from that commit is kept as is."""
     transfer = Transfer(path, size, whole=whole)
     logger.info("file started", extra={"file": path, "bytes": size})
+    # hf-xet's chunk cache (up to 10 GB under HF_HOME in some builds) only helps a file fetched twice.
+    os.environ.setdefault("HF_XET_CHUNK_CACHE_SIZE_BYTES", "0")
     with _translated_errors(repo, commit, token, path):
         hf_hub_download(
             repo,
