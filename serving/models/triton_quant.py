@@ -41,7 +41,9 @@ def _dot(acc, x, w, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return acc
 
 
-@triton.jit
+# M, the step's token count, changes every step: Triton would otherwise compile a variant for each of
+# "equals 1", "divisible by 16" and neither, the first mixed step of an odd size stalling on compiles.
+@triton.jit(do_not_specialize=["M"])
 def _block_quant_matmul_kernel(
     x_ptr, values_ptr, scales_ptr, mins_ptr, out_ptr, M, N, K, stride_xm, stride_om, M_BUCKET,
     FMT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
