@@ -33,6 +33,29 @@ async def test_a_full_queue_answers_429_with_retry_after():
         assert client.completions.create(model=MODEL, prompt="Once", max_tokens=3).choices
 
 
+async def test_a_stream_is_refused_before_it_starts_never_inside_it():
+    """A burst of streams (lists of prompts, whose sequences go to the engine together) against a small
+    queue: each is a clean 429 before any byte of the body, or a stream that runs to [DONE]. Never a
+    200 that then says queue_full: the sequences of the requests the queue check lets in are sent
+    before another request is checked."""
+    with RunningServer(max_batch_size=16, queue_capacity=40) as server:
+        body = {**LONG, "prompt": ["Once upon a time", "The little dog"], "max_tokens": 20, "stream": True}
+
+        async def stream(http: httpx.AsyncClient) -> tuple[int, str]:
+            async with http.stream("POST", "/v1/completions", json=body) as reply:
+                return reply.status_code, (await reply.aread()).decode()
+
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as http:
+            replies = await asyncio.gather(*(stream(http) for _ in range(60)))
+        statuses = [status for status, _ in replies]
+        assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
+        for status, text in replies:
+            if status == 200:
+                assert '"error"' not in text and text.endswith("data: [DONE]\n\n"), text[-300:]
+            else:
+                assert status == 429 and '"queue_full"' in text
+
+
 def test_api_key_guards_the_api_but_not_probes():
     with RunningServer(api_key="s3cret") as server:
         ok = openai.OpenAI(base_url=server.base_url + "/v1", api_key="s3cret", max_retries=0)

@@ -18,6 +18,7 @@ from serving.api.tools import forced_schema
 from serving.engine.async_engine import (
     EngineInternalError,
     EngineStoppedError,
+    EngineStream,
     QueueFullError,
     SlowReaderError,
 )
@@ -229,46 +230,77 @@ def admit(state: AppState, sequences: int) -> None:
         )
 
 
-async def stream_choices(
+def stream_choices(
     state: AppState, request_id: str, prompts: list[Prompt], params: SamplingParams, n: int
 ) -> AsyncIterator[tuple[int, ChoiceDelta]]:
-    """(choice index, delta) for every choice of every prompt; choice = prompt_index * n + i."""
+    """(choice index, delta) for every choice of every prompt; choice = prompt_index * n + i.
+
+    Every prompt's sequences are submitted now, before the caller answers anything: a full queue is a
+    429 here, never an error inside a stream that has already said 200 (as it would be were they sent
+    when the stream is first read, after other requests were let in meanwhile)."""
     engine = state.engine
     assert engine is not None
+    streams: list[EngineStream] = []
     try:
-        if len(prompts) == 1:
-            async with aclosing(engine.generate(request_id, prompts[0].token_ids, params, n)) as stream:
-                async for delta in stream:
+        for i, prompt in enumerate(prompts):
+            engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(engine.submit(engine_id, prompt.token_ids, params, n))
+    except Exception as exc:
+        for stream in streams:
+            stream.close()
+        raise _api_error(exc) from exc
+    return _read_choices(streams, n)
+
+
+def _api_error(exc: Exception) -> Exception:
+    """The client's answer to an engine stream's failure (other exceptions pass as they are)."""
+    if isinstance(exc, QueueFullError):
+        return queue_full(str(exc))
+    if isinstance(exc, EngineStoppedError):
+        return APIError(503, str(exc), type="service_unavailable", code=exc.code)
+    if isinstance(exc, SlowReaderError):
+        return APIError(408, str(exc), type="timeout_error", code="slow_reader")
+    if isinstance(exc, RequestRejected):  # the engine refused the request itself
+        return bad_request(str(exc))
+    if isinstance(exc, EngineInternalError):
+        return APIError(500, "the engine failed to take the request", type="internal_error", code="engine_error")
+    return exc
+
+
+async def _read_choices(streams: list[EngineStream], n: int) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    try:
+        if len(streams) == 1:
+            async with aclosing(streams[0].deltas()) as deltas:
+                async for delta in deltas:
                     yield delta.index, delta
             return
-        async with aclosing(_merged(engine, request_id, prompts, params, n)) as merged:
+        async with aclosing(_merged(streams, n)) as merged:
             async for item in merged:
                 yield item
-    except QueueFullError as exc:
-        raise queue_full(str(exc)) from exc
-    except EngineStoppedError as exc:
-        raise APIError(503, str(exc), type="service_unavailable", code=exc.code) from exc
-    except SlowReaderError as exc:
-        raise APIError(408, str(exc), type="timeout_error", code="slow_reader") from exc
-    except RequestRejected as exc:  # the engine refused the request itself
-        raise bad_request(str(exc)) from exc
-    except EngineInternalError as exc:
-        raise APIError(500, "the engine failed to take the request", type="internal_error", code="engine_error") from exc
+    except Exception as exc:
+        error = _api_error(exc)
+        if error is exc:
+            raise
+        raise error from exc
+    finally:
+        for stream in streams:  # a departed client's (or a failed one's): abort what is left
+            stream.close()
 
 
-async def _merged(engine, request_id, prompts, params, n):
+async def _merged(streams: list[EngineStream], n: int) -> AsyncIterator[tuple[int, ChoiceDelta]]:
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(i: int, prompt: Prompt) -> None:
+    async def pump(i: int, stream: EngineStream) -> None:
         try:
-            async for delta in engine.generate(f"{request_id}-{i}", prompt.token_ids, params, n):
-                await queue.put((i * n + delta.index, delta))
+            async with aclosing(stream.deltas()) as deltas:
+                async for delta in deltas:
+                    await queue.put((i * n + delta.index, delta))
             await queue.put(done)
         except Exception as exc:
             await queue.put(exc)
 
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:

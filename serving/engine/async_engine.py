@@ -15,6 +15,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 from serving.config import ServeConfig
 from serving.engine.detokenizer import Decoder, fast_decoder
@@ -164,15 +165,16 @@ class AsyncEngine:
         return max(0, self.num_waiting + sequences - free_slots)
 
     # -- requests --------------------------------------------------------------------------
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
-    ) -> AsyncIterator[ChoiceDelta]:
-        """Yield text deltas of all n choices until every choice has finished."""
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> EngineStream:
+        """Send the request's n sequences to the engine now, or raise QueueFullError (EngineStoppedError):
+        from this call on they count as waiting, read or not, so a check of the queue and the sequences it
+        lets in are one step (nothing else is admitted in between). Read the text deltas from the stream;
+        close it (its reader's `finally` does) to abort what is unfinished."""
         if not self.healthy:
             raise EngineStoppedError(self._dead or "the engine is not running")
         if self.would_wait(n) > self.queue_capacity:
             raise QueueFullError(f"{self.num_waiting} sequences are already waiting (capacity {self.queue_capacity})")
-        assert self._tokenizer is not None, "set_tokenizer() before generate()"
+        assert self._tokenizer is not None, "set_tokenizer() before submit()"
         queue: asyncio.Queue[SequenceOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = queue
         # A reader that keeps up can still find a burst waiting: up to 64 engine messages are handled
@@ -181,43 +183,19 @@ class AsyncEngine:
         self._sent += n
         self._commands.send(AddRequest(request_id, list(prompt_token_ids), params, n))
         choices = [ChoiceText(self._tokenizer, prompt_token_ids, params.stop) for _ in range(n)]
-        done_in_engine: set[int] = set()  # finished there, or told to abort
-        finished = 0
-        try:
-            while finished < n:
-                pending: dict[int, SequenceOutput] = {}
-                item = await queue.get()
-                while True:
-                    if isinstance(item, Exception):
-                        raise item
-                    pending[item.index] = merge_outputs(pending[item.index], item) if item.index in pending else item
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                deltas: list[ChoiceDelta] = []
-                aborts: list[int] = []
-                for out in pending.values():
-                    choice = choices[out.index]
-                    delta = choice.process(out)
-                    if out.finished:
-                        done_in_engine.add(out.index)
-                    if delta is None:
-                        continue
-                    if choice.needs_abort and out.index not in done_in_engine:
-                        aborts.append(out.index)
-                        done_in_engine.add(out.index)
-                    deltas.append(delta)
-                if aborts:  # before yielding: the client may take its time with the deltas
-                    self._commands.send(AbortRequest(request_id, tuple(aborts)))
-                for delta in deltas:
-                    if delta.finished:
-                        finished += 1
-                    yield delta
-        finally:
-            self._streams.pop(request_id, None)
-            self._unread_limit.pop(request_id, None)
-            if len(done_in_engine) < n and self.healthy:  # client went away, or an error: free its sequences now
-                self._commands.send(AbortRequest(request_id))
+        return EngineStream(self, request_id, queue, choices)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
+    ) -> AsyncIterator[ChoiceDelta]:
+        """Yield text deltas of all n choices until every choice has finished (submit, then read)."""
+        stream = self.submit(request_id, prompt_token_ids, params, n)
+        async with aclosing(stream.deltas()) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    def _abort(self, request_id: str, indices: tuple[int, ...] | None = None) -> None:
+        self._commands.send(AbortRequest(request_id) if indices is None else AbortRequest(request_id, indices))
 
     # -- engine messages -------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -278,3 +256,66 @@ class AsyncEngine:
             queue.put_nowait(EngineStoppedError(self._dead))
         if self._on_death is not None:
             self._on_death(self._dead)
+
+
+class EngineStream:
+    """One submitted request's outputs, as text deltas of its n choices."""
+
+    def __init__(
+        self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[SequenceOutput | Exception], choices: list[ChoiceText]
+    ):
+        self._engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self._choices = choices
+        self._done_in_engine: set[int] = set()  # finished there, or told to abort
+        self._closed = False
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Text deltas until every choice has finished; closing this generator closes the stream."""
+        n, queue, choices, done_in_engine = len(self._choices), self._queue, self._choices, self._done_in_engine
+        finished = 0
+        try:
+            while finished < n:
+                pending: dict[int, SequenceOutput] = {}
+                item = await queue.get()
+                while True:
+                    if isinstance(item, Exception):
+                        raise item
+                    pending[item.index] = merge_outputs(pending[item.index], item) if item.index in pending else item
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                deltas: list[ChoiceDelta] = []
+                aborts: list[int] = []
+                for out in pending.values():
+                    choice = choices[out.index]
+                    delta = choice.process(out)
+                    if out.finished:
+                        done_in_engine.add(out.index)
+                    if delta is None:
+                        continue
+                    if choice.needs_abort and out.index not in done_in_engine:
+                        aborts.append(out.index)
+                        done_in_engine.add(out.index)
+                    deltas.append(delta)
+                if aborts:  # before yielding: the client may take its time with the deltas
+                    self._engine._abort(self.request_id, tuple(aborts))
+                for delta in deltas:
+                    if delta.finished:
+                        finished += 1
+                    yield delta
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading: what has not finished in the engine is aborted (client gone, or an error), which
+        frees its KV blocks before the next step. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        engine = self._engine
+        engine._streams.pop(self.request_id, None)
+        engine._unread_limit.pop(self.request_id, None)
+        if len(self._done_in_engine) < len(self._choices) and engine.healthy:
+            engine._abort(self.request_id)
