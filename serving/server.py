@@ -51,6 +51,25 @@ async def _start_engine(state: AppState, engine: AsyncEngine) -> None:
     state.model = ServedModel(info, tokenizer)
 
 
+def _abort_open_connections(loop: asyncio.AbstractEventLoop) -> None:
+    """Drop the connections still open at shutdown, their unsent bytes with them."""
+    # The selector loop's own registry of its transports (private, but there since Python 3.4): asyncio
+    # offers no public way to reach the connections hypercorn holds.
+    transports = [t for t in list(getattr(loop, "_transports", {}).values()) if isinstance(t, asyncio.Transport)]
+    if transports:
+        log.warning("closing connections whose clients stopped reading", extra={"connections": len(transports)})
+    for transport in transports:
+        transport.abort()
+
+
+def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """At shutdown, connection tasks hypercorn cancels are not errors (asyncio's stream callback would log
+    each as one, with a traceback); anything else is reported as usual."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_signals: bool = True) -> int:
     """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the process exit code."""
     loop = asyncio.get_running_loop()
@@ -100,6 +119,11 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
                 flush_deadline = loop.time() + 5.0
                 while state.in_flight > 0 and loop.time() < flush_deadline:
                     await asyncio.sleep(0.02)
+        # hypercorn now closes the connections, waiting up to its graceful timeout for their tasks; a
+        # connection whose client stopped reading never finishes closing (its unsent bytes wait for a
+        # reader), and would hold the process, and the pod, until the client left.
+        loop.call_later(hc.graceful_timeout + 2.0, _abort_open_connections, loop)
+        loop.set_exception_handler(_quiet_cancellations)
 
     hc = HypercornConfig()
     hc.bind = [f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"]

@@ -150,6 +150,45 @@ def test_drain_timeout_ends_streams_with_an_error_event_not_a_cut(tmp_path):
     assert cut >= 1  # one batch slot: 3 x 450 tokens one after another outlast a 0.2 s drain
 
 
+def test_a_client_that_stopped_reading_does_not_hold_the_shutdown(tmp_path):
+    """SIGTERM while a client keeps its connection open without reading a long stream: its unsent bytes
+    can never go, and closing that connection gracefully would wait for them forever (the pod stuck in
+    Terminating until the kubelet kills it). The server drops it after the drain and exits 0."""
+    import socket
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--drain-timeout", "1"]
+    with open(tmp_path / "server.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "LLM_NUM_THREADS": "1"})
+        stalled = socket.socket()
+        try:
+            wait_healthy(base, proc)
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            stalled.connect(("127.0.0.1", port))
+            # Some 5 MB of events (16 choices x 500 tokens x 20 alternatives each): more than the socket buffers hold.
+            body = json.dumps({"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True,
+                               "stream": True, "n": 16, "logprobs": 20}).encode()  # fmt: skip
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            stalled.sendall(head.encode() + body)
+            _wait_for(lambda: _unread_bytes(stalled) >= 2048, "the client's receive buffer filled")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0  # drain 1 s, 5 s for streams to flush, then its connection goes
+        finally:
+            stalled.close()
+            if proc.poll() is None:
+                proc.kill()
+    assert "closing connections whose clients stopped reading" in (tmp_path / "server.log").read_text()
+
+
+def _unread_bytes(sock) -> int:
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 def _engine_pid(server_pid: int) -> int:
     """The engine process: the server's child running run_engine (multiprocessing's spawn)."""
     children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True).stdout
