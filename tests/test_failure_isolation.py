@@ -7,10 +7,14 @@ the engine here, as a bug in validation would let it."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
 
 from serving.config import ServeConfig
 from serving.engine.builder import build_engine
+from serving.engine.llm_engine import DeviceLost
 from serving.engine.protocol import RequestRejected
 from serving.engine.sampling_params import SamplingParams
 from tests.tiny_models import make_tiny_model
@@ -109,3 +113,81 @@ def test_a_prompt_token_outside_the_vocabulary_is_refused_before_any_step(engine
     engine.add_request("oov", [1, 511, 3], SamplingParams(max_tokens=2, temperature=0.0))  # the last id is fine
     while engine.has_work:
         assert all(o.finish_reason != "error" for o in engine.step())
+
+
+# -- the accelerator failing -------------------------------------------------------------------
+# A CUDA error cannot be made on a CPU: the runner's forward pass raises the exceptions torch and
+# Triton raise for one, and everything around it is the real engine.
+
+
+def _failing_forward(exc: Exception):
+    def execute(chunks, logit_rows):
+        raise exc
+
+    return execute
+
+
+@pytest.fixture
+def fresh_engine(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "llama")
+    return build_engine(ServeConfig(model_path=str(model_dir), device="cpu", max_batch_size=4)).engine
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
+        RuntimeError("CUDA error: device-side assert triggered"),
+    ],
+    ids=["torch", "triton", "assert"],
+)
+def test_a_sticky_cuda_error_stops_the_engine(fresh_engine, monkeypatch, error):
+    """After an illegal memory access the CUDA context fails every later kernel: failing only the step's
+    sequences would fail every request from then on, behind a health check that still says ok."""
+    fresh_engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4))
+    monkeypatch.setattr(fresh_engine.runner, "execute", _failing_forward(error))
+    with pytest.raises(DeviceLost) as info:
+        fresh_engine.step()
+    assert info.value.__cause__ is error
+
+
+def test_out_of_memory_fails_the_step_and_the_engine_goes_on(fresh_engine, monkeypatch):
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    fresh_engine.add_request("big", [1, 2, 3], greedy)
+    with monkeypatch.context() as patch:
+        patch.setattr(fresh_engine.runner, "execute", _failing_forward(torch.OutOfMemoryError("CUDA out of memory")))
+        outputs = fresh_engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("big", "error")]
+    assert "OutOfMemoryError" in outputs[0].error
+    assert len(_tokens(_run(fresh_engine, {"next": ([1, 2, 3], greedy)})["next"])) == 4
+
+
+def test_the_engine_loop_ends_on_a_lost_device(fresh_engine, monkeypatch):
+    """The engine process's loop lets DeviceLost out (run_engine exits with EXIT_DEVICE_LOST; the API
+    process sees the engine gone and exits non-zero: test_server_process)."""
+    from multiprocessing import Pipe
+
+    from serving.engine.engine_process import _serve
+    from serving.engine.protocol import AddRequest, StepOutputs
+
+    commands_recv, commands_send = Pipe(duplex=False)
+    outputs_recv, outputs_send = Pipe(duplex=False)
+    monkeypatch.setattr(fresh_engine.runner, "execute", _failing_forward(torch.AcceleratorError("CUDA error: unspecified launch failure")))
+    commands_send.send(AddRequest("r", [1, 2, 3], SamplingParams(max_tokens=4)))
+    raised: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            _serve(fresh_engine, commands_recv, outputs_send)
+        except BaseException as exc:
+            raised.append(exc)
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+    while loop.is_alive():
+        if outputs_recv.poll(0.05) and isinstance(outputs_recv.recv(), StepOutputs):
+            break  # the loop went on past the failed step
+    commands_send.close()  # a loop that went on idles waiting for commands: EOF ends it
+    loop.join(10)
+    assert len(raised) == 1 and isinstance(raised[0], DeviceLost), raised

@@ -17,13 +17,14 @@ import dataclasses
 import logging
 import select
 import signal
+import sys
 from multiprocessing.connection import Connection
 
 import torch
 
 from serving.config import ServeConfig
 from serving.cpus import COMPUTE_BOUND_WEIGHT_BYTES, default_threads, engine_cpus, pin_process
-from serving.engine.llm_engine import LLMEngine
+from serving.engine.llm_engine import DeviceLost, LLMEngine, check_device
 from serving.engine.protocol import (
     AbortRequest,
     AddRequest,
@@ -40,6 +41,9 @@ from serving.engine.protocol import (
 from serving.logs import setup_logging
 
 log = logging.getLogger("fleetlm.engine")
+
+# The engine's exit status when the accelerator failed (DeviceLost), told apart from a crash (1).
+EXIT_DEVICE_LOST = 3
 
 # Send anyway (blocking) once this many steps are held back, to bound memory and staleness.
 _MAX_HELD_STEPS = 64
@@ -82,7 +86,13 @@ def run_engine(cfg: ServeConfig, commands: Connection, outputs: Connection) -> N
         },
     )
     outputs.send(Ready(info))
-    _serve(built.engine, commands, outputs)
+    try:
+        _serve(built.engine, commands, outputs)
+    except DeviceLost as exc:
+        # Every request from now on would fail the same way: exit, and the API process exits after it
+        # (the container restarts on a fresh CUDA context).
+        log.critical("the accelerator failed: the engine stops", extra={"error": str(exc)})
+        sys.exit(EXIT_DEVICE_LOST)
 
 
 def _serve(engine: LLMEngine, commands: Connection, outputs: Connection) -> None:
@@ -113,6 +123,7 @@ def _serve(engine: LLMEngine, commands: Connection, outputs: Connection) -> None
                 except RequestRejected as exc:
                     outputs.send(Rejected(msg.request_id, str(exc), client_error=True))
                 except Exception as exc:  # an engine bug must not take the engine down with it
+                    check_device(exc)
                     log.exception("adding a request failed", extra={"request_id": msg.request_id})
                     outputs.send(Rejected(msg.request_id, f"{type(exc).__name__}", client_error=False))
         if engine.has_work:

@@ -28,6 +28,27 @@ from serving.models.runner import ForwardChunk, ModelRunner
 log = logging.getLogger("fleetlm.engine")
 
 
+class DeviceLost(RuntimeError):
+    """The accelerator failed in a way no later step recovers from: the engine process must exit
+    (the API process then exits non-zero, and Kubernetes restarts the container)."""
+
+
+def check_device(exc: BaseException) -> None:
+    """Raise DeviceLost if `exc` is a CUDA error other than out-of-memory. After an illegal memory
+    access or a device-side assert the CUDA context is unusable: every later kernel fails with the
+    same error, so failing only the step's sequences would fail every request from then on while
+    the pod still looked alive. Out of memory is not sticky: the step's sequences fail, the engine
+    lives."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return
+    text = str(exc)
+    if "out of memory" in text:
+        return
+    # torch raises AcceleratorError for CUDA errors; Triton's launcher a RuntimeError of its own.
+    if isinstance(exc, torch.AcceleratorError) or "Triton Error [CUDA]" in text or "CUDA error" in text:
+        raise DeviceLost(f"{type(exc).__name__}: {text}") from exc
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -178,6 +199,7 @@ class LLMEngine:
             try:
                 logits, score_rows, samplers = self._forward(batch.chunks)
             except Exception as exc:  # the shared forward pass failed: its sequences fail, the server lives
+                check_device(exc)
                 log.exception("model step failed")
                 self.blocks.discard_step()
                 outputs = [self._fail(c.seq, exc) for c in batch.chunks]
@@ -221,12 +243,10 @@ class LLMEngine:
             seq, n = c.seq, c.num_tokens
             start, end = seq.num_cached, seq.num_cached + n
             forward.append(ForwardChunk(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, c.decode))
-            if seq.prompt_logprobs is not None:
-                first = max(start, len(seq.prompt_logprobs) - 1)
-                last = min(end, seq.prompt_len - 1)
-                if first < last:
-                    targets = seq.token_ids[first + 1 : last + 1]
-                    score_rows.append((seq, list(range(row + first - start, row + last - start)), targets))
+            scored = seq.scored_positions(start, end)
+            if scored:
+                targets = seq.token_ids[scored.start + 1 : scored.stop + 1]
+                score_rows.append((seq, [row + p - start for p in scored], targets))
             if end == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
@@ -269,7 +289,8 @@ class LLMEngine:
         try:
             batched: SampleResult = sample(logits, seqs)
             return list(zip(batched.token_ids, batched.logprobs, strict=True))
-        except Exception:
+        except Exception as exc:
+            check_device(exc)
             log.warning("batched sampling failed: sampling each sequence alone", exc_info=True)
         results: list[tuple[int, TokenLogprob | None] | Exception] = []
         for i, seq in enumerate(seqs):
@@ -277,6 +298,7 @@ class LLMEngine:
                 alone = sample(logits[i : i + 1], [seq])
                 results.append((alone.token_ids[0], alone.logprobs[0]))
             except Exception as exc:
+                check_device(exc)
                 log.exception("sampling failed", extra={"request_id": seq.request_id})
                 results.append(exc)
         return results
