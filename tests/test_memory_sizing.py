@@ -69,3 +69,9 @@ def test_the_profile_step_is_the_largest_the_scheduler_makes_and_leaves_no_cache
     # a block of 16 each, plus the scratch block.
     assert runner.profile_kv_bytes == (7 + 1) * 16 * runner.kv_bytes_per_token
     assert runner.profile_run(3, 8, 16).shape == (3, runner.vocab_size)  # never more sequences than tokens
+    # With the prompt rows a step may score for echo + logprobs: those rows' logits first, as the engine
+    # asks for them (the builder scores them, then samples the rest).
+    scored = runner.profile_run(100, 7, 16, scored_rows=30)
+    assert scored.shape == (30 + 7, runner.vocab_size)
+    assert torch.allclose(scored[30:], logits, atol=1e-4)
+    assert runner.profile_run(20, 2, 16, scored_rows=30).shape == (20 + 2, runner.vocab_size), "no more rows than tokens"

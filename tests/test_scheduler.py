@@ -104,3 +104,30 @@ def test_removing_a_sequence_frees_its_blocks_wherever_it_is():
     s.remove(waiting)
     s.remove(running)
     assert blocks.num_free == 8 and not s.has_work
+
+
+def test_prompt_rows_scored_for_echo_logprobs_have_a_budget_per_step():
+    """Each scored row is a [vocab] float32 row of logits: a long echo+logprobs prompt is prefilled in
+    chunks that score at most max_scored_rows, whatever the token budget; unscored prompts are not held."""
+    s = Scheduler(BlockManager(64, BS, prefix_caching=False), max_batch_size=8, max_batched_tokens=100, max_scored_rows=5)
+    scored, other, second = _seq(0, 12), _seq(1, 9), _seq(2, 4)
+    scored.prompt_logprobs = [None]
+    second.prompt_logprobs = [None]
+    for seq in (scored, other, second):
+        s.add(seq)
+    first = s.schedule()
+    # Positions 0..4 score tokens 1..5; the unscored prompt takes its whole length; the second scored
+    # prompt finds the scoring budget spent and waits (admission keeps arrival order).
+    assert _plan(first) == [(0, 5, False), (1, 9, False)]
+    scored.prompt_logprobs.extend([None] * 5)
+    _computed(s, first)
+    assert _plan(s.schedule()) == [(1, 1, True), (0, 5, False)]
+
+
+def test_rows_scored_before_a_preemption_are_recomputed_without_their_budget():
+    seq = _seq(0, 12)
+    seq.prompt_logprobs = [None] * 9  # positions 0..7 were scored before it was preempted
+    assert seq.scored_positions(0, 12) == range(8, 11), "the last prompt token scores nothing"
+    s = Scheduler(BlockManager(64, BS, prefix_caching=False), max_batch_size=8, max_batched_tokens=100, max_scored_rows=2)
+    s.add(seq)
+    assert _plan(s.schedule()) == [(0, 10, False)], "8 recomputed rows, then the 2 the budget scores"

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from serving.engine.sampling_params import MAX_LOGPROBS
+
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
@@ -284,7 +286,7 @@ class CompletionRequest(_Request):
     prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_non_empty())
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16  # OpenAI's default for completions
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] | None = None
     suffix: str | None = Field(None, json_schema_extra=_UNSET)
 
@@ -392,7 +394,7 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -606,7 +608,7 @@ class ResponsesRequest(_Body):
     reasoning: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
     include: list[str] | None = Field(None, json_schema_extra=_UNSET)
     prompt: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
-    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = Field(None, json_schema_extra={"maximum": 0})
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = Field(None, json_schema_extra={"maximum": 0})
     max_tool_calls: Annotated[int, Field(ge=0), INTEGRAL] | None = Field(None, json_schema_extra={"maximum": -1})
 
     @field_validator("input")

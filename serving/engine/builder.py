@@ -15,8 +15,9 @@ from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.protocol import ModelInfo
-from serving.engine.sampler import sample
-from serving.engine.sampling_params import SamplingParams
+from serving.engine.sampler import prompt_logprobs, sample
+from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from serving.engine.scheduler import SCORED_ROWS_PER_STEP
 from serving.engine.sequence import Sequence
 from serving.models.loader import LoadedModel, load_model, load_tokenizer
 from serving.models.native import NativeRunner
@@ -95,16 +96,19 @@ def _profile_sequences(count: int, vocab: int) -> list[Sequence]:
     return [Sequence(i, "profile", 0, [i % vocab], 1, params) for i in range(count)]
 
 
-def profile_activations(runner: NativeRunner, num_tokens: int, num_seqs: int) -> int:
+def profile_activations(runner: NativeRunner, num_tokens: int, num_seqs: int, score_prompts: bool = True) -> int:
     """Peak bytes a step of num_tokens prompt tokens over num_seqs sequences takes on the GPU beyond
-    what is allocated before it (the weights): the forward pass, then sampling its logits."""
+    what is allocated before it (the weights): the forward pass, then scoring the most prompt rows a
+    step scores (echo + logprobs) and sampling its logits."""
     device = runner.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    logits = runner.profile_run(num_tokens, num_seqs, BLOCK_SIZE)
-    sample(logits, _profile_sequences(logits.shape[0], runner.vocab_size))
+    scored = min(SCORED_ROWS_PER_STEP, num_tokens) if score_prompts else 0
+    logits = runner.profile_run(num_tokens, num_seqs, BLOCK_SIZE, scored)
+    prompt_logprobs(logits[:scored], [0] * scored, MAX_LOGPROBS)
+    sample(logits[scored:], _profile_sequences(logits.shape[0] - scored, runner.vocab_size))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del logits
@@ -123,7 +127,7 @@ def profiled_kv_tokens(cfg: ServeConfig, runner: NativeRunner, max_batched: int)
     device = runner.device
     activations = profile_activations(runner, max_batched, cfg.max_batch_size)
     # The decode graphs' pool holds the activations of the largest batch's step.
-    graph_pool = profile_activations(runner, cfg.max_batch_size, cfg.max_batch_size) if _captures_graphs(cfg, runner) else 0
+    graph_pool = profile_activations(runner, cfg.max_batch_size, cfg.max_batch_size, score_prompts=False) if _captures_graphs(cfg, runner) else 0
     weights = torch.cuda.memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 GREEDY_BELOW = 1e-5
 # A repetition penalty is applied as at least this: a smaller one turns logits into infinities.
 MIN_REPETITION_PENALTY = 1e-4
+# Most alternatives reported per token (OpenAI's limit for logprobs and top_logprobs).
+MAX_LOGPROBS = 20
 
 
 @dataclass(slots=True, frozen=True)

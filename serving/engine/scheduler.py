@@ -8,6 +8,11 @@ next token. A new sequence starts after the leading blocks the prefix cache alre
 the KV cache runs out, the newest running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed later. Requests wait rather than fail when memory
 is short.
+
+Prompt rows scored for echo + logprobs take a [rows, vocab] float32 block of logits each (half a
+megabyte at a 128k vocabulary): their number per step has a budget of its own (SCORED_ROWS_PER_STEP),
+which the builder's memory profile includes, so a long scored prompt is prefilled in smaller chunks
+rather than taking gigabytes the KV cache was sized to use.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 
 from serving.engine.block_manager import BlockManager
 from serving.engine.sequence import Sequence, SequenceStatus
+
+SCORED_ROWS_PER_STEP = 256
 
 
 @dataclass(slots=True)
@@ -39,12 +46,22 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_batch_size: int,
+        max_batched_tokens: int,
+        max_scored_rows: int = SCORED_ROWS_PER_STEP,
+    ):
         if max_batched_tokens < max_batch_size:
             raise ValueError("max_batched_tokens must be at least max_batch_size")
+        if max_scored_rows < 1:
+            raise ValueError("max_scored_rows must be at least 1")
         self.blocks = block_manager
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
+        self.max_scored_rows = max_scored_rows
+        self._scoring = max_scored_rows  # what is left of it in the step being scheduled
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -66,6 +83,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_batched_tokens
+        self._scoring = self.max_scored_rows
         decoding: list[Sequence] = []
         prefilling: list[Sequence] = []
         for seq in self.running:
@@ -74,7 +92,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop, or out of budget until next step
             decode = seq.is_decoding
-            n = 1 if decode else min(seq.prefill_end - seq.num_cached, budget)
+            n = 1 if decode else self._scored_within_budget(seq, seq.num_cached, min(seq.prefill_end - seq.num_cached, budget))
+            if n == 0:
+                continue  # its next prompt rows to score wait for the next step's scoring budget
             if self.blocks.reserve(seq, seq.num_cached + n) or self._preempt_until_reserved(seq, seq.num_cached + n, batch):
                 batch.chunks.append(ScheduledChunk(seq, n, decode))
                 budget -= n
@@ -87,8 +107,8 @@ class Scheduler:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
             cached = len(hits) * self.blocks.block_size
-            n = min(seq.num_tokens - cached, budget)
-            if not self.blocks.admit(seq, hits, cached + n):
+            n = self._scored_within_budget(seq, cached, min(seq.num_tokens - cached, budget))
+            if n == 0 or not self.blocks.admit(seq, hits, cached + n):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -102,6 +122,16 @@ class Scheduler:
             self.blocks.register_computed(seq, cached + n)
             budget -= n
         return batch
+
+    def _scored_within_budget(self, seq: Sequence, start: int, n: int) -> int:
+        """Shorten a prefill chunk of n tokens from `start` so the prompt rows it scores fit what is left
+        of this step's scoring budget (0: none fit), and take them from it."""
+        scored = seq.scored_positions(start, start + n)
+        if len(scored) > self._scoring:
+            n = scored.start + self._scoring - start
+            scored = seq.scored_positions(start, start + n)
+        self._scoring -= len(scored)
+        return n
 
     def _preempt_until_reserved(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Preempt the newest running sequences until seq's blocks fit; False if seq was preempted itself."""

@@ -61,6 +61,13 @@ class Sequence:
         """Prefill done: each step computes the one token sampled last."""
         return self.num_cached >= self.prefill_end
 
+    def scored_positions(self, start: int, end: int) -> range:
+        """The positions computed from `start` up to `end` whose logits score the prompt's next token
+        (echo with logprobs). Positions scored before a preemption are not scored again."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, len(self.prompt_logprobs) - 1), min(end, self.prompt_len - 1))
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

@@ -72,11 +72,11 @@ class NativeRunner:
             raise ValueError("CUDA graphs need a CUDA device and the triton attention backend")
         self.graphs = DecodeGraphs(self, max_batch, max_model_len, capture)
 
-    def profile_run(self, num_tokens: int, num_seqs: int, block_size: int) -> torch.Tensor:
+    def profile_run(self, num_tokens: int, num_seqs: int, block_size: int, scored_rows: int = 0) -> torch.Tensor:
         """The largest step the scheduler can make, num_tokens prompt tokens over num_seqs sequences, on a
-        temporary KV cache just large enough; returns their last rows' logits [num_seqs, vocab]. The
-        builder measures the device's peak memory across this (and the sampler on its logits) to size
-        the real cache."""
+        temporary KV cache just large enough; returns the logits of `scored_rows` prompt rows (as echo +
+        logprobs scores them), then of each sequence's last row. The builder measures the device's peak
+        memory across this (and scoring and sampling those logits) to size the real cache."""
         num_seqs = max(1, min(num_seqs, num_tokens))
         lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         tables, first = [], 0
@@ -91,7 +91,7 @@ class NativeRunner:
         try:
             chunks = [ForwardChunk(i, [0] * n, 0, t, False) for i, (n, t) in enumerate(zip(lengths, tables, strict=True))]
             rows = [sum(lengths[: i + 1]) - 1 for i in range(num_seqs)]
-            return self.execute(chunks, rows)
+            return self.execute(chunks, list(range(min(scored_rows, num_tokens))) + rows)
         finally:
             self.free_kv_cache()
 
