@@ -191,3 +191,18 @@ def test_the_engine_loop_ends_on_a_lost_device(fresh_engine, monkeypatch):
     commands_send.close()  # a loop that went on idles waiting for commands: EOF ends it
     loop.join(10)
     assert len(raised) == 1 and isinstance(raised[0], DeviceLost), raised
+
+
+def test_a_sequence_whose_prompt_scoring_fails_fails_alone(engine):
+    """Echo + logprobs with more alternatives than the vocabulary (the API caps them at 20; a bug in
+    validation would let this through): scoring its prompt fails, its batch-mates are untouched."""
+    vocab = engine.runner.vocab_size
+    bad = SamplingParams(max_tokens=4, logprobs=vocab + 5, prompt_logprobs=True)
+    mates = {rid: (PROMPTS[rid], PARAMS[rid]) for rid in PROMPTS}
+    solo = {rid: _run(engine, {rid: mates[rid]})[rid] for rid in PROMPTS}
+    together = _run(engine, {"bad": ([1, 2, 3, 4], bad), **mates})
+    failed = together.pop("bad")
+    assert [o.finish_reason for o in failed] == ["error"] and "RuntimeError" in failed[0].error
+    for rid, outputs in together.items():
+        assert _tokens(outputs) == _tokens(solo[rid]), rid
+    assert engine.num_running == 0 and engine.num_waiting == 0

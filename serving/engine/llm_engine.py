@@ -49,6 +49,14 @@ def check_device(exc: BaseException) -> None:
         raise DeviceLost(f"{type(exc).__name__}: {text}") from exc
 
 
+def _unfinished(rows: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
+    """The rows (one per sequence) and sequences of those not finished (failed) in this step so far."""
+    if not any(s.is_finished for s in seqs):
+        return rows, seqs
+    keep = [i for i, s in enumerate(seqs) if not s.is_finished]
+    return rows[keep], [seqs[i] for i in keep]
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -261,19 +269,30 @@ class LLMEngine:
         self, logits: torch.Tensor, score_rows: list[tuple[Sequence, int, list[int]]], samplers: list[Sequence]
     ) -> list[SequenceOutput]:
         offset = 0
+        outputs: list[SequenceOutput] = []
         for seq, count, targets in score_rows:
             assert seq.prompt_logprobs is not None
-            seq.prompt_logprobs.extend(prompt_logprobs(logits[offset : offset + count], targets, seq.params.logprobs or 0))
+            try:
+                seq.prompt_logprobs.extend(prompt_logprobs(logits[offset : offset + count], targets, seq.params.logprobs or 0))
+            except Exception as exc:  # out of memory, say: this sequence fails, its batch-mates go on
+                check_device(exc)
+                log.exception("scoring the prompt failed", extra={"request_id": seq.request_id})
+                outputs.append(self._fail(seq, exc))
             offset += count
-        if not samplers:
-            return []
-        rows = logits[offset:]
+        rows, samplers = _unfinished(logits[offset:], samplers)
         if any(s.grammar is not None for s in samplers):
             # Constrained rows keep only what their grammar allows; the logprobs reported are then of
             # that masked distribution, the one the token is drawn from.
-            rows = apply_masks(rows, [s.grammar for s in samplers])
+            try:
+                rows = apply_masks(rows, [s.grammar for s in samplers])
+            except Exception as exc:
+                check_device(exc)
+                log.exception("masking the step's constrained rows failed")
+                outputs.extend(self._fail(s, exc) for s in samplers if s.grammar is not None)
+                rows, samplers = _unfinished(rows, samplers)
+        if not samplers:
+            return outputs
         results = self._sample(rows, samplers)
-        outputs = []
         for seq, result in zip(samplers, results, strict=True):
             if isinstance(result, Exception):
                 outputs.append(self._fail(seq, result))
