@@ -85,4 +85,10 @@ timeout "$(cap 90)" python3 -m bench.quant_gpu_bench --config bench/configs/llam
   --out "$OUT/quant_gpu_bench.json" 2>&1 | grep -v '^{"ts' | tail -20
 keep quant_gpu_bench.json
 
+log "the README's GPU table, from the JSONs above (here: python -m bench.gpu_table --readme README.md)"
+python3 -m bench.gpu_table --results "$OUT/gpu_bench.json" --quant-results "$OUT/quant_gpu_bench.json" 2>&1 | tail -30
+
 log "done"
+# Let the log's tee write its last lines before the command ends (the device tool then takes $OUT).
+exec 1>&- 2>&-
+sleep 1

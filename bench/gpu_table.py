@@ -16,6 +16,7 @@ from pathlib import Path
 
 START, END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
 RESULTS = Path("bench/results/gpu_bench.json")
+QUANT_RESULTS = Path("bench/results/quant_gpu_bench.json")  # bench/quant_gpu_bench.py's report
 
 # The issue's targets (output tokens per second unless said otherwise).
 SINGLE_STREAM_TOK_S = 215
@@ -23,6 +24,9 @@ DECODE_HEAVY_TOK_S = 16_000
 PREFILL_HEAVY_TOK_S = 5_500
 HTTP_SHARE_OF_ENGINE = 0.85
 HTTP_TTFT_P50_MS = 300
+# q8_0 "halves" the weights: 34 bytes per 32 weights against bf16's 64 is 0.53 (its block scales).
+Q8_WEIGHT_RATIO = 0.55
+Q8_AGREEMENT = 0.95
 
 NOT_MEASURED = f"""No GPU figures have been measured yet. They come from one run of `bash bench/device_check.sh`
 on a machine with an NVIDIA GPU: it runs `python -m bench.gpu_bench --config bench/configs/llama-3.1-8b
@@ -30,7 +34,9 @@ on a machine with an NVIDIA GPU: it runs `python -m bench.gpu_bench --config ben
 `python -m bench.gpu_table --readme README.md` makes the table here. The targets it checks:
 single-stream decode ≥ {SINGLE_STREAM_TOK_S} tok/s; 256 × (128 in / 512 out) ≥ {DECODE_HEAVY_TOK_S:,} tok/s;
 256 × (512 in / 128 out) ≥ {PREFILL_HEAVY_TOK_S:,} tok/s; through HTTP at concurrency 64,
-≥ {HTTP_SHARE_OF_ENGINE:.0%} of the engine's tok/s with the same requests and TTFT p50 < {HTTP_TTFT_P50_MS} ms."""
+≥ {HTTP_SHARE_OF_ENGINE:.0%} of the engine's tok/s with the same requests and TTFT p50 < {HTTP_TTFT_P50_MS} ms;
+`--quantization q8_0` at ≤ {Q8_WEIGHT_RATIO} of the bf16 weights with ≥ {Q8_AGREEMENT:.0%} greedy agreement on the demo
+model (`bench/quant_gpu_bench.py`, `bench/results/quant_gpu_bench.json`)."""
 
 
 def is_gpu_report(report: dict | None) -> bool:
@@ -49,8 +55,38 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def table(report: dict) -> str:
-    """The Markdown table of one GPU report, with a line saying where and when it was measured."""
+def quant_rows(quant: dict) -> list[tuple[str, str, str, str]]:
+    """Rows of bench/quant_gpu_bench.py's report: weight memory and decode speed of each scheme on the
+    benchmark's shape (random weights), greedy agreement on the demo model (real weights)."""
+    rows = []
+    speed, agreement = quant.get("speed", {}), quant.get("demo_agreement", {})
+    base = speed.get("none", {})
+    for scheme in ("q8_0", "q4_0"):
+        if scheme in speed:
+            row, target = speed[scheme], scheme == "q8_0"
+            tok_s = " / ".join(f"{row[k]:,.0f}" for k in row if k.startswith("decode_batch_"))
+            batches = " / ".join(k[len("decode_batch_") : -len("_tok_s")] for k in row if k.startswith("decode_batch_"))
+            rows.append((
+                f"`--quantization {scheme}`: weights; decode tok/s at batch {batches}",
+                f"{row['weight_ratio_to_none']:.3f} of {quant['dtype']} ({row['weight_bytes'] / 2**30:.2f} GiB); {tok_s} "
+                f"({' / '.join(f'{base[k]:,.0f}' for k in base if k.startswith('decode_batch_'))} unquantized)",
+                f"≤ {Q8_WEIGHT_RATIO} of {quant['dtype']}" if target else "–",
+                _met(row["weight_ratio_to_none"] <= Q8_WEIGHT_RATIO) if target else "–",
+            ))  # fmt: skip
+        if scheme in agreement:
+            row, target = agreement[scheme], scheme == "q8_0"
+            rows.append((
+                f"`--quantization {scheme}`: greedy agreement on the demo model",
+                f"{row['agreement']:.1%} of {row['positions']} positions",
+                f"≥ {Q8_AGREEMENT:.0%}" if target else "–",
+                _met(row["agreement"] >= Q8_AGREEMENT) if target else "–",
+            ))  # fmt: skip
+    return rows
+
+
+def table(report: dict, quant: dict | None = None) -> str:
+    """The Markdown table of one GPU report (and of the quantization report measured beside it), with a
+    line saying where and when it was measured."""
     fleet, rows = report["fleetlm"], []
     stream = fleet["single_stream"]["decode_tok_s"]
     rows.append(("single stream, decode after the first token (128 in)", f"{stream:,.0f} tok/s",
@@ -91,6 +127,8 @@ def table(report: dict) -> str:
         what = "one request" if batch == 1 else f"static batch {batch}"
         shape = f" ({peer['prompt_len']} in / {peer['output_len']} out)" if "prompt_len" in peer else ""
         rows.append((f"transformers `generate`, {what}{shape}", f"{peer['tok_s']:,.0f} tok/s", "peer", "–"))
+    if quant is not None and is_gpu_report(quant):
+        rows += quant_rows(quant)
     machine = report.get("machine", {})
     device = machine.get("gpu") or report.get("device")
     software = ", ".join(f"{k} {machine[k]}" for k in ("torch", "cuda") if machine.get(k))
@@ -98,7 +136,9 @@ def table(report: dict) -> str:
         f"Measured {report['date']} at commit `{report['commit']}` on {device}"
         f"{f' ({software})' if software else ''}: `{report['config']}`, {report['dtype']}, random weights "
         f"(`--load-format dummy`); output tokens per second. From `bench/results/gpu_bench.json`"
-        + ("." if report.get("complete", True) else ", of a run stopped before its end (later rows are missing)."),
+        + ("." if report.get("complete", True) else ", of a run stopped before its end (later rows are missing).")
+        + (f" Quantization rows: `bench/results/quant_gpu_bench.json` ({quant['date']}, `{quant['commit']}`)."
+           if quant is not None and is_gpu_report(quant) else ""),
         "",
         "| run | measured | target | met |",
         "|---|---|---|---|",
@@ -107,9 +147,9 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def block(report: dict | None) -> str:
+def block(report: dict | None, quant: dict | None = None) -> str:
     """What goes between the README's markers: the table, or why there is none."""
-    return table(report) if report is not None and is_gpu_report(report) else NOT_MEASURED
+    return table(report, quant) if report is not None and is_gpu_report(report) else NOT_MEASURED
 
 
 def replace_block(text: str, content: str) -> str:
@@ -126,9 +166,10 @@ def load(path: Path) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--quant-results", type=Path, default=QUANT_RESULTS)
     parser.add_argument("--readme", type=Path, help="write the block into this file instead of printing it")
     args = parser.parse_args()
-    content = block(load(args.results))
+    content = block(load(args.results), load(args.quant_results))
     if args.readme is None:
         print(content)
     else:

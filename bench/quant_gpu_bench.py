@@ -25,6 +25,7 @@ import gc
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,15 +96,15 @@ def decode_tok_s(engine, batch: int, prompt_len: int, out: int, vocab: int, devi
     return batch * (out - 1) / (end - max(first.values()))
 
 
-def speed(args: argparse.Namespace, scale: int) -> dict:
-    """Per scheme: weight bytes, compute paths, decode tok/s at batch 1 and 32 (random weights)."""
+def speed(args: argparse.Namespace, scale: int, results: dict, save: Callable[[], None]) -> None:
+    """Per scheme, into `results`: weight bytes, compute paths, decode tok/s at batch 1 and 32 (random
+    weights). `save` is called after each scheme: a run cut short keeps what it measured."""
     from transformers import AutoConfig
 
     from serving.models.quant import weight_bytes
 
     vocab = AutoConfig.from_pretrained(args.config).vocab_size
     prompt_len, out, batches = 128 // scale, 128 // scale, (1, 32 // scale)
-    results: dict = {}
     for scheme in SCHEMES:
         engine = _build(args.config, args.device, args.dtype, scheme, True, batches[-1], prompt_len + out)
         model = engine.runner.model
@@ -112,14 +113,13 @@ def speed(args: argparse.Namespace, scale: int) -> dict:
             row["gpu_allocated_bytes"] = torch.cuda.memory_allocated()  # weights and the (same-sized) KV cache
         for b in batches:
             row[f"decode_batch_{b}_tok_s"] = decode_tok_s(engine, b, prompt_len, out, vocab, args.device)
+        row["weight_ratio_to_none"] = row["weight_bytes"] / results.get("none", row)["weight_bytes"]
         results[scheme] = row
+        save()
         del engine, model
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    for row in results.values():
-        row["weight_ratio_to_none"] = row["weight_bytes"] / results["none"]["weight_bytes"]
-    return results
 
 
 def _teacher_forced_picks(engine, sequences: list[list[int]]) -> torch.Tensor:
@@ -174,7 +174,24 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/quant_gpu_bench.json")
     args = parser.parse_args()
     scale = 8 if args.quick else 1
-    speeds, agrees = speed(args, scale), agreement(args, scale)
+    report = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "config": args.config, "device": args.device,
+              "dtype": args.dtype, "quick": args.quick, "machine": machine_info(args.device), "speed": {},
+              "demo_agreement": {}}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    # The acceptance figure (agreement, on the small demo model) first: the 8B builds of the speed part
+    # take most of the time, and each of their results is saved as it comes.
+    report["demo_agreement"] = agrees = agreement(args, scale)
+    save()
+    print("demo model (stories260K, real weights), teacher-forced greedy agreement with the float model")
+    for scheme, row in agrees.items():
+        print(f"{scheme:<8} {row['agreement']:>8.1%} of {row['positions']} positions, weights x{row['weight_ratio_to_none']:.3f}")
+    speeds = report["speed"]
+    speed(args, scale, speeds, save)
 
     batches = [k for k in speeds["none"] if k.startswith("decode_batch_")]
     print(f"{args.config} on {args.device} ({args.dtype}), random weights")
@@ -182,17 +199,6 @@ def main() -> None:
     for scheme, row in speeds.items():
         print(f"{scheme:<8} {row['weight_bytes'] / 2**20:>8.1f} MiB {row['weight_ratio_to_none']:>7.3f} "
               f"{','.join(row['paths']) or '-':>10}" + "".join(f" {row[k]:>16.1f}" for k in batches))  # fmt: skip
-    print("demo model (stories260K, real weights), teacher-forced greedy agreement with the float model")
-    for scheme, row in agrees.items():
-        print(f"{scheme:<8} {row['agreement']:>8.1%} of {row['positions']} positions, weights x{row['weight_ratio_to_none']:.3f}")
-
-    commit = git_commit()
-    report = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "config": args.config, "device": args.device,
-              "dtype": args.dtype, "quick": args.quick, "machine": machine_info(args.device), "speed": speeds,
-              "demo_agreement": agrees}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

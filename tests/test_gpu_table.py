@@ -62,6 +62,36 @@ def test_each_target_is_checked_against_the_measurement():
     assert rows["transformers `generate`, static batch 128 (128 in / 128 out)"] == ["3,100 tok/s", "peer", "–"]
 
 
+def _quant_report(q8_ratio: float, q8_agreement: float) -> dict:
+    """A report shaped like bench/quant_gpu_bench.py's (test_quant_gpu_bench.py runs the real one)."""
+    def speed(ratio: float, b1: float, b32: float) -> dict:
+        return {"weight_bytes": int(ratio * 16e9), "paths": ["triton"] if ratio < 1 else [], "decode_batch_1_tok_s": b1,
+                "decode_batch_32_tok_s": b32, "weight_ratio_to_none": ratio}  # fmt: skip
+
+    def agree(ratio: float, share: float) -> dict:
+        return {"weight_bytes": 1000, "paths": [], "agreement": share, "positions": 923, "weight_ratio_to_none": ratio}
+
+    return {"date": "2026-12-02", "commit": "def5678", "config": "bench/configs/llama-3.1-8b", "device": "cuda",
+            "dtype": "bfloat16", "quick": False, "machine": {},
+            "speed": {"none": speed(1.0, 200.0, 5000.0), "q8_0": speed(q8_ratio, 330.0, 7000.0), "q4_0": speed(0.3, 450.0, 6000.0)},
+            "demo_agreement": {"none": agree(1.0, 1.0), "q8_0": agree(0.63, q8_agreement), "q4_0": agree(0.47, 0.89)}}  # fmt: skip
+
+
+def test_the_quantization_rows_check_q8_0_against_its_targets():
+    table = gpu_table.table(_report(), _quant_report(0.531, 0.987))
+    assert "Quantization rows: `bench/results/quant_gpu_bench.json` (2026-12-02, `def5678`)" in table.splitlines()[0]
+    rows = _rows(table)
+    weights = rows["`--quantization q8_0`: weights; decode tok/s at batch 1 / 32"]
+    assert weights == ["0.531 of bfloat16 (7.91 GiB); 330 / 7,000 (200 / 5,000 unquantized)", "≤ 0.55 of bfloat16", "yes"]
+    assert rows["`--quantization q8_0`: greedy agreement on the demo model"] == ["98.7% of 923 positions", "≥ 95%", "yes"]
+    assert rows["`--quantization q4_0`: greedy agreement on the demo model"][1:] == ["–", "–"]
+    missed = _rows(gpu_table.table(_report(), _quant_report(0.593, 0.94)))
+    assert missed["`--quantization q8_0`: weights; decode tok/s at batch 1 / 32"][2] == "**no**"
+    assert missed["`--quantization q8_0`: greedy agreement on the demo model"][2] == "**no**"
+    # A CPU or --quick quantization run adds nothing to the GPU table.
+    assert gpu_table.table(_report(), {**_quant_report(0.5, 1.0), "device": "cpu"}) == gpu_table.table(_report())
+
+
 def test_a_failed_http_part_is_shown_as_failed():
     rows = _rows(gpu_table.table(_report(http={"concurrency": 64, "error": "RuntimeError: server exited with 1"})))
     assert rows["HTTP, concurrency 64"] == ["failed: RuntimeError: server exited with 1", "", "**no**"]
@@ -87,7 +117,8 @@ def test_the_readme_block_is_replaced_and_nothing_else(tmp_path):
     results.write_text(json.dumps(_report()))
     before = (ROOT / "README.md").read_text()
     readme.write_text(before)
-    command = [sys.executable, "-m", "bench.gpu_table", "--results", str(results), "--readme", str(readme)]
+    command = [sys.executable, "-m", "bench.gpu_table", "--results", str(results), "--readme", str(readme),
+               "--quant-results", str(tmp_path / "none.json")]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, timeout=60)
     after = readme.read_text()
     head, rest = after.split(gpu_table.START + "\n")
@@ -103,4 +134,4 @@ def test_the_committed_readme_shows_the_committed_results():
     readme = (ROOT / "README.md").read_text()
     assert readme.count(gpu_table.START) == 1 and readme.count(gpu_table.END) == 1
     body = readme.split(gpu_table.START + "\n")[1].split("\n" + gpu_table.END)[0]
-    assert body == gpu_table.block(gpu_table.load(ROOT / gpu_table.RESULTS))
+    assert body == gpu_table.block(gpu_table.load(ROOT / gpu_table.RESULTS), gpu_table.load(ROOT / gpu_table.QUANT_RESULTS))

@@ -30,6 +30,32 @@ def test_quantization_shrinks_weights_and_q8_keeps_greedy_text():
     assert _greedy_text(q4, "Once upon a time", 40)[:40] == reference[:40]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied output projection; tied to the token table
+def test_q8_0_halves_bf16_weights_with_the_token_table_and_output_in_blocks(tmp_path, arch):
+    """Every weight matrix in q8_0 blocks (34 bytes per 32 weights against bf16's 64): the token table and
+    output projection too, so a model's weights come to 0.53 of bf16 (an 8B model's table and lm_head
+    alone are 2 GB, 0.59 if left in bf16); under q4_0 they stay 8-bit."""
+    from torch import nn
+
+    from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear
+
+    model_dir = make_tiny_model(tmp_path, arch)
+
+    def load(scheme: str):
+        cfg = ServeConfig(model_path=str(model_dir), device="cpu", dtype="bfloat16", quantization=scheme)
+        return build_engine(cfg).engine.runner.model
+
+    plain, q8, q4 = load("none"), load("q8_0"), load("q4_0")
+    for model in (q8, q4):
+        assert isinstance(model.model.embed_tokens, BlockQuantEmbedding) and model.model.embed_tokens.fmt == "q8_0"
+        assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in model.modules()), "every matrix in blocks"
+        if arch == "llama":
+            assert isinstance(model.lm_head, BlockQuantLinear) and model.lm_head.formats == ["q8_0"]
+    matrices = sum(p.numel() for p in plain.parameters() if p.ndim == 2)
+    rest = weight_bytes(plain) - 2 * matrices  # norms, biases and the rotary tables stay as they are
+    assert weight_bytes(q8) == matrices * 34 // 32 + rest, "every matrix at 34/64 of its bf16 bytes"
+
+
 def test_model_arch_contradicting_config_is_an_error(tmp_path):
     model_dir = make_tiny_model(tmp_path, "qwen2")
     with pytest.raises(ConfigError, match="contradicts"):

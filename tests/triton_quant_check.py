@@ -96,7 +96,8 @@ with tempfile.TemporaryDirectory() as tmp:
             cfg = ServeConfig(model_path=str(model_dir), device=DEVICE.type, dtype="float32", quantization=scheme)
             runner = load_model(cfg).runner
             layers = [m for m in runner.model.modules() if isinstance(m, BlockQuantLinear)]
-            assert len(layers) == 2 * 4 and all(m.path == path for m in layers), (scheme, path)
+            # Two layers' four projections, the output projection and the token table's (all in blocks).
+            assert len(layers) == 2 * 4 + 2 and all(m.path == path for m in layers), (scheme, path)
             runner.allocate_kv_cache(4, 16)
             prefill = runner.execute([ForwardChunk(0, prompt, 0, [0, 1], decode=False)], list(range(len(prompt))))
             decode = runner.execute([ForwardChunk(0, [5], len(prompt), [0, 1], decode=True)], [0])
