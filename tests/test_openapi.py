@@ -12,6 +12,7 @@ import httpx
 import jsonschema
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401 - see below
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
     content_type_conformance,
@@ -24,6 +25,11 @@ from serving.api.responses import ErrorResponse
 from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
 
 EXAMPLES = 25  # per route and generation mode
+
+# schemathesis imports its OpenAPI modules lazily, on the first from_url. Imported here, at collection,
+# they are compiled on a shallow stack: compiled deep in a fixture after other tests, CPython 3.11.7's
+# AST validator once failed with "SystemError: AST constructor recursion depth mismatch" (its
+# recursion-depth bookkeeping bug, gh-106905), erroring this module's test on an unchanged tree.
 
 
 @pytest.fixture(scope="module")
