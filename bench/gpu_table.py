@@ -64,12 +64,12 @@ def quant_rows(quant: dict) -> list[tuple[str, str, str, str]]:
     for scheme in ("q8_0", "q4_0"):
         if scheme in speed:
             row, target = speed[scheme], scheme == "q8_0"
-            tok_s = " / ".join(f"{row[k]:,.0f}" for k in row if k.startswith("decode_batch_"))
-            batches = " / ".join(k[len("decode_batch_") : -len("_tok_s")] for k in row if k.startswith("decode_batch_"))
+            keys = [k for k in row if k.startswith("decode_batch_")]
+            batches = " / ".join(k[len("decode_batch_") : -len("_tok_s")] for k in keys)
             rows.append((
                 f"`--quantization {scheme}`: weights; decode tok/s at batch {batches}",
-                f"{row['weight_ratio_to_none']:.3f} of {quant['dtype']} ({row['weight_bytes'] / 2**30:.2f} GiB); {tok_s} "
-                f"({' / '.join(f'{base[k]:,.0f}' for k in base if k.startswith('decode_batch_'))} unquantized)",
+                f"{row['weight_ratio_to_none']:.3f} of {quant['dtype']} ({row['weight_bytes'] / 2**30:.2f} GiB); "
+                f"{' / '.join(f'{row[k]:,.0f}' for k in keys)} ({' / '.join(f'{base[k]:,.0f}' for k in keys)} unquantized)",
                 f"≤ {Q8_WEIGHT_RATIO} of {quant['dtype']}" if target else "–",
                 _met(row["weight_ratio_to_none"] <= Q8_WEIGHT_RATIO) if target else "–",
             ))  # fmt: skip
@@ -127,7 +127,7 @@ def table(report: dict, quant: dict | None = None) -> str:
         what = "one request" if batch == 1 else f"static batch {batch}"
         shape = f" ({peer['prompt_len']} in / {peer['output_len']} out)" if "prompt_len" in peer else ""
         rows.append((f"transformers `generate`, {what}{shape}", f"{peer['tok_s']:,.0f} tok/s", "peer", "–"))
-    if quant is not None and is_gpu_report(quant):
+    if is_gpu_report(quant):
         rows += quant_rows(quant)
     machine = report.get("machine", {})
     device = machine.get("gpu") or report.get("device")
@@ -138,7 +138,7 @@ def table(report: dict, quant: dict | None = None) -> str:
         f"(`--load-format dummy`); output tokens per second. From `bench/results/gpu_bench.json`"
         + ("." if report.get("complete", True) else ", of a run stopped before its end (later rows are missing).")
         + (f" Quantization rows: `bench/results/quant_gpu_bench.json` ({quant['date']}, `{quant['commit']}`)."
-           if quant is not None and is_gpu_report(quant) else ""),
+           if is_gpu_report(quant) else ""),
         "",
         "| run | measured | target | met |",
         "|---|---|---|---|",

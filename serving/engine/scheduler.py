@@ -61,7 +61,6 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
         self.max_scored_rows = max_scored_rows
-        self._scoring = max_scored_rows  # what is left of it in the step being scheduled
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -82,8 +81,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_batched_tokens
-        self._scoring = self.max_scored_rows
+        budget, scoring = self.max_batched_tokens, self.max_scored_rows
         decoding: list[Sequence] = []
         prefilling: list[Sequence] = []
         for seq in self.running:
@@ -92,7 +90,10 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop, or out of budget until next step
             decode = seq.is_decoding
-            n = 1 if decode else self._scored_within_budget(seq, seq.num_cached, min(seq.prefill_end - seq.num_cached, budget))
+            n = 1
+            if not decode:
+                n, scored = _within_scoring(seq, seq.num_cached, min(seq.prefill_end - seq.num_cached, budget), scoring)
+                scoring -= scored
             if n == 0:
                 continue  # its next prompt rows to score wait for the next step's scoring budget
             if self.blocks.reserve(seq, seq.num_cached + n) or self._preempt_until_reserved(seq, seq.num_cached + n, batch):
@@ -107,7 +108,8 @@ class Scheduler:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
             cached = len(hits) * self.blocks.block_size
-            n = self._scored_within_budget(seq, cached, min(seq.num_tokens - cached, budget))
+            n, scored = _within_scoring(seq, cached, min(seq.num_tokens - cached, budget), scoring)
+            scoring -= scored
             if n == 0 or not self.blocks.admit(seq, hits, cached + n):
                 break
             self.waiting.popleft()
@@ -122,16 +124,6 @@ class Scheduler:
             self.blocks.register_computed(seq, cached + n)
             budget -= n
         return batch
-
-    def _scored_within_budget(self, seq: Sequence, start: int, n: int) -> int:
-        """Shorten a prefill chunk of n tokens from `start` so the prompt rows it scores fit what is left
-        of this step's scoring budget (0: none fit), and take them from it."""
-        scored = seq.scored_positions(start, start + n)
-        if len(scored) > self._scoring:
-            n = scored.start + self._scoring - start
-            scored = seq.scored_positions(start, start + n)
-        self._scoring -= len(scored)
-        return n
 
     def _preempt_until_reserved(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Preempt the newest running sequences until seq's blocks fit; False if seq was preempted itself."""
@@ -149,3 +141,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         batch.chunks = [c for c in batch.chunks if c.seq is not seq]
+
+
+def _within_scoring(seq: Sequence, start: int, n: int, scoring: int) -> tuple[int, int]:
+    """A prefill chunk of n tokens from `start`, shortened so the prompt rows it scores fit the `scoring`
+    rows left of the step's budget (0 tokens: none fit); returns its tokens and the rows it scores."""
+    scored = seq.scored_positions(start, start + n)
+    if len(scored) > scoring:
+        n = scored.start + scoring - start
+        scored = seq.scored_positions(start, start + n)
+    return n, len(scored)

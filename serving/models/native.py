@@ -19,7 +19,13 @@ from serving.models.cuda_graphs import DecodeGraphs
 from serving.models.gguf import BlockRows
 from serving.models.host_inputs import HostInts, cache_slot, cache_slots, to_device
 from serving.models.llama import LlamaForCausalLM
-from serving.models.quant import BlockQuantEmbedding, BlockQuantLinear, quantize_embeddings, quantize_linears
+from serving.models.quant import (
+    OUTPUT_SCHEME,
+    BlockQuantEmbedding,
+    BlockQuantLinear,
+    quantize_embedding,
+    quantize_linears,
+)
 from serving.models.runner import ForwardChunk, kv_bytes_per_token
 from serving.models.source import ModelSource
 from serving.models.weights import checkpoint_tensors, load_into, with_progress
@@ -214,10 +220,8 @@ def build_native_runner(
         load_into(model, with_progress(tensors, count), optional, stacked=model.stacked_params())
     if quantization != "none":
         quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
-        lm_head = None if model.shape.tie_word_embeddings else model.lm_head
-        model.model.embed_tokens, lm_head = quantize_embeddings(model.model.embed_tokens, lm_head, dtype)
-        if lm_head is not None:
-            model.lm_head = lm_head
+        quantize_linears(model, OUTPUT_SCHEME, skip=lambda name: name != "lm_head")  # untied output projection
+        model.model.embed_tokens = quantize_embedding(model.model.embed_tokens, dtype)
     return NativeRunner(model.eval(), device, dtype, backend)
 
 

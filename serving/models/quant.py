@@ -301,17 +301,13 @@ def quantize_linears(module: nn.Module, scheme: str, skip: Callable[[str], bool]
 OUTPUT_SCHEME = "q8_0"
 
 
-def quantize_embeddings(embed: nn.Module, lm_head: nn.Module | None, dtype: torch.dtype) -> tuple[nn.Module, nn.Module | None]:
-    """The token table (and, untied, the output projection) in OUTPUT_SCHEME blocks: a BlockQuantEmbedding
-    whose projection also gives a tied model's logits, and a BlockQuantLinear. Layers already in blocks
-    (a GGUF file's) or whose width is not whole blocks are returned as they are. Quantize on the
-    weights' device, as for quantize_linears."""
-    if isinstance(embed, nn.Embedding) and embed.embedding_dim % BLOCK == 0:
-        rows = quantize_blocks(embed.weight.detach(), OUTPUT_SCHEME)
-        embed = BlockQuantEmbedding(OUTPUT_SCHEME, rows, embed.embedding_dim, dtype)
-    if isinstance(lm_head, nn.Linear) and lm_head.in_features % BLOCK == 0:
-        lm_head = BlockQuantLinear.from_linear(lm_head, OUTPUT_SCHEME)
-    return embed, lm_head
+def quantize_embedding(embed: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A token table in OUTPUT_SCHEME blocks: a BlockQuantEmbedding, whose projection also gives a tied
+    model's logits. A table already in blocks (a GGUF file's) or whose width is not whole blocks is
+    returned as it is. Quantize on the weights' device, as for quantize_linears."""
+    if not isinstance(embed, nn.Embedding) or embed.embedding_dim % BLOCK:
+        return embed
+    return BlockQuantEmbedding(OUTPUT_SCHEME, quantize_blocks(embed.weight.detach(), OUTPUT_SCHEME), embed.embedding_dim, dtype)
 
 
 def weight_bytes(module: nn.Module) -> int:
