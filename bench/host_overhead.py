@@ -17,6 +17,7 @@ import json
 import random
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ from transformers import AutoConfig
 
 from bench.gpu_bench import git_commit, machine_info
 from serving.config import ServeConfig
-from serving.engine.builder import build_engine
+from serving.engine.builder import BLOCK_SIZE, build_engine
 from serving.engine.sampling_params import SamplingParams
+from serving.models.native import StepInputs
+from serving.models.runner import ForwardChunk
 
 RESULTS = Path(__file__).resolve().parent / "results" / "host_overhead.json"
 PROMPT, MAX_LEN = 128, 1024
@@ -72,10 +75,29 @@ def measure(model_dir: str, batch: int, graphs: bool, steps: int) -> dict:
     }
 
 
+def inputs_at_context(batch: int, context: int, repeats: int = 20) -> dict:
+    """Packing one pure-decode step's inputs alone (StepInputs.build) at a long context, with block
+    tables as the block manager holds them: at batch 256 and 32k tokens they are half a million ints,
+    which the engine-driven rows above (1k context) barely show."""
+    rng = random.Random(context)
+    blocks = -(-context // BLOCK_SIZE)
+    chunks = [
+        ForwardChunk(i, [rng.randrange(512)], context - 1, array("q", rng.sample(range(1 << 20), blocks)), True)
+        for i in range(batch)
+    ]
+    build = lambda: StepInputs.build(chunks, list(range(batch)), BLOCK_SIZE, "triton", torch.device("cpu"))  # noqa: E731
+    build()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        build()
+    return {"batch": batch, "context": context, "inputs_ms": round((time.perf_counter() - started) / repeats * 1e3, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 4096, 32768])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the host work is single-threaded Python; so is the model's, here
@@ -90,8 +112,16 @@ def main() -> None:
                 rows.append(measure(tmp, batch, graphs, args.steps))
                 r = rows[-1]
                 print(f"batch {r['batch']:4d}  {r['path']:38s} step {r['step_ms']:7.3f} ms  model {r['model_ms']:7.3f} ms  host {r['host_ms']:7.3f} ms")
+    contexts = []
+    for context in args.contexts:
+        contexts.append(inputs_at_context(max(args.batches), context))
+        c = contexts[-1]
+        print(f"batch {c['batch']:4d}  step inputs alone at a {c['context']}-token context: {c['inputs_ms']:7.3f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_info("cpu"), "rows": rows}
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_info("cpu"), "rows": rows,
+        "step_inputs_at_context": contexts,
+    }  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -29,7 +29,7 @@ def test_reserve_is_all_or_nothing_and_release_returns_every_block():
     a, b = _seq([1] * 9), _seq([2] * 5, seq_id=1)
     assert blocks.reserve(a, 9) and len(a.block_table) == 3
     assert not blocks.reserve(b, 5), "two blocks asked, one free"
-    assert b.block_table == [] and blocks.num_free == 1
+    assert not b.block_table and blocks.num_free == 1
     assert blocks.reserve(b, 4) and blocks.usage == 1.0
     blocks.release(a)
     blocks.release(b)
@@ -42,9 +42,9 @@ def test_a_shared_prefix_is_found_block_by_block_and_only_whole_blocks_count():
     _admit_computed(blocks, first)
     same_start = _seq([5, 6, 7, 8, 9, 10, 11, 12, 99, 98, 97], seq_id=1)
     hits = blocks.match_prefix(same_start)
-    assert hits == first.block_table[:2]
+    assert hits == first.block_table[:2].tolist()
     differs_in_block_two = _seq([5, 6, 7, 8, 9, 10, 0, 12, 13, 14], seq_id=2)
-    assert blocks.match_prefix(differs_in_block_two) == first.block_table[:1]
+    assert blocks.match_prefix(differs_in_block_two) == first.block_table[:1].tolist()
 
 
 def test_a_block_matches_only_after_the_same_prefix():
@@ -59,7 +59,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_block():
     first = _seq(list(range(10, 18)))  # exactly two blocks
     _admit_computed(blocks, first)
     again = _seq(list(range(10, 18)), seq_id=1)
-    assert blocks.match_prefix(again) == first.block_table[:1]
+    assert blocks.match_prefix(again) == first.block_table[:1].tolist()
 
 
 def test_shared_blocks_are_reference_counted():
@@ -68,7 +68,7 @@ def test_shared_blocks_are_reference_counted():
     _admit_computed(blocks, a)
     b = _seq(list(range(1, 10)), seq_id=1)
     hits = _admit_computed(blocks, b)
-    assert hits == a.block_table[:2] and b.block_table[:2] == hits
+    assert hits == a.block_table[:2].tolist() == b.block_table[:2].tolist()
     assert blocks.num_free == 8 - 3 - 1, "b holds the two shared blocks and one of its own"
     blocks.release(a)
     assert blocks.num_free == 8 - 3, "the shared blocks stay held by b"
@@ -96,7 +96,7 @@ def test_eviction_takes_unregistered_blocks_first_then_the_least_recently_freed(
     assert blocks.reserve(more, 4)
     assert len(blocks.match_prefix(_seq([9, 10, 11, 12, 13, 14, 15, 16, 0], seq_id=5))) == 2
     assert blocks.match_prefix(_seq([1, 2, 3, 4, 5, 6, 7, 8, 0], seq_id=6)) == old_blocks[:1]
-    assert more.block_table == old_blocks[1:]
+    assert more.block_table.tolist() == old_blocks[1:]
 
 
 def test_admission_counts_cached_free_blocks_against_the_free_pool():
@@ -108,7 +108,7 @@ def test_admission_counts_cached_free_blocks_against_the_free_pool():
     hits = blocks.match_prefix(b)
     assert len(hits) == 2
     assert not blocks.admit(b, hits, 13), "two hits plus two new blocks: four, of three"
-    assert b.block_table == [] and blocks.num_free == 3 and blocks.num_cached_blocks == 2
+    assert not b.block_table and blocks.num_free == 3 and blocks.num_cached_blocks == 2
     assert blocks.admit(b, hits, 12)
 
 

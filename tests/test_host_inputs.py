@@ -7,6 +7,7 @@ import gc
 import json
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 
 import torch
@@ -38,6 +39,17 @@ def test_every_part_starts_16_byte_aligned_whatever_came_before():
     on = ints.to(torch.device("cpu"))
     assert all(on(part).data_ptr() % 16 == 0 for part in parts)
     assert on(parts[0]).tolist() == [1] and on(parts[1]).tolist() == [1, 1, 1] and on(parts[2]).tolist() == [[2, 2, 0]]
+
+
+def test_block_tables_go_in_as_int64_arrays_cut_or_padded_to_the_width():
+    # Sequences hold their tables as array('q') (copied as raw memory); a table may hold blocks beyond
+    # the step's width (reserved ahead), and the CUDA-graph path pads with lists.
+    ints = HostInts()
+    first = ints.add(array("q", [2**40, 3]))
+    rows = ints.add_rows([array("q", [1, 2, 3, 4]), array("q", [5]), [6, 6, 6], array("q")], 3)
+    on = ints.to(torch.device("cpu"))
+    assert on(first).tolist() == [2**40, 3]
+    assert on(rows).tolist() == [[1, 2, 3], [5, 0, 0], [6, 6, 6], [0, 0, 0]]
 
 
 def test_nothing_added_is_an_empty_tensor():

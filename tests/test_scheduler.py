@@ -56,7 +56,7 @@ def test_a_preempted_sequence_recomputes_its_prompt_and_outputs_as_a_prefill():
     _computed(s, s.schedule())  # both decode their first token (positions 7 fit the second block)
     batch = s.schedule()  # position 8 needs a third block each: the newest is preempted
     assert batch.preempted == [new] and _plan(batch) == [(0, 1, True)]
-    assert new.status is SequenceStatus.WAITING and s.waiting[0] is new and new.block_table == []
+    assert new.status is SequenceStatus.WAITING and s.waiting[0] is new and not new.block_table
     assert len(batch.chunks) == 1, "nothing is admitted in a step that preempted"
     _computed(s, batch)
     s.remove(old)

@@ -91,7 +91,8 @@ class BlockManager:
             if self._refs[b] == 0:
                 del self._free[b]
             self._refs[b] += 1
-        seq.block_table = hits + [self._take() for _ in range(new)]
+        seq.block_table = array("q", hits)
+        seq.block_table.extend(self._take() for _ in range(new))
         seq.num_registered = len(hits)
         return True
 
@@ -126,7 +127,7 @@ class BlockManager:
                 self._free[block] = None
                 if self._hash_of[block] is None:
                     self._free.move_to_end(block, last=False)  # nothing reusable in it: hand it out first
-        seq.block_table = []
+        seq.block_table = array("q")
         seq.num_cached = 0
         seq.num_registered = 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,8 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs: scores gathered so far
-    block_table: list[int] = field(default_factory=list)
+    # Its KV blocks, as int64s: a step's inputs copy the tables of its batch as raw memory (host_inputs.py).
+    block_table: array = field(default_factory=lambda: array("q"))
     num_cached: int = 0  # tokens whose K/V are in the cache
     # Tokens to compute before sampling starts, set at each admission: the prompt, or after a
     # preemption the prompt and every output so far. A sequence decodes once they are cached.

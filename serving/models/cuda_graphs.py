@@ -121,7 +121,7 @@ class DecodeGraphs:
             ints.add([cache_slot(c.block_table, c.start, bs) for c in chunks] + [self.scratch_slot] * pad),
             ints.add(lengths + [1] * pad),
         )
-        tables = ints.add_rows([c.block_table[:width] for c in chunks] + [[self.runner.scratch_block] * width] * pad, width)
+        tables = ints.add_rows([c.block_table for c in chunks] + [[self.runner.scratch_block] * width] * pad, width)
         on = ints.to(self.runner.device)
         for static, part in zip((self.ids, self.positions, self.slots, self.lens), parts, strict=True):
             static[:b].copy_(on(part))

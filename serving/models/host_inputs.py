@@ -10,6 +10,7 @@ their inputs this way.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 
 import torch
 
@@ -20,25 +21,26 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-def cache_slot(table: list[int], position: int, block_size: int) -> int:
+def cache_slot(table: Sequence[int], position: int, block_size: int) -> int:
     """The cache slot of one position of a stream whose blocks are `table` (a decode step's token)."""
     return table[position // block_size] * block_size + position % block_size
 
 
-def cache_slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+def cache_slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """Cache slots of positions start .. end - 1 of a stream whose blocks are `table`."""
     return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 class HostInts:
-    """Integer lists laid end to end in one int64 host tensor, moved to the device with one copy.
+    """Integer lists laid end to end in one int64 host buffer, moved to the device with one copy.
 
-    The ints gather in a list and become the tensor through an array('q') and its buffer: four times
-    faster than torch.tensor(list), which had been a step's largest piece of host work at batch 256
-    (its block tables are some 10k ints)."""
+    The buffer is an array('q') the tensor is made from without a copy: a list is converted once,
+    as it is added; a block table (an array('q') itself, sequence.py) is copied in as raw memory.
+    At batch 256 and a 32k context a decode step's tables are half a million ints: element by
+    element through a Python list that took some 30 ms a step, more than the step's GPU work."""
 
     def __init__(self) -> None:
-        self.values: list[int] = []
+        self.values = array("q")
 
     def _align(self) -> int:
         """Start the next part on 16 bytes (an even int64 index): Triton specialises a kernel on whether
@@ -48,26 +50,34 @@ class HostInts:
             self.values.append(0)
         return len(self.values)
 
-    def add(self, values: list[int]) -> tuple[int, int]:
+    def _put(self, values: Sequence[int]) -> None:
+        if isinstance(values, array):
+            self.values.extend(values)
+        else:
+            self.values.fromlist(values if isinstance(values, list) else list(values))
+
+    def add(self, values: Sequence[int]) -> tuple[int, int]:
         first = self._align()
-        self.values.extend(values)
+        self._put(values)
         return first, len(values)
 
-    def add_rows(self, rows: list[list[int]], width: int) -> tuple[int, int, int]:
-        """Rows padded with 0 to `width` (block tables: padding points at block 0, masked by length)."""
+    def add_rows(self, rows: list[Sequence[int]], width: int) -> tuple[int, int, int]:
+        """Each row's first `width` entries, padded with 0 to `width` (block tables: padding points at
+        block 0, masked by length)."""
         first = self._align()
         for row in rows:
-            self.values.extend(row)
-            self.values.extend([0] * (width - len(row)))
+            if len(row) > width:
+                row = row[:width]  # (slicing an array copies it: only when it must)
+            self._put(row)
+            if len(row) < width:
+                self.values.frombytes(bytes(8 * (width - len(row))))
         return first, len(rows) * width, width
 
     def to(self, device: torch.device):
         """Copy everything added to `device`; returns a function from what add/add_rows returned to that
         part's tensor there (a view of the one copy)."""
-        packed = array("q")
-        packed.fromlist(self.values)
         # frombuffer shares the array's memory and keeps it alive; it refuses an empty buffer.
-        host = torch.frombuffer(packed, dtype=torch.long) if packed else torch.empty(0, dtype=torch.long)
+        host = torch.frombuffer(self.values, dtype=torch.long) if self.values else torch.empty(0, dtype=torch.long)
         on_device = to_device(host, device)
 
         def view(part: tuple[int, ...]) -> torch.Tensor:

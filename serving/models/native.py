@@ -161,7 +161,7 @@ class StepInputs:
             lengths = [c.start + 1 for c in decoding]
             width = max(-(-n // block_size) for n in lengths)
             d_rows, d_lens = ints.add(decode_rows), ints.add(lengths)
-            d_tables = ints.add_rows([c.block_table[:width] for c in decoding], width)
+            d_tables = ints.add_rows([c.block_table for c in decoding], width)
         p_parts = p_context = None
         if prefill and backend == "triton":
             width = max(-(-(c.start + len(c.token_ids)) // block_size) for _, c in prefill)
@@ -169,7 +169,7 @@ class StepInputs:
                 ints.add([row for row, _ in prefill]),
                 ints.add([len(c.token_ids) for _, c in prefill]),
                 ints.add([c.start for _, c in prefill]),
-                ints.add_rows([c.block_table[:width] for _, c in prefill], width),
+                ints.add_rows([c.block_table for _, c in prefill], width),
             )
         elif prefill:
             p_context = [ints.add(cache_slots(c.block_table, 0, c.start + len(c.token_ids), block_size)) for _, c in prefill]

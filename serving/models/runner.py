@@ -9,6 +9,7 @@ causal LM through transformers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +21,8 @@ class ForwardChunk:
     key: int  # stable id of the token stream (the transformers runner keys its caches by it)
     token_ids: list[int]  # tokens to compute, at positions start, start + 1, ...
     start: int  # tokens of this stream before token_ids[0], whose K/V are already in the cache
-    block_table: list[int]  # the stream's KV-cache blocks, covering start + len(token_ids) tokens
+    block_table: Sequence[int]  # the stream's KV-cache blocks, covering start + len(token_ids) tokens (an
+    # array('q') from the engine: step inputs copy it as raw memory)
     decode: bool  # the scheduler's word: one new token after a fully cached context, never inferred
 
 
