@@ -140,6 +140,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
     finally:
         loader.cancel()
         engine.stop()  # loaded or still loading (then killed at once), or never started
+        state.grammar_check.close()
         state.executor.shutdown(wait=False, cancel_futures=True)
     log.info("stopped", extra={"exit_code": 1 if failure else 0})
     return 1 if failure else 0

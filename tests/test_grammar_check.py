@@ -1,104 +1,110 @@
-"""serving/api/grammar_check.py: a grammar that compiles too slowly holds a compile slot, never the API's
-shared worker threads, and is refused at once when asked again.
+"""serving/api/grammar_check.py: a grammar that compiles too slowly is killed with its process when its
+time runs out, frees its slot at once, and is refused at once when asked again; one that the library
+refuses is a GrammarError; while every slot is busy, others are told so (GrammarBusy).
 
-xgrammar cannot be made slow on demand without burning CPU for minutes (a few thousand long enum values),
-so the compile here waits on an event instead: the stand-in for the library's uninterruptible work."""
+Real compiles in real processes, with the demo model's tokenizer: an enum of a thousand 200-character
+strings takes xgrammar some 16 s on this VM (minutes for a few thousand), and is killed after 1 s."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import multiprocessing as mp
+from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
-from serving.api.grammar_check import GrammarBusy, GrammarCheck
-from serving.engine.grammar import GrammarError
+import serving
+from serving.api.grammar_check import GrammarBusy, GrammarCheck, TokenizerSource
+from serving.engine.grammar import JSON_OBJECT, GrammarError, json_schema_spec
 
-
-class SlowGrammars:
-    """Grammars' two calls that GrammarCheck makes; a spec named 'slow:...' compiles once `release` is set."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.compiled: list[tuple[str, str]] = []
-
-    def cached(self, spec) -> bool:
-        return spec in self.compiled
-
-    def compile(self, spec):
-        if spec[1].startswith("slow"):
-            self.release.wait(30)
-        if spec[1] == "bad":
-            raise GrammarError("not a grammar")
-        self.compiled.append(spec)
-        return object()
+DEMO = Path(serving.__file__).parent / "demo" / "stories260k"
+SLOW = json_schema_spec({"enum": [f"e{i:05d}" + "z" * 200 for i in range(1000)]})
 
 
-def test_a_slow_compile_times_out_keeps_its_slot_and_is_then_refused_at_once() -> None:
-    grammars = SlowGrammars()
-    check = GrammarCheck(lambda: grammars, slots=2)
+@pytest.fixture(scope="module")
+def source() -> TokenizerSource:
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    return TokenizerSource(tokenizer, len(tokenizer), (tokenizer.eos_token_id,))
+
+
+def compile_processes() -> list[mp.Process]:
+    return [p for p in mp.active_children() if p.name == "fleetlm-grammar-check"]
+
+
+def test_a_compile_out_of_time_is_killed_frees_its_slot_and_is_then_refused_at_once(source) -> None:
+    check = GrammarCheck(lambda: source, slots=1)
 
     async def scenario() -> None:
-        with pytest.raises(TimeoutError):
-            await check.compile(("regex", "slow-1"), timeout=0.2)
-        # Refused again at once, even after it finished: the engine would compile it again for minutes.
         loop = asyncio.get_running_loop()
+        await check.compile(JSON_OBJECT, timeout=5)
+        assert len(compile_processes()) == 1
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
         started = loop.time()
         with pytest.raises(TimeoutError):
-            await check.compile(("regex", "slow-1"), timeout=5)
+            await check.compile(SLOW, timeout=1.0)
+        took = loop.time() - started
+        ticker.cancel()
+        assert 1.0 <= took < 5.0, took  # its own timeout, not the compile's 16 s
+        assert ticks > 20, "the event loop turned while the compile ran"
+        assert compile_processes() == [], "the runaway compile's process was killed"
+        # The one slot is free at once: another grammar compiles (in a new process); a refused one is a
+        # GrammarError naming the problem.
+        await check.compile(("regex", "[ab]+c"), timeout=5)
+        with pytest.raises(GrammarError):
+            await check.compile(("regex", "["), timeout=5)
+        # Asked again, the slow one is refused at once, without a compile.
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await check.compile(SLOW, timeout=5)
         assert loop.time() - started < 0.1
-        # One slot is still held by the runaway compile; the other serves, errors included.
-        await check.compile(("regex", "fine"), timeout=1)
-        with pytest.raises(GrammarError, match="not a grammar"):
-            await check.compile(("regex", "bad"), timeout=1)
-        # A second runaway takes the last slot: the next grammar waits, within its own timeout, and is told
-        # the compiler is busy (not that it is too slow: it never started), and is not remembered.
-        with pytest.raises(TimeoutError):
-            await check.compile(("regex", "slow-2"), timeout=0.2)
-        with pytest.raises(GrammarBusy):
-            await check.compile(("regex", "fine-2"), timeout=0.2)
-        grammars.release.set()  # the runaways end: their slots come back
-        await check.compile(("regex", "fine-2"), timeout=5)
-        assert ("regex", "fine-2") in grammars.compiled
-        await check.compile(("regex", "fine"), timeout=0)  # cached: no slot, no thread, no wait
+        await check.compile(("regex", "[ab]+c"), timeout=0)  # compiled before: no slot, no wait
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        check.close()
+    assert compile_processes() == []
 
 
-def test_the_compile_threads_do_not_hold_up_the_event_loop_or_exit() -> None:
-    grammars = SlowGrammars()
-    check = GrammarCheck(lambda: grammars, slots=1)
-
-    async def scenario() -> float:
-        loop = asyncio.get_running_loop()
-        slow = asyncio.create_task(check.compile(("regex", "slow"), timeout=0.5))
-        started = loop.time()
-        await asyncio.sleep(0.05)  # the loop keeps turning while the compile runs
-        ticked = loop.time() - started
-        with pytest.raises(TimeoutError):
-            await slow
-        return ticked
-
-    assert asyncio.run(scenario()) < 0.4
-    worker = next(t for t in threading.enumerate() if t.name == "grammar-check")
-    assert worker.daemon  # a runaway compile cannot keep the process from exiting
-    grammars.release.set()
-    worker.join(5)
-
-
-def test_requests_for_a_grammar_already_compiling_share_that_compile() -> None:
-    """Two requests with one slow schema must not take both slots (leaving no room for any other grammar)."""
-    grammars = SlowGrammars()
-    check = GrammarCheck(lambda: grammars, slots=2)
+def test_one_grammar_asked_many_times_compiles_once_while_others_wait_for_a_slot(source) -> None:
+    check = GrammarCheck(lambda: source, slots=1)
 
     async def scenario() -> None:
-        same = [asyncio.create_task(check.compile(("regex", "slow"), timeout=0.3)) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        await check.compile(("regex", "other"), timeout=1)  # a slot is free: the three share one
+        await check.compile(JSON_OBJECT, timeout=5)  # the process is started: the rest is compile time
+        same = [asyncio.create_task(check.compile(SLOW, timeout=1.5)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert len(compile_processes()) == 1, "the three requests share one compile"
+        # The one slot is held by the slow compile for this request's whole timeout: busy, not too slow
+        # (it never started), and not remembered as anything.
+        with pytest.raises(GrammarBusy):
+            await check.compile(("regex", "x+"), timeout=0.3)
         for task in same:
             with pytest.raises(TimeoutError):
                 await task
-        assert sum(t.name == "grammar-check" for t in threading.enumerate()) == 1
+        await check.compile(("regex", "x+"), timeout=5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        check.close()
+
+
+def test_a_process_that_cannot_start_is_a_busy_compiler_not_the_requests_fault() -> None:
+    check = GrammarCheck(lambda: TokenizerSource(object(), 512, ()), slots=1)  # no tokenizer to build tables from
+
+    async def scenario() -> None:
+        with pytest.raises(GrammarBusy, match="did not start"):
+            await check.compile(("regex", "x+"), timeout=5)
 
     asyncio.run(scenario())
-    grammars.release.set()
+    assert compile_processes() == []
+

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from serving.api.grammar_check import GrammarCheck
+from serving.api.grammar_check import GrammarCheck, TokenizerSource
 from serving.config import ServeConfig
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.grammar import Grammars
@@ -55,16 +55,22 @@ class AppState:
     grammar_check: GrammarCheck = field(init=False)
 
     def __post_init__(self) -> None:
-        self.grammar_check = GrammarCheck(lambda: self.grammars)
+        self.grammar_check = GrammarCheck(self.tokenizer_source)
+
+    def tokenizer_source(self) -> TokenizerSource:
+        """The served model's tokenizer as grammars see it: its vocabulary and the token that ends a text."""
+        assert self.model is not None
+        tokenizer = self.model.tokenizer
+        stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+        return TokenizerSource(tokenizer, self.model.vocab_size, stop)
 
     @property
     def grammars(self) -> Grammars:
-        """Compiles requests' grammars up front, so that a schema the library refuses is a 400."""
-        assert self.model is not None
+        """xgrammar's reading of the tokenizer, for the tokens' bytes (requests' grammars are compiled in
+        grammar_check's processes)."""
         if self._grammars is None:
-            tokenizer = self.model.tokenizer
-            stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
-            self._grammars = Grammars(lambda: tokenizer, self.model.vocab_size, stop)
+            source = self.tokenizer_source()
+            self._grammars = Grammars(lambda: source.tokenizer, source.vocab_size, source.stop_token_ids)
         return self._grammars
 
     def token_bytes(self, token_id: int) -> bytes:
