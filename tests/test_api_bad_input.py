@@ -63,6 +63,19 @@ CASES = {
         "/v1/completions", COMPLETION + b'"prompt": [' + b",".join([b"7"] * 2_000_000) + b"]}", "prompt"),
     "a batch holding one prompt longer than the context": (
         "/v1/completions", COMPLETION + b'"prompt": [[1, 2], [' + b",".join([b"7"] * 600) + b"]]}", "prompt"),
+    "3M prompts, refused by count before each is validated": (
+        "/v1/completions", COMPLETION + b'"prompt": [' + b",".join([b"[1,2]"] * 3_000_000) + b"]}", "prompt"),
+    "more messages than the context has tokens": (
+        "/v1/chat/completions", COMPLETION + b'"messages": [' + b",".join([b'{"role":"user","content":""}'] * 5000) + b"]}", "messages"),
+    "more responses input items than the context has tokens": (
+        "/v1/responses", b'{"model": "stories260k", "input": [' + b",".join([b'{"role":"user","content":"a"}'] * 5000) + b"]}", "input"),
+    "a logit_bias over more tokens than the vocabulary": (
+        "/v1/completions", COMPLETION + b'"prompt": "a", "logit_bias": {' + b",".join(b'"%d": 1' % i for i in range(100_000)) + b"}}", "logit_bias"),
+    "metadata of 17 pairs (OpenAI's limit is 16)": (
+        "/v1/chat/completions",
+        COMPLETION + b'"messages": [{"role":"user","content":"a"}], "metadata": {' + b",".join(b'"k%d": "v"' % i for i in range(17)) + b"}}",
+        "metadata"),
+    "detokenize of more ids than the context": ("/detokenize", b'{"tokens": [' + b",".join([b"7"] * 1_000_000) + b"]}", "tokens"),
     "logit_bias key of 5,000 digits": (
         "/v1/completions",
         COMPLETION + b'"prompt": "a", "logit_bias": {"' + b"9" * 5000 + b'": 1}}',
@@ -83,6 +96,24 @@ def test_bad_input_is_a_400_naming_the_field(server, case):
     # ... and the server still answers correctly.
     ok = _post(server, "/v1/completions", COMPLETION + b'"prompt": "Once upon a time", "temperature": 0}')
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "Once upon a time " * 250_000}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Once upon a time " * 250_000}]}, "messages"),
+    ],
+)
+def test_a_text_far_beyond_the_context_is_refused_from_its_first_part(server, path, body, param):
+    """4 MB of text: counted a part at a time, it is refused once a part holds more tokens than the context
+    ("more than"), instead of all of it being tokenized first (seconds of a worker thread that other
+    requests queue for). A text that fits is tokenized whole, exactly as before (every other test)."""
+    r = httpx.post(server.base_url + path, json={"model": MODEL, "max_tokens": 2, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == param
+    assert "maximum context length" in error["message"] and "more than" in error["message"], error
 
 
 @pytest.mark.parametrize("setting", [{"temperature": 1e-300}, {"top_p": 1e-300}, {"repetition_penalty": 1e-300}])

@@ -47,11 +47,42 @@ def _added_ahead(tokenizer: Any, ids: list[int], text: str) -> int:
     return added
 
 
+def context_length_exceeded(limit: int, tokens: str, param: str, why: str = "") -> APIError:
+    """The 400 for a prompt beyond the context (clients know it by "maximum context length")."""
+    verb = "have" if param == "messages" else "has"
+    return bad_request(
+        f"This model's maximum context length is {limit} tokens. However, your {param} {verb} {tokens} tokens"
+        f"{f' ({why})' if why else ''}. Please reduce the length of the {param}.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+# A text longer than this many characters per token of the context is first counted a part at a time.
+PROBE_CHARS_PER_TOKEN = 8
+PROBE_MARGIN = 16  # tokens a part may count beyond the whole's first ones, where it was cut
+
+
+def tokenize_within(tokenizer: Any, text: str, limit: int, param: str, **kwargs: Any) -> list[int]:
+    """text's token ids, unless a first part of it already holds more than `limit` tokens: then the 400,
+    without tokenizing the rest (a 30 MB prompt took a worker thread minutes to be told it was too long,
+    while other requests queued for the thread). Parts grow fourfold, so a text of unusually long tokens
+    costs at most a third more than tokenizing it once."""
+    probe = PROBE_CHARS_PER_TOKEN * limit
+    while probe < len(text):
+        cut = text.rfind(" ", probe // 2, probe)  # before a word: the part's tokens are the whole's first ones
+        counted = len(tokenizer(text[: cut if cut > 0 else probe], **kwargs).input_ids)
+        if counted > limit + PROBE_MARGIN:
+            raise context_length_exceeded(limit, f"more than {limit}", param)
+        probe *= 4
+    return tokenizer(text, **kwargs).input_ids
+
+
 def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: bool) -> Prompt:
     assert state.model is not None
     tokenizer = state.model.tokenizer
     if isinstance(prompt, str):
-        ids = tokenizer(prompt).input_ids
+        ids = tokenize_within(tokenizer, prompt, state.model.max_model_len, "prompt")
         return Prompt(ids, prompt, _added_ahead(tokenizer, ids, prompt) if echo else 0)
     vocab = state.model.vocab_size
     bad = [t for t in prompt if t >= vocab]
@@ -84,7 +115,7 @@ def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:
         # The template renders the client's messages: whatever it fails on in them (an undefined field
         # passed to tojson, a mapping where it wants a list) is the request's fault, a 400.
         raise bad_request(f"the chat template rejected these messages: {type(exc).__name__}: {exc}", param="messages") from exc
-    return Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
+    return Prompt(tokenize_within(tokenizer, text, state.model.max_model_len, "messages", add_special_tokens=False), text)
 
 
 def completion_budget(state: AppState, req: _Request, requested: int | None, explicit: bool, prompt: Prompt, param: str) -> int:

@@ -22,6 +22,7 @@ from serving.api.generation import (
     check_n,
     compile_grammar,
     completion_budget,
+    context_length_exceeded,
     encode_chat,
     encode_completion_prompt,
     sampling_params,
@@ -121,22 +122,44 @@ def _loads(text: str) -> Any:
         return json.loads(text, parse_int=_parse_int)
 
 
-def _token_prompts_fit(data: dict[str, Any]) -> None:
-    """A token-id prompt longer than the context is refused before validation, which checks every id
-    (9 s, on the event loop, for a body of 16M ids) only to have the prompt refused by length after."""
+def _fits(data: dict[str, Any]) -> None:
+    """What a generation body asks for that cannot fit is refused before validation, which would check
+    every item first, on the event loop, only to have the request refused by size after (9 s for a body
+    of 16M prompt ids, or of 3M prompts; 6 s for a logit_bias of 1M tokens, or 300k messages)."""
     st = state()
-    prompt = data.get("prompt")
-    if st.model is None or not isinstance(prompt, list) or not prompt or isinstance(prompt[0], str):
+    if st.model is None:
         return
     limit = st.model.max_model_len
-    lengths = [len(p) for p in prompt if isinstance(p, list)] if isinstance(prompt[0], list) else [len(prompt)]
-    longest = max(lengths, default=0)
-    if longest >= limit:
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        several = isinstance(prompt[0], (str, list))
+        if several and len(prompt) > st.config.max_batch_size:
+            raise bad_request(
+                f"{len(prompt)} prompts ask for at least as many sequences; this server decodes at most "
+                f"{st.config.max_batch_size} together (--max-batch-size)",
+                param="prompt",
+            )
+        lengths = [len(p) for p in prompt if isinstance(p, list)] if several else [len(prompt)]
+        longest = max(lengths, default=0)
+        if longest >= limit:
+            raise context_length_exceeded(limit, str(longest), "prompt")
+    for field in ("messages", "input"):  # every message or item is at least a token of the prompt
+        items = data.get(field)
+        if isinstance(items, list) and len(items) > limit:
+            raise context_length_exceeded(limit, f"more than {limit}", field, f"{len(items)} items")
+    bias = data.get("logit_bias")
+    if isinstance(bias, dict) and len(bias) > st.model.vocab_size:
         raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, your prompt has {longest} tokens. "
-            "Please reduce the length of the prompt.",
-            param="prompt",
-            code="context_length_exceeded",
+            f"logit_bias has {len(bias)} entries; this model has {st.model.vocab_size} tokens", param="logit_bias"
+        )
+
+
+def _tokens_fit(data: dict[str, Any]) -> None:
+    """More token ids than the context holds are not this model's text: refused before each is validated."""
+    st, tokens = state(), data.get("tokens")
+    if st.model is not None and isinstance(tokens, list) and len(tokens) > st.model.max_model_len:
+        raise bad_request(
+            f"{len(tokens)} tokens are more than this model's context of {st.model.max_model_len}", param="tokens"
         )
 
 
@@ -317,7 +340,7 @@ async def completions():
     repetition_penalty, stop_token_ids, ignore_eos, min_tokens) are accepted too.
     """
     st = state()
-    req = await parse_body(CompletionRequest, _token_prompts_fit)
+    req = await parse_body(CompletionRequest, _fits)
     check_model(st, req.model)
     raw_prompts = req.prompts()
     check_n(st, req, len(raw_prompts))
@@ -339,7 +362,7 @@ async def chat_completions():
     logprobs and top_logprobs, streaming with server-sent events.
     """
     st = state()
-    req = await parse_body(ChatCompletionRequest)
+    req = await parse_body(ChatCompletionRequest, _fits)
     check_model(st, req.model)
     check_n(st, req, 1)
     prompt = await st.run_blocking(encode_chat, st, req)
@@ -364,7 +387,7 @@ async def responses():
     and conversation are refused.
     """
     st = state()
-    req = await parse_body(ResponsesRequest)
+    req = await parse_body(ResponsesRequest, _fits)
     check_model(st, req.model)
     try:
         chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
@@ -457,7 +480,7 @@ async def tokenize():
 async def detokenize():
     """Text of token ids"""
     st = state()
-    req = await parse_body(DetokenizeRequest)
+    req = await parse_body(DetokenizeRequest, _tokens_fit)
     check_model(st, req.model)
     assert st.model is not None
     vocab = st.model.vocab_size

@@ -63,6 +63,8 @@ def _non_empty(strings: bool = True, arrays: bool = True):
 # logit_bias keys: token ids in ASCII digits, few enough to convert.
 _TOKEN_ID_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,18}$", "maxLength": 18, TOKEN_ID: True}}
 TOP_K_MAX = 2**31 - 1  # any larger top_k means the same as the vocabulary size
+# OpenAI's metadata: at most 16 pairs (Field(max_length=16) where used), keys of 64 characters, values of 512.
+Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
 TokenIds = list[Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID: True}), INTEGRAL]]
 
 
@@ -210,7 +212,7 @@ class _Request(_Body):
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), INTEGRAL] | None = None  # a 64-bit generator seed
     user: str | None = None
     # Accepted for compatibility; they do not change the result.
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = Field(None, max_length=16)
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None  # prefix caching needs no key here
@@ -598,7 +600,7 @@ class ResponsesRequest(_Body):
     background: bool | None = Field(None, json_schema_extra={"enum": [False, None], "description": "Not supported: false or null"})
     # Accepted for compatibility; they do not change the result.
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = Field(None, max_length=16)
     user: str | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
