@@ -150,6 +150,26 @@ def test_token_id_prompt_equals_text_prompt(client, server):
     assert by_ids.choices[0].text == by_text.choices[0].text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_tokens_of_characters_split_over_byte_tokens_spell_the_text(client, stream):
+    """The demo's tokenizer spells "☃" and "日" as three byte-fallback tokens each: alone each reads U+FFFD.
+    The character is the text of the token that completes it, the others "", so the tokens still join
+    into the text and each sits at its offset, in a stream too (whose deltas may split a character)."""
+    prompt = "élan ☃ ok 日本"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=1, stream=stream)
+    if stream:
+        chunks = [c.choices[0] for c in out]
+        text = "".join(c.text for c in chunks)
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    else:
+        text, tokens, offsets = out.choices[0].text, out.choices[0].logprobs.tokens, out.choices[0].logprobs.text_offset
+    assert text.startswith(prompt) and "\ufffd" not in "".join(tokens)
+    assert "".join(tokens) == text
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    assert tokens.count("") >= 4 and "☃" in tokens and "日" in tokens
+
+
 def test_logprobs_and_echo(client):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
     lp = out.choices[0].logprobs

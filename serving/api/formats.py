@@ -6,6 +6,7 @@ object names, the first stream events, the choice of one streamed delta, and a f
 
 from __future__ import annotations
 
+import codecs
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,20 +55,48 @@ class Format(ABC):
 
 
 def completion_logprobs(
-    st: AppState, token_ids: list[int], entries: list[TokenLogprob | None], offset: int, opens_text: bool = False
+    st: AppState,
+    token_ids: list[int],
+    entries: list[TokenLogprob | None],
+    offset: int,
+    opens_text: bool = False,
+    pieces: codecs.IncrementalDecoder | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Completions' logprobs object, each token at its offset in the choice's text from `offset` on,
     and the offset after them. `opens_text`: the first token begins the text (an echoed prompt's),
-    where SentencePiece tokenizers drop a word's leading space, as the text has it."""
+    where SentencePiece tokenizers drop a word's leading space, as the text has it.
+
+    A character split over several tokens (byte-fallback or byte-level pieces of "☃") is the text of
+    the token that completes it, the ones before it "": alone each would read U+FFFD, and the tokens
+    would neither join into the text nor sit at its offsets. `pieces` holds such a character's first
+    bytes from one call to the next (a stream's deltas)."""
+    pieces = pieces or new_pieces()
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for k, (token_id, entry) in enumerate(zip(token_ids, entries, strict=True)):
-        text = st.token_text(token_id, alone=opens_text and k == 0)
+        raw = st.token_bytes(token_id)
+        if pieces.getstate()[0] or not _whole_characters(raw):
+            text = pieces.decode(raw)
+        else:
+            text = st.token_text(token_id, alone=opens_text and k == 0)
         tokens.append(text)
         text_offset.append(offset)
         offset += len(text)
         token_logprobs.append(None if entry is None else entry.logprob)
         top_logprobs.append(None if entry is None else {st.token_text(t): lp for t, lp in entry.top})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}, offset
+
+
+def new_pieces() -> codecs.IncrementalDecoder:
+    """UTF-8 bytes in, the characters they complete out (a broken sequence reads U+FFFD, as in the text)."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _whole_characters(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class CompletionFormat(Format):
@@ -81,6 +110,7 @@ class CompletionFormat(Format):
         self.st, self.prompts, self.n, self.echo, self.logprobs = st, prompts, n, echo, logprobs
         self.prompt_logprobs = echo and logprobs is not None  # the prompt is scored, and arrives with the first delta
         self._offsets: dict[int, int] = {}  # text_offset so far, per streamed choice
+        self._pieces: dict[int, codecs.IncrementalDecoder] = {}  # a split character's first bytes, per streamed choice
 
     def _prompt(self, index: int) -> Prompt:
         return self.prompts[index // self.n]
@@ -107,7 +137,8 @@ class CompletionFormat(Format):
                 prompt_ids, prompt_entries = self._scored_prompt(index, delta.prompt_logprobs)
                 text, token_ids, entries = self._prompt(index).text + text, prompt_ids + token_ids, prompt_entries + entries
                 opens = True
-            lp, self._offsets[index] = completion_logprobs(self.st, token_ids, entries, self._offsets.get(index, 0), opens)
+            pieces = self._pieces.setdefault(index, new_pieces())
+            lp, self._offsets[index] = completion_logprobs(self.st, token_ids, entries, self._offsets.get(index, 0), opens, pieces)
         if not (text or lp or delta.finish_reason):
             return []
         return [{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]

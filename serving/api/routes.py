@@ -348,6 +348,8 @@ async def completions():
     explicit = "max_tokens" in req.model_fields_set
     budgets = [completion_budget(st, req, req.max_tokens, explicit, p, "prompt") for p in prompts]
     fmt = CompletionFormat(st, prompts, req.n, req.echo, req.logprobs)
+    if req.logprobs is not None:
+        await st.run_blocking(st.grammars.token_bytes)  # the tokens' bytes, read once, off the event loop
     grammar = await compile_grammar(st, req)
     params = sampling_params(st, req, min(budgets), req.logprobs, fmt.prompt_logprobs, grammar)
     return await generate(st, req, prompts, params, fmt)
