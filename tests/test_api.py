@@ -129,6 +129,8 @@ def test_seeded_sampling_is_reproducible_over_http(client):
 
     assert run(7) == run(7)
     assert run(7) != run(8)
+    # Seeds are 64-bit: those that agree in their low 32 bits (all torch's CPU generator keeps) differ too.
+    assert run(0) != run(2**32) and run(-1) != run(2**63 - 1)
 
 
 def test_n_choices_and_several_prompts(client, server):

@@ -91,17 +91,16 @@ def test_the_failure_happens_in_a_shared_batch(engine):
         engine.step()
 
 
-def test_adding_a_request_is_all_or_nothing(engine):
-    # Choice 0's seed is valid; choice 1's (seed + 1) overflows the generator: neither is queued.
-    params = SamplingParams(max_tokens=400, seed=2**64 - 1)
-    with pytest.raises(RequestRejected) as info:
-        engine.add_request("overflow", [1, 2, 3], params, n=2)
-    assert "out of range" in str(info.value)
-    assert not engine.has_work and engine.num_waiting == 0 and engine.num_running == 0
-    # The id is free again: nothing of the rejected request was kept.
-    engine.add_request("overflow", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+def test_seeds_at_both_ends_of_the_64_bit_range_seed_every_choice(engine):
+    # Choice i's generator seed mixes the seed with i (llm_engine.mixed_seed): seed + 1 once overflowed
+    # the generator for choice 1 of seed 2**64 - 1, and the request was refused.
+    for seed in (2**64 - 1, -(2**63)):
+        engine.add_request(f"seed{seed}", [1, 2, 3], SamplingParams(max_tokens=3, seed=seed, ignore_eos=True), n=2)
+    outputs = []
     while engine.has_work:
-        engine.step()
+        outputs += engine.step()
+    assert outputs and all(o.finish_reason in (None, "length") for o in outputs)
+    assert sum(o.finish_reason == "length" for o in outputs) == 4
 
 
 @pytest.mark.parametrize("bad_id", [-1, 512, 10**6])

@@ -57,6 +57,19 @@ def _unfinished(rows: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor,
     return rows[keep], [seqs[i] for i in keep]
 
 
+_U64 = (1 << 64) - 1
+
+
+def mixed_seed(seed: int, index: int) -> int:
+    """The generator seed of choice `index` of a request seeded `seed` (any 64-bit integer): every bit of
+    both mixed into every bit (splitmix64). torch's CPU generator keeps only the low 32 bits of a seed,
+    so seeds 0 and 2**32, or -1 and 2**63 - 1, drew the same numbers; and seed + index overflowed."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -146,10 +159,7 @@ class LLMEngine:
         if params.seed is None:
             return None
         # Each choice of a seeded request gets its own reproducible stream.
-        try:
-            return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
-        except (RuntimeError, OverflowError, ValueError) as exc:  # torch's overflow is a ValueError
-            raise RequestRejected(f"seed {params.seed} (+{index} for choice {index}) is out of range") from exc
+        return torch.Generator(device=self.runner.device).manual_seed(mixed_seed(params.seed, index))
 
     def abort_request(self, request_id: str, indices: tuple[int, ...] | None = None) -> None:
         """Stop the request's sequences (those with the given choice indices) and free their blocks."""
