@@ -253,6 +253,11 @@ def test_tokenize_detokenize_round_trip(server):
     assert text == "Lily saw a dog."
     chat = httpx.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] > 3
+    # Counting is not generating: a text or chat beyond the context is counted whole.
+    long = {"role": "user", "content": "Lily saw a dog. " * 800}
+    for body in ({"prompt": long["content"]}, {"messages": [long]}):
+        counted = httpx.post(server.base_url + "/tokenize", json=body, timeout=60).json()
+        assert counted["count"] > 8 * 512, counted.get("error")
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -103,13 +103,15 @@ def test_bad_input_is_a_400_naming_the_field(server, case):
     [
         ("/v1/completions", {"prompt": "Once upon a time " * 250_000}, "prompt"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Once upon a time " * 250_000}]}, "messages"),
+        ("/v1/responses", {"input": "Once upon a time " * 250_000}, "input"),
     ],
 )
 def test_a_text_far_beyond_the_context_is_refused_from_its_first_part(server, path, body, param):
     """4 MB of text: counted a part at a time, it is refused once a part holds more tokens than the context
     ("more than"), instead of all of it being tokenized first (seconds of a worker thread that other
     requests queue for). A text that fits is tokenized whole, exactly as before (every other test)."""
-    r = httpx.post(server.base_url + path, json={"model": MODEL, "max_tokens": 2, **body}, timeout=60)
+    limit = {"max_output_tokens": 16} if path == "/v1/responses" else {"max_tokens": 2}
+    r = httpx.post(server.base_url + path, json={"model": MODEL, **limit, **body}, timeout=60)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == param

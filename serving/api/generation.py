@@ -91,7 +91,9 @@ def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: boo
     return Prompt(list(prompt), tokenizer.decode(prompt) if echo else "")
 
 
-def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:
+def encode_chat(state: AppState, req: ChatCompletionRequest, param: str = "messages", within_context: bool = True) -> Prompt:
+    """The messages through the chat template, as token ids; `param` names them in a context overflow,
+    which is refused early (tokenize_within) unless only counting (`within_context` False: /tokenize)."""
     assert state.model is not None
     tokenizer = state.model.tokenizer
     if not tokenizer.chat_template:
@@ -115,7 +117,9 @@ def encode_chat(state: AppState, req: ChatCompletionRequest) -> Prompt:
         # The template renders the client's messages: whatever it fails on in them (an undefined field
         # passed to tojson, a mapping where it wants a list) is the request's fault, a 400.
         raise bad_request(f"the chat template rejected these messages: {type(exc).__name__}: {exc}", param="messages") from exc
-    return Prompt(tokenize_within(tokenizer, text, state.model.max_model_len, "messages", add_special_tokens=False), text)
+    if not within_context:
+        return Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
+    return Prompt(tokenize_within(tokenizer, text, state.model.max_model_len, param, add_special_tokens=False), text)
 
 
 def completion_budget(state: AppState, req: _Request, requested: int | None, explicit: bool, prompt: Prompt, param: str) -> int:

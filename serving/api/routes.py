@@ -395,7 +395,7 @@ async def responses():
         chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    prompt = await st.run_blocking(encode_chat, st, chat)
+    prompt = await st.run_blocking(encode_chat, st, chat, "input")
     max_tokens = completion_budget(st, chat, chat.completion_limit, chat.completion_limit is not None, prompt, "input")
     params = sampling_params(st, chat, max_tokens, None, False, await compile_grammar(st, chat))
     admit(st, 1)
@@ -473,7 +473,7 @@ async def tokenize():
         ids = await st.run_blocking(lambda: tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
     else:
         chat = ChatCompletionRequest(model=st.model.name, messages=req.messages or [], add_generation_prompt=req.add_generation_prompt)
-        ids = (await st.run_blocking(encode_chat, st, chat)).token_ids
+        ids = (await st.run_blocking(encode_chat, st, chat, within_context=False)).token_ids
     return {"tokens": ids, "count": len(ids), "max_model_len": st.model.max_model_len}
 
 
