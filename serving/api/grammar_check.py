@@ -55,9 +55,9 @@ class TokenizerSource:
 
 def _serve(conn: Connection, source: TokenizerSource) -> None:
     """A compile process: answers each spec with None (compiled) or the library's reason for refusing it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the server's to handle; it ends us
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    grammars = Grammars(lambda: source.tokenizer, source.vocab_size, source.stop_token_ids)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it ends us (SIGTERM at exit)
+    # Nothing kept: the API remembers which grammars compiled, and the engine compiles those it admits.
+    grammars = Grammars(lambda: source.tokenizer, source.vocab_size, source.stop_token_ids, cache_bytes=0)
     grammars.compile(JSON_OBJECT)  # the tokenizer's tables are built now: a request's compile time is its own
     conn.send(None)
     while True:

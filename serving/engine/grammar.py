@@ -28,7 +28,10 @@ from serving.models.host_inputs import to_device
 # ("json_object", ""), ("json_schema", the schema as canonical JSON), ("regex", a pattern) or
 # ("choice", a JSON list of the strings allowed).
 GrammarSpec = tuple[str, str]
-CACHE_SIZE = 256
+# Compiled grammars kept, by the bytes xgrammar says they take: a JSON schema's is kilobytes, an enum of
+# 600 long strings' over 100 MB. Counted by number (and xgrammar's own compiler cache, unbounded, beside
+# it), a client sending such enums, each new, grew the engine by that much per request.
+CACHE_BYTES = 512 << 20
 
 
 class GrammarError(ValueError):
@@ -50,8 +53,12 @@ def choice_spec(options: list[str]) -> GrammarSpec:
 class Grammars:
     """Compiled grammars for one tokenizer, cached by spec; the tokenizer is loaded on first use."""
 
-    def __init__(self, tokenizer: Callable[[], Any], vocab_size: int, stop_token_ids: tuple[int, ...]):
+    def __init__(
+        self, tokenizer: Callable[[], Any], vocab_size: int, stop_token_ids: tuple[int, ...], cache_bytes: int = CACHE_BYTES
+    ):
         self._tokenizer, self.vocab_size, self._stop = tokenizer, vocab_size, list(stop_token_ids)
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._compiler: Any = None
         self._info: Any = None
         self._bytes: list[bytes] | None = None
@@ -75,7 +82,7 @@ class Grammars:
         info = self._get_info()
         with self._lock:
             if self._compiler is None:
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # ours is bounded
             return self._compiler
 
     def token_bytes(self) -> list[bytes]:
@@ -114,10 +121,13 @@ class Grammars:
             raise
         except Exception as exc:  # xgrammar reports schema problems as RuntimeError/ValueError
             raise GrammarError(_first_line(str(exc))) from exc
+        size = compiled.memory_size_bytes
         with self._lock:
-            self._cache[spec] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if spec not in self._cache and size <= self._cache_bytes:
+                self._cache[spec] = compiled
+                self._cached_bytes += size
+                while self._cached_bytes > self._cache_bytes:
+                    self._cached_bytes -= self._cache.popitem(last=False)[1].memory_size_bytes
         return compiled
 
     def submit(self, spec: GrammarSpec) -> Future:
