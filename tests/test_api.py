@@ -253,11 +253,17 @@ def test_tokenize_detokenize_round_trip(server):
     assert text == "Lily saw a dog."
     chat = httpx.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] > 3
-    # Counting is not generating: a text or chat beyond the context is counted whole.
-    long = {"role": "user", "content": "Lily saw a dog. " * 800}
-    for body in ({"prompt": long["content"]}, {"messages": [long]}):
-        counted = httpx.post(server.base_url + "/tokenize", json=body, timeout=60).json()
-        assert counted["count"] > 8 * 512, counted.get("error")
+    # Counting is not generating: a text or chat beyond the context is counted whole, up to 4 contexts;
+    # past that it is refused from its first part (not tokenized whole, and its ids listed, first).
+    for words, fits in ((200, True), (2000, False)):
+        text = "Lily saw a dog. " * words
+        for body, param in (({"prompt": text}, "prompt"), ({"messages": [{"role": "user", "content": text}]}, "messages")):
+            r = httpx.post(server.base_url + "/tokenize", json=body, timeout=60)
+            if fits:
+                assert r.status_code == 200 and 512 < r.json()["count"] <= 4 * 512, r.text
+            else:
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+                assert "more than 2048 tokens" in r.json()["error"]["message"]
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -69,6 +69,10 @@ CASES = {
         "/v1/chat/completions", COMPLETION + b'"messages": [' + b",".join([b'{"role":"user","content":""}'] * 5000) + b"]}", "messages"),
     "more responses input items than the context has tokens": (
         "/v1/responses", b'{"model": "stories260k", "input": [' + b",".join([b'{"role":"user","content":"a"}'] * 5000) + b"]}", "input"),
+    "one message of more content parts than the context has tokens": (
+        "/v1/chat/completions",
+        COMPLETION + b'"messages": [{"role":"user","content":[' + b",".join([b'{"type":"text","text":"a"}'] * 100_000) + b"]}]}",
+        "messages"),
     "a logit_bias over more tokens than the vocabulary": (
         "/v1/completions", COMPLETION + b'"prompt": "a", "logit_bias": {' + b",".join(b'"%d": 1' % i for i in range(100_000)) + b"}}", "logit_bias"),
     "metadata of 17 pairs (OpenAI's limit is 16)": (

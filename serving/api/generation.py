@@ -63,8 +63,8 @@ PROBE_CHARS_PER_TOKEN = 8
 PROBE_MARGIN = 16  # tokens a part may count beyond the whole's first ones, where it was cut
 
 
-def tokenize_within(tokenizer: Any, text: str, limit: int, param: str, **kwargs: Any) -> list[int]:
-    """text's token ids, unless a first part of it already holds more than `limit` tokens: then the 400,
+def tokenize_within(tokenizer: Any, text: str, limit: int, too_long: APIError, **kwargs: Any) -> list[int]:
+    """text's token ids, unless a first part of it already holds more than `limit` tokens: then `too_long`,
     without tokenizing the rest (a 30 MB prompt took a worker thread minutes to be told it was too long,
     while other requests queued for the thread). Parts grow fourfold, so a text of unusually long tokens
     costs at most a third more than tokenizing it once."""
@@ -73,7 +73,7 @@ def tokenize_within(tokenizer: Any, text: str, limit: int, param: str, **kwargs:
         cut = text.rfind(" ", probe // 2, probe)  # before a word: the part's tokens are the whole's first ones
         counted = len(tokenizer(text[: cut if cut > 0 else probe], **kwargs).input_ids)
         if counted > limit + PROBE_MARGIN:
-            raise context_length_exceeded(limit, f"more than {limit}", param)
+            raise too_long
         probe *= 4
     return tokenizer(text, **kwargs).input_ids
 
@@ -82,7 +82,8 @@ def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: boo
     assert state.model is not None
     tokenizer = state.model.tokenizer
     if isinstance(prompt, str):
-        ids = tokenize_within(tokenizer, prompt, state.model.max_model_len, "prompt")
+        limit = state.model.max_model_len
+        ids = tokenize_within(tokenizer, prompt, limit, context_length_exceeded(limit, f"more than {limit}", "prompt"))
         return Prompt(ids, prompt, _added_ahead(tokenizer, ids, prompt) if echo else 0)
     vocab = state.model.vocab_size
     bad = [t for t in prompt if t >= vocab]
@@ -91,9 +92,16 @@ def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: boo
     return Prompt(list(prompt), tokenizer.decode(prompt) if echo else "")
 
 
-def encode_chat(state: AppState, req: ChatCompletionRequest, param: str = "messages", within_context: bool = True) -> Prompt:
-    """The messages through the chat template, as token ids; `param` names them in a context overflow,
-    which is refused early (tokenize_within) unless only counting (`within_context` False: /tokenize)."""
+def encode_chat(state: AppState, req: ChatCompletionRequest, param: str = "messages") -> Prompt:
+    """The messages through the chat template, as token ids; `param` names them in a context overflow."""
+    assert state.model is not None
+    text, limit = render_chat(state, req), state.model.max_model_len
+    too_long = context_length_exceeded(limit, f"more than {limit}", param)
+    return Prompt(tokenize_within(state.model.tokenizer, text, limit, too_long, add_special_tokens=False), text)
+
+
+def render_chat(state: AppState, req: ChatCompletionRequest) -> str:
+    """The messages (and tools) through the chat template, as text."""
     assert state.model is not None
     tokenizer = state.model.tokenizer
     if not tokenizer.chat_template:
@@ -106,7 +114,7 @@ def encode_chat(state: AppState, req: ChatCompletionRequest, param: str = "messa
     messages = [m.for_template() for m in req.messages]
     try:
         tools = [{"type": "function", "function": f} for f in req.tool_functions()] if req.tool_mode != "none" else None
-        text = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             messages,
             tools=tools,
             tokenize=False,
@@ -117,9 +125,6 @@ def encode_chat(state: AppState, req: ChatCompletionRequest, param: str = "messa
         # The template renders the client's messages: whatever it fails on in them (an undefined field
         # passed to tojson, a mapping where it wants a list) is the request's fault, a 400.
         raise bad_request(f"the chat template rejected these messages: {type(exc).__name__}: {exc}", param="messages") from exc
-    if not within_context:
-        return Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
-    return Prompt(tokenize_within(tokenizer, text, state.model.max_model_len, param, add_special_tokens=False), text)
 
 
 def completion_budget(state: AppState, req: _Request, requested: int | None, explicit: bool, prompt: Prompt, param: str) -> int:

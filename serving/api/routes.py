@@ -25,8 +25,10 @@ from serving.api.generation import (
     context_length_exceeded,
     encode_chat,
     encode_completion_prompt,
+    render_chat,
     sampling_params,
     stream_choices,
+    tokenize_within,
 )
 from serving.api.openapi import GENERATION_ERRORS, documented
 from serving.api.response_api import ResponseShaper, response_usage
@@ -143,10 +145,13 @@ def _fits(data: dict[str, Any]) -> None:
         longest = max(lengths, default=0)
         if longest >= limit:
             raise context_length_exceeded(limit, str(longest), "prompt")
-    for field in ("messages", "input"):  # every message or item is at least a token of the prompt
+    for field in ("messages", "input"):  # every message or item, and each part of one, is at least a token
         items = data.get(field)
-        if isinstance(items, list) and len(items) > limit:
-            raise context_length_exceeded(limit, f"more than {limit}", field, f"{len(items)} items")
+        if not isinstance(items, list):
+            continue
+        count = len(items) + sum(len(m["content"]) for m in items if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if count > limit:
+            raise context_length_exceeded(limit, f"more than {limit}", field, f"{count} items and content parts")
     bias = data.get("logit_bias")
     if isinstance(bias, dict) and len(bias) > st.model.vocab_size:
         raise bad_request(
@@ -460,6 +465,11 @@ async def get_model(name: str):
     return model_card(st)
 
 
+# A text far beyond the context is counted whole up to this many contexts: enough to say how much to cut,
+# without a 30 MB text taking a worker thread for a minute (and the API gigabytes) to list its 20M ids.
+TOKENIZE_CONTEXTS = 4
+
+
 @bp.post("/tokenize")
 @documented(TokenizeRequest, TokenizeResponse, (400, 404, 413))
 async def tokenize():
@@ -468,12 +478,19 @@ async def tokenize():
     req = await parse_body(TokenizeRequest)
     check_model(st, req.model)
     assert st.model is not None
-    tokenizer = st.model.tokenizer
+    tokenizer, cap = st.model.tokenizer, TOKENIZE_CONTEXTS * st.model.max_model_len
     if req.prompt is not None:
-        ids = await st.run_blocking(lambda: tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+        text, param, special = req.prompt, "prompt", req.add_special_tokens
     else:
         chat = ChatCompletionRequest(model=st.model.name, messages=req.messages or [], add_generation_prompt=req.add_generation_prompt)
-        ids = (await st.run_blocking(encode_chat, st, chat, within_context=False)).token_ids
+        text, param, special = await st.run_blocking(render_chat, st, chat), "messages", False
+    too_long = bad_request(
+        f"The {param} hold more than {cap} tokens: /tokenize counts up to {TOKENIZE_CONTEXTS} times this model's "
+        f"maximum context length ({st.model.max_model_len} tokens).",
+        param=param,
+        code="context_length_exceeded",
+    )
+    ids = await st.run_blocking(tokenize_within, tokenizer, text, cap, too_long, add_special_tokens=special)
     return {"tokens": ids, "count": len(ids), "max_model_len": st.model.max_model_len}
 
 
