@@ -172,6 +172,14 @@ def test_logprob_tokens_of_characters_split_over_byte_tokens_spell_the_text(clie
     assert tokens.count("") >= 4 and "☃" in tokens and "日" in tokens
 
 
+def test_a_special_token_sampled_mid_text_is_an_empty_logprob_token_as_in_the_text(client):
+    # The generated text is decoded skipping special tokens: a BOS forced into it reads "" there, so its
+    # logprob token is "" too (it read "<s>", and every offset after it was 3 too far).
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=1, logit_bias={"1": 100})
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == "" and lp.tokens == [""] * 4 and lp.text_offset == [0] * 4
+
+
 def test_logprobs_and_echo(client):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
     lp = out.choices[0].logprobs

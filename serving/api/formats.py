@@ -61,6 +61,7 @@ def completion_logprobs(
     offset: int,
     opens_text: bool = False,
     pieces: codecs.IncrementalDecoder | None = None,
+    generated_from: int = 0,
 ) -> tuple[dict[str, Any], int]:
     """Completions' logprobs object, each token at its offset in the choice's text from `offset` on,
     and the offset after them. `opens_text`: the first token begins the text (an echoed prompt's),
@@ -69,12 +70,17 @@ def completion_logprobs(
     A character split over several tokens (byte-fallback or byte-level pieces of "☃") is the text of
     the token that completes it, the ones before it "": alone each would read U+FFFD, and the tokens
     would neither join into the text nor sit at its offsets. `pieces` holds such a character's first
-    bytes from one call to the next (a stream's deltas)."""
+    bytes from one call to the next (a stream's deltas). Generated tokens, from `generated_from` on, are
+    "" where special (a BOS sampled mid-text): the generated text leaves them out; an echoed prompt of
+    token ids spells them."""
     pieces = pieces or new_pieces()
+    special = st.special_token_ids
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for k, (token_id, entry) in enumerate(zip(token_ids, entries, strict=True)):
         raw = st.token_bytes(token_id)
-        if pieces.getstate()[0] or not _whole_characters(raw):
+        if k >= generated_from and token_id in special:
+            text = ""
+        elif pieces.getstate()[0] or not _whole_characters(raw):
             text = pieces.decode(raw)
         else:
             text = st.token_text(token_id, alone=opens_text and k == 0)
@@ -132,13 +138,14 @@ class CompletionFormat(Format):
     def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
         text, lp = delta.text, None
         if self.logprobs is not None:
-            token_ids, entries, opens = delta.token_ids, list(delta.logprobs), False
+            token_ids, entries, opens, generated = delta.token_ids, list(delta.logprobs), False, 0
             if self.prompt_logprobs and delta.prompt_logprobs is not None:
                 prompt_ids, prompt_entries = self._scored_prompt(index, delta.prompt_logprobs)
                 text, token_ids, entries = self._prompt(index).text + text, prompt_ids + token_ids, prompt_entries + entries
-                opens = True
+                opens, generated = True, len(prompt_ids)
             pieces = self._pieces.setdefault(index, new_pieces())
-            lp, self._offsets[index] = completion_logprobs(self.st, token_ids, entries, self._offsets.get(index, 0), opens, pieces)
+            offset = self._offsets.get(index, 0)
+            lp, self._offsets[index] = completion_logprobs(self.st, token_ids, entries, offset, opens, pieces, generated)
         if not (text or lp or delta.finish_reason):
             return []
         return [{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]
@@ -147,11 +154,11 @@ class CompletionFormat(Format):
         prompt = self._prompt(index)
         text, lp = "".join(choice.text), None
         if self.logprobs is not None:
-            token_ids, entries = choice.token_ids, list(choice.logprobs)
+            token_ids, entries, generated = choice.token_ids, list(choice.logprobs), 0
             if self.prompt_logprobs:
                 prompt_ids, prompt_entries = self._scored_prompt(index, choice.prompt_logprobs)
-                token_ids, entries = prompt_ids + token_ids, prompt_entries + entries
-            lp, _ = completion_logprobs(self.st, token_ids, entries, 0, self.prompt_logprobs)
+                token_ids, entries, generated = prompt_ids + token_ids, prompt_entries + entries, len(prompt_ids)
+            lp, _ = completion_logprobs(self.st, token_ids, entries, 0, self.prompt_logprobs, generated_from=generated)
         if self.echo:
             text = prompt.text + text
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason}

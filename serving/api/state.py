@@ -52,6 +52,7 @@ class AppState:
     in_flight: int = 0
     _token_text: dict[int, str] = field(default_factory=dict)
     _grammars: Grammars | None = None
+    _special: frozenset[int] | None = None
     grammar_check: GrammarCheck = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,14 @@ class AppState:
             source = self.tokenizer_source()
             self._grammars = Grammars(lambda: source.tokenizer, source.vocab_size, source.stop_token_ids)
         return self._grammars
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Tokens that generated text leaves out (it is decoded skipping special tokens)."""
+        if self._special is None:
+            assert self.model is not None
+            self._special = frozenset(self.model.tokenizer.all_special_ids)
+        return self._special
 
     def token_bytes(self, token_id: int) -> bytes:
         """A token's own bytes (logprobs' "bytes" fields), which join into the text even where a
