@@ -7,7 +7,8 @@ time kept its thread, a core and its memory until it ended: two such requests he
 for over ten minutes, every structured-output request meanwhile got a 503, and the API process grew
 by gigabytes beside the engine. Here each slot is a process of its own (spawned on first use with the
 tokenizer, then reused), and a compile that runs out of time is killed with its process: the slot is
-free at once, a new process starts for the next compile, and the grammar is remembered as too slow.
+free at once, its next process starts at once (off any request's path), and the grammar is remembered
+as too slow.
 Asking again is refused at once, and the engine, which compiles each admitted grammar again in its own
 process, never meets it.
 
@@ -197,12 +198,22 @@ class GrammarCheck:
             process = _Process(self._source())
         outcome = process.compile(spec, timeout)
         if process.alive:
-            with self._idle_lock:
-                if self._closed:
-                    process.kill()
-                else:
-                    self._idle.append(process)
+            self._keep(process)
+        else:  # killed: its replacement starts now, not on the next compile's path
+            threading.Thread(target=self._start_spare, name="grammar-check-start", daemon=True).start()
         return outcome
+
+    def _start_spare(self) -> None:
+        with contextlib.suppress(GrammarBusy):  # the next compile tries again, and answers for it
+            self._keep(_Process(self._source()))
+
+    def _keep(self, process: _Process) -> None:
+        with self._idle_lock:
+            keep = not self._closed and len(self._idle) < self._size
+            if keep:
+                self._idle.append(process)
+        if not keep:
+            process.kill()
 
     def close(self) -> None:
         """Stop the idle compile processes (one compiling is killed when its compile ends or runs out of time;
