@@ -133,12 +133,12 @@ class GrammarCheck:
     async def compile(self, spec: GrammarSpec, timeout: float) -> None:
         """Returns once `spec` compiled; raises GrammarError (the library refused it), TimeoutError (its
         compile took more than `timeout` seconds) or GrammarBusy (no slot came free in that time)."""
-        for known in (self._too_slow, self._compiled):
-            if spec in known:
-                known.move_to_end(spec)
-                if known is self._too_slow:
-                    raise TimeoutError
-                return
+        if spec in self._too_slow:
+            self._too_slow.move_to_end(spec)
+            raise TimeoutError
+        if spec in self._compiled:
+            self._compiled.move_to_end(spec)
+            return
         job = self._jobs.get(spec)
         if job is None:
             loop = asyncio.get_running_loop()
