@@ -279,3 +279,29 @@ def test_logprobs_under_a_grammar_are_finite_json(server):
     assert r.status_code == 200, r.text
     tops = strict(r.text)["choices"][0]["logprobs"]["top_logprobs"]
     assert any(value == -9999.0 for top in tops for value in top.values())  # the floor, where the grammar left fewer than 5
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [('{"prompt": [[1], [2]]}', {"prompt": [[1], [2]]}), ('{"prompt": [1,', None), ('{"n": ' + "9" * 5000 + "}", {"n": float("inf")})],
+    ids=["lists", "broken", "long integer"],
+)
+def test_the_json_parse_leaves_the_garbage_collector_as_it_found_it(body, expected):
+    """The parse pauses the cyclic collector (a body of millions of small lists set off passes over all
+    of it); whatever the body, parsed, refused or parsed again for its long integers, it runs after."""
+    import gc
+    import json
+
+    from serving.api.routes import _loads
+
+    for was_enabled in (True, False):
+        (gc.enable if was_enabled else gc.disable)()
+        try:
+            try:
+                parsed = _loads(body)
+            except json.JSONDecodeError:
+                parsed = None
+            assert gc.isenabled() is was_enabled
+        finally:
+            gc.enable()
+        assert parsed == expected
