@@ -19,6 +19,7 @@ from serving.api.state import AppState, ServedModel
 from serving.config import ServeConfig
 from serving.cpus import pin_process
 from serving.engine.async_engine import AsyncEngine
+from serving.heap import freeze_startup_heap
 from serving.metrics import Metrics
 from serving.models.loader import load_tokenizer
 from serving.models.source import served_name
@@ -47,8 +48,10 @@ async def _start_engine(state: AppState, engine: AsyncEngine) -> None:
         log.error("model failed to load", extra={"error": state.load_error})
         return
     engine.set_tokenizer(tokenizer)
+    served = ServedModel(info, tokenizer)
+    freeze_startup_heap()  # before /health says ready: its one full collection pauses this loop
     state.engine = engine
-    state.model = ServedModel(info, tokenizer)
+    state.model = served
 
 
 def _abort_open_connections(loop: asyncio.AbstractEventLoop) -> None:

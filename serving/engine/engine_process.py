@@ -38,6 +38,7 @@ from serving.engine.protocol import (
     StepOutputs,
     coalesce,
 )
+from serving.heap import freeze_startup_heap
 from serving.logs import setup_logging
 
 log = logging.getLogger("fleetlm.engine")
@@ -85,6 +86,7 @@ def run_engine(cfg: ServeConfig, commands: Connection, outputs: Connection) -> N
             "pinned_cpus": list(info.engine_cpus),
         },
     )
+    freeze_startup_heap()
     outputs.send(Ready(info))
     try:
         _serve(built.engine, commands, outputs)
