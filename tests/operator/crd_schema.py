@@ -49,6 +49,7 @@ def validate(obj: dict[str, Any]) -> list[str]:
     obj = apply_defaults(root, obj)
     errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(obj)]
     errors += _unknown_fields(root, obj, "")
+    errors += _duplicate_keys(root, obj, "")
     if not errors:  # like the API server, CEL runs on schema-valid objects only
         errors += _cel_errors(root, obj, "")
     return errors
@@ -73,6 +74,29 @@ def _unknown_fields(node: dict[str, Any], value: Any, path: str) -> list[str]:
             e for i, item in enumerate(value) for e in _unknown_fields(node["items"], item, f"{path}[{i}]")
         ]
     return []
+
+
+def _duplicate_keys(node: dict[str, Any], value: Any, path: str) -> list[str]:
+    """A list declared x-kubernetes-list-type: map holds one item per key (x-kubernetes-list-map-keys);
+    the API server refuses a second ("Duplicate value")."""
+    errors = []
+    if isinstance(value, list):
+        if node.get("x-kubernetes-list-type") == "map":
+            keys = node["x-kubernetes-list-map-keys"]
+            seen: set[tuple[Any, ...]] = set()
+            for i, item in enumerate(value):
+                key = tuple(item.get(k) for k in keys) if isinstance(item, dict) else (item,)
+                if key in seen:
+                    errors.append(f"{path}[{i}]: Duplicate value: {dict(zip(keys, key, strict=True))}")
+                seen.add(key)
+        if "items" in node:
+            for i, item in enumerate(value):
+                errors += _duplicate_keys(node["items"], item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if k in node.get("properties", {}) and k != "metadata":
+                errors += _duplicate_keys(node["properties"][k], v, f"{path}.{k}")
+    return errors
 
 
 def _cel_errors(node: dict[str, Any], value: Any, path: str) -> list[str]:

@@ -132,7 +132,25 @@ BAD = {
         False,
     ),
     "no spec": ({k: v for k, v in GOOD.items() if k != "spec"}, "'spec' is a required", False),
+    # Accepted here, the ServiceMonitor would be refused by prometheus-operator's CRD, and with it every child.
+    "scrape interval prometheus-operator refuses": (_with("spec.monitoring", {"interval": "30s1m"}), "does not match", False),
+    "scrape interval in seconds twice": (_with("spec.monitoring", {"interval": "1s1s"}), "does not match", False),
+    "one pull secret twice": (
+        _with("spec.imagePullSecrets", [{"name": "registry"}, {"name": "registry"}]),
+        "Duplicate value",
+        False,
+    ),
+    "one env variable twice": (
+        _with("spec.engine", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}),
+        "Duplicate value",
+        False,
+    ),
 }
+
+
+@pytest.mark.parametrize("interval", ["30s", "1m30s", "500ms", "0", "1d", "2w", "1h5m"])
+def test_scrape_intervals_prometheus_operator_takes_are_accepted(interval: str) -> None:
+    assert validate(_with("spec.monitoring", {"serviceMonitor": True, "interval": interval})) == []
 
 
 @pytest.mark.parametrize("name", BAD)
