@@ -124,6 +124,24 @@ def test_min_tokens_blocks_end_of_sequence():
     assert sample(logits, [seq]).token_ids[0] == 2
 
 
+def test_min_tokens_gives_way_where_the_end_is_all_that_is_left():
+    """A grammar that has ended (a forced tool call complete) masks every token but the end: min_tokens
+    must not take that one too, which left nothing to sample (the sequence failed, a 500). A neighbour
+    whose end is not the only choice is still held to its min_tokens."""
+    from dataclasses import replace
+
+    logits = torch.zeros(2, VOCAB)
+    logits[0, :] = -math.inf
+    logits[0, 2] = 0.0  # only the end is allowed
+    logits[1, 2] = 10.0  # the end is the most likely, not the only choice
+    seqs = [_seq(i, temperature=t, min_tokens=5, seed=3) for i, t in enumerate((0.0, 1.0))]
+    for seq in seqs:
+        seq.params = replace(seq.params, extra_eos_ids=(2,))
+    for _ in range(5):
+        ended, other = sample(logits, seqs).token_ids
+        assert ended == 2 and other != 2
+
+
 def test_logprobs_are_the_models_and_sorted():
     logits = _logits(1, seed=13)
     seq = _seq(0, temperature=0.0, logprobs=3)

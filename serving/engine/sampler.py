@@ -84,6 +84,10 @@ def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
 
 
 def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """min_tokens: a sequence short of it cannot sample its end-of-sequence or stop token ids. Unless
+    nothing else is left to it: where a grammar has ended (a forced tool call complete) or a logit_bias
+    of -100 took every other token, the end stands, as the grammar says; blocking it too left no token
+    at all, and the sequence failed."""
     rows: list[int] = []
     cols: list[int] = []
     for i, s in enumerate(seqs):
@@ -91,10 +95,12 @@ def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
             blocked = {t for t in (*s.params.extra_eos_ids, *s.params.stop_token_ids) if t < logits.shape[-1]}
             rows.extend([i] * len(blocked))
             cols.extend(blocked)
-    if rows:
-        device = logits.device
-        logits.index_put_((_on(device, rows), _on(device, cols)), torch.full((), float("-inf"), device=device))
-    return logits
+    if not rows:
+        return logits
+    device = logits.device
+    kept = logits.index_put((_on(device, rows), _on(device, cols)), torch.full((), float("-inf"), device=device))
+    nothing_left = torch.isneginf(kept).all(dim=-1, keepdim=True)  # on the device: no sync
+    return torch.where(nothing_left, logits, kept)
 
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -169,7 +175,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     if any(s.params.uses_penalties for s in seqs):
         logits = apply_penalties(logits, seqs)
     if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
-        logits = _block_early_stop(logits.clone(), seqs)
+        logits = _block_early_stop(logits, seqs)
     chosen = logits.argmax(dim=-1)
     if not all(s.params.greedy for s in seqs):
         greedy = _on(logits.device, [s.params.greedy for s in seqs])
