@@ -326,6 +326,7 @@ def test_completion_errors_are_openai_error_objects(server, body, status, needle
         ("/v1/completions", {"stop_token_ids": [600]}, "stop_token_ids"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "min_tokens": 3}, "min_tokens"),
         ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
         ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
     ],

@@ -96,6 +96,10 @@ def test_the_api_keeps_its_documented_contract(case):
 
 _CHAT = {"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 _COMPLETION = {"model": "stories260k", "prompt": "Once", "max_tokens": 2}
+_RESPONSE = {"model": "stories260k", "input": "Hi", "max_output_tokens": 2}
+_TOOLS = [{"type": "function", "function": {"name": "f"}}]
+_RESPONSE_TOOLS = [{"type": "function", "name": "f"}]
+_NAMED = {"type": "function", "function": {"name": "f"}}
 # (route, body): the document's verdict on each must be the server's, accepted or refused.
 _VERDICTS = [
     ("/v1/completions", _COMPLETION),
@@ -133,6 +137,27 @@ _VERDICTS = [
     ("/v1/chat/completions", {**_CHAT, "stream": True, "stream_options": {"include_usage": None}}),
     ("/v1/chat/completions", {**_CHAT, "model": None}),
     ("/v1/chat/completions", {**_CHAT, "messages": [{"role": None, "content": "Hi"}]}),
+    # A forced tool_choice is an output constraint (with tools to choose from). That two other constraints
+    # are refused together is beyond the document (schemas._CONSTRAINT_WITHOUT_MIN_TOKENS says why).
+    ("/v1/completions", {**_COMPLETION, "guided_regex": "[ab]+"}),
+    ("/v1/completions", {**_COMPLETION, "response_format": {"type": "text"}, "guided_choice": ["a"]}),
+    ("/v1/completions", {**_COMPLETION, "stop": ["x"] * 64}),
+    ("/v1/completions", {**_COMPLETION, "stop": ["x"] * 65}),
+    ("/v1/chat/completions", {**_CHAT, "tools": _TOOLS, "tool_choice": "required"}),
+    ("/v1/chat/completions", {**_CHAT, "tools": _TOOLS, "tool_choice": "required", "min_tokens": 3}),
+    ("/v1/chat/completions", {**_CHAT, "tools": _TOOLS, "tool_choice": _NAMED, "min_tokens": 3}),
+    ("/v1/chat/completions", {**_CHAT, "tools": _TOOLS, "tool_choice": "auto", "min_tokens": 1}),
+    ("/v1/chat/completions", {**_CHAT, "tool_choice": "required"}),
+    ("/v1/chat/completions", {**_CHAT, "tools": [], "tool_choice": _NAMED}),
+    ("/v1/chat/completions", {**_CHAT, "tools": _TOOLS, "tool_choice": "required", "guided_regex": "a"}),
+    ("/v1/chat/completions", {**_CHAT, "tools": _TOOLS, "tool_choice": "none", "guided_regex": "a"}),
+    ("/v1/responses", _RESPONSE),
+    ("/v1/responses", {**_RESPONSE, "text": {"format": {"type": "json_schema"}}}),
+    ("/v1/responses", {**_RESPONSE, "text": {"format": {"type": "json_object", "schema": {}}}}),
+    ("/v1/responses", {**_RESPONSE, "text": {"format": {"type": "json_object"}}}),
+    ("/v1/responses", {**_RESPONSE, "tool_choice": "required"}),
+    ("/v1/responses", {**_RESPONSE, "tools": _RESPONSE_TOOLS, "tool_choice": "required", "text": {"format": {"type": "json_object"}}}),
+    ("/v1/responses", {**_RESPONSE, "tools": _RESPONSE_TOOLS, "tool_choice": "required"}),
     ("/tokenize", {"prompt": "Hi"}),
     ("/tokenize", {"prompt": "Hi", "add_special_tokens": None}),
     ("/tokenize", {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}),

@@ -43,9 +43,10 @@ TOKEN_ID = "x-fleetlm-token-id"
 SEQUENCES = "x-fleetlm-sequences"
 
 
-def _non_empty(strings: bool = True, arrays: bool = True):
-    """A field's JSON schema says what its validator refuses: empty strings and/or empty arrays,
-    at every level of its union (the validator keeps the clearer error message)."""
+def _non_empty(strings: bool = True, arrays: bool = True, max_items: int | None = None):
+    """A field's JSON schema says what its validator refuses: empty strings and/or empty arrays (and
+    arrays of more than max_items), at every level of its union (the validator keeps the clearer error
+    message)."""
 
     def mark(schema: dict[str, Any]) -> None:
         if schema.get("type") == "string" and strings:
@@ -53,6 +54,8 @@ def _non_empty(strings: bool = True, arrays: bool = True):
         if schema.get("type") == "array":
             if arrays:
                 schema["minItems"] = max(schema.get("minItems", 0), 1)
+            if max_items is not None:
+                schema["maxItems"] = max_items
             mark(schema.get("items", {}))
         for option in schema.get("anyOf", ()):
             mark(option)
@@ -137,18 +140,59 @@ class _Body(BaseModel):
 
 # An object that gives stream_options must stream (the model validator says so too).
 _STREAM_OPTIONS_NEED_STREAM = {"if": _given("stream_options", {"type": "object"}), "then": _given("stream", {"const": True})}
-# An output constraint decides when the output ends: min_tokens must then be 0 (_Request's validator).
-# One if/then a constraint field: schemathesis cannot generate from one `if` over all of them.
-_CONSTRAINT_WITHOUT_MIN_TOKENS = tuple(
-    {"if": _given(field, given), "then": {"properties": {"min_tokens": {"maximum": 0}}}}
-    for field, given in (
-        ("response_format", {"required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}),
-        ("guided_json", {"type": "object"}),
-        ("guided_regex", {"type": "string"}),
-        ("guided_choice", {"type": "array"}),
-        *(("structured_outputs", _given(key, {"type": kind})) for key, kind in (("json", "object"), ("regex", "string"), ("choice", "array"))),
-    )
+def _merged(*schemas: dict[str, Any]) -> dict[str, Any]:
+    """The conjunction of object schemas made of properties and required, as one such schema."""
+    out: dict[str, Any] = {}
+    for schema in schemas:
+        for key, value in schema.items():
+            if key == "properties":
+                props = out.setdefault("properties", {})
+                for name, sub in value.items():
+                    props[name] = _merged(props[name], sub) if name in props else sub
+            elif key == "required":
+                out["required"] = sorted({*out.get("required", []), *value})
+            else:
+                out[key] = value
+    return out
+
+
+def _text_only(field: str) -> dict[str, Any]:
+    """`field`, where given, is a format object of type text (no constraint)."""
+    return {"properties": {field: {"properties": {"type": {"const": "text"}}}}}
+
+
+_JSON_FORMAT = {"required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
+# Each way a request gives an output constraint (_Request.constraint): (given, left out). Left out is
+# said positively (null, or a text format) rather than with `not`: schemathesis generates from these
+# rules only while they stay simple.
+_CONSTRAINT_SLOTS = (
+    (_given("response_format", _JSON_FORMAT), _text_only("response_format")),
+    *(
+        (_given(field, {"type": kind}), {"properties": {field: {"type": "null"}}})
+        for field, kind in (("guided_json", "object"), ("guided_regex", "string"), ("guided_choice", "array"))
+    ),
+    *(
+        (_given("structured_outputs", _given(key, {"type": kind})), {"properties": {"structured_outputs": {"properties": {key: {"type": "null"}}}}})
+        for key, kind in (("json", "object"), ("regex", "string"), ("choice", "array"))
+    ),
 )
+_NO_MIN_TOKENS = {"properties": {"min_tokens": {"maximum": 0}}}
+_NO_CONSTRAINT = _merged(*(left_out for _, left_out in _CONSTRAINT_SLOTS))
+# A constraint decides when the output ends, so min_tokens must then be 0 (_Request's validator). One
+# if/then per constraint: schemathesis cannot generate from one `if` over all of them. That at most one
+# is given is not said here: every way of saying it tried (a choice among eight, an if/then per pair)
+# made the chat document too involved for schemathesis to generate from at all (its canonical form
+# gives up), so the document lets two through that the server refuses.
+_CONSTRAINT_WITHOUT_MIN_TOKENS = tuple({"if": given, "then": _NO_MIN_TOKENS} for given, _ in _CONSTRAINT_SLOTS)
+_FORCED_TOOL_CHOICE = {"anyOf": [{"const": "required"}, {"type": "object"}]}
+
+
+def _forced_tool_rule(*then: dict[str, Any]) -> dict[str, Any]:
+    """A tool_choice of required or of one function (ChatCompletionRequest._unsupported) needs tools to
+    choose from, and is the output's constraint: `then` leaves the others out (and min_tokens)."""
+    return {"if": _given("tool_choice", _FORCED_TOOL_CHOICE), "then": _merged(_given("tools", {"type": "array", "minItems": 1}), *then)}
+
+
 # Accepted only to be refused when set (their validator): documented as null or empty.
 _UNSET = {"description": "Not supported: null or empty only", "maxItems": 0, "maxLength": 0, "maxProperties": 0}
 
@@ -205,7 +249,7 @@ class _Request(_Body):
     n: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, json_schema_extra=_non_empty(arrays=False))
+    stop: str | list[str] | None = Field(None, json_schema_extra=_non_empty(arrays=False, max_items=MAX_STOP_STRINGS))
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, json_schema_extra=_TOKEN_ID_KEYS)
@@ -390,6 +434,7 @@ _UNSUPPORTED_CHAT = ("functions", "audio", "prediction", "web_search_options", "
 class ChatCompletionRequest(_Request):
     RULES: ClassVar[tuple[dict[str, Any], ...]] = (
         *_Request.RULES,
+        _forced_tool_rule(_NO_MIN_TOKENS, _NO_CONSTRAINT),
         {"if": _given("top_logprobs", {"type": "integer"}), "then": _given("logprobs", {"const": True})},
         {"if": _given("continue_final_message", {"const": True}), "then": _given("add_generation_prompt", {"const": False})},
     )
@@ -441,6 +486,8 @@ class ChatCompletionRequest(_Request):
             raise RuleError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
         if self.forced_tools and self.constraint is not None:
             raise RuleError("tool_choice", "a forced tool_choice cannot be combined with another output constraint")
+        if self.forced_tools and self.min_tokens:
+            raise RuleError("min_tokens", "min_tokens cannot be combined with a forced tool_choice (the tool call decides when it ends)")
         if self.modalities and self.modalities != ["text"]:
             raise RuleError("modalities", "only the 'text' modality is supported")
         if self.top_logprobs is not None and not self.logprobs:
@@ -557,6 +604,13 @@ class NamedFunctionChoice(_Body):
 
 
 class TextFormat(_Body):
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (
+        {
+            "if": _given("type", {"const": "json_schema"}),
+            "then": _given("schema", {"type": "object"}),
+            "else": {"properties": {"schema": {"type": "null"}}},
+        },
+    )
     model_config = ConfigDict(populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
     name: str = Field("response", max_length=64)
@@ -585,6 +639,8 @@ class ResponsesRequest(_Body):
     system message; function calls and their outputs as assistant tool calls and tool messages) and
     generated as a chat completion. There is no stored state: previous_response_id is refused."""
 
+    # A forced tool_choice, as in a chat request (which this one is validated as): text.format's JSON is the other constraint.
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (_forced_tool_rule({"properties": {"text": _text_only("format")}}),)
     model: NonEmptyStr
     input: str | list[InputItem] = Field(json_schema_extra=_non_empty())
     instructions: str | None = None
