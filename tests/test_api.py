@@ -172,6 +172,35 @@ def test_logprob_tokens_of_characters_split_over_byte_tokens_spell_the_text(clie
     assert tokens.count("") >= 4 and "☃" in tokens and "日" in tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echoed_logprob_tokens_are_the_prompts_own_characters(client, stream):
+    """An echoed text prompt's tokens are cut from the text by the tokenizer's offsets: a "<s>" the text
+    spells is its first token (the BOS the tokenizer added is not shown, and the text's "<s>" was once
+    taken for it and shown twice), and the word after it has no space the text does not have."""
+    out = client.completions.create(model=MODEL, prompt="<s>Hi", max_tokens=2, temperature=0, echo=True, logprobs=0, stream=stream)
+    chunks = list(out) if stream else [out]
+    text = "".join(c.choices[0].text for c in chunks)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert text.startswith("<s>Hi") and "".join(tokens) == text
+    assert tokens[:3] == ["<s>", "H", "i"] and len(tokens) == 3 + 2
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_choice_that_ends_mid_character_shows_its_replacement_in_its_last_token(client, server, stream):
+    """A choice cut off after the first byte of "日" ends its text with U+FFFD: its last logprob token
+    reads it too, so the tokens still join into the text."""
+    first_byte = httpx.post(server.base_url + "/tokenize", json={"prompt": "日"}).json()["tokens"][-3]
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1, logit_bias={str(first_byte): 100}, stream=stream
+    )
+    chunks = list(out) if stream else [out]
+    text = "".join(c.choices[0].text for c in chunks)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert text == "\ufffd" and tokens == ["\ufffd"]
+
+
 def test_a_special_token_sampled_mid_text_is_an_empty_logprob_token_as_in_the_text(client):
     # The generated text is decoded skipping special tokens: a BOS forced into it reads "" there, so its
     # logprob token is "" too (it read "<s>", and every offset after it was 3 too far).

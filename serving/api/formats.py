@@ -62,6 +62,8 @@ def completion_logprobs(
     opens_text: bool = False,
     pieces: codecs.IncrementalDecoder | None = None,
     generated_from: int = 0,
+    prompt_pieces: list[str] | None = None,
+    final: bool = False,
 ) -> tuple[dict[str, Any], int]:
     """Completions' logprobs object, each token at its offset in the choice's text from `offset` on,
     and the offset after them. `opens_text`: the first token begins the text (an echoed prompt's),
@@ -72,13 +74,17 @@ def completion_logprobs(
     would neither join into the text nor sit at its offsets. `pieces` holds such a character's first
     bytes from one call to the next (a stream's deltas). Generated tokens, from `generated_from` on, are
     "" where special (a BOS sampled mid-text): the generated text leaves them out; an echoed prompt of
-    token ids spells them."""
+    token ids spells them. An echoed text prompt's tokens are `prompt_pieces`, its own characters, where
+    the tokenizer gave them (Prompt.pieces). `final`: the choice ends here, and so do the bytes of a
+    character it left unfinished, read U+FFFD as the text reads them."""
     pieces = pieces or new_pieces()
     special = st.special_token_ids
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for k, (token_id, entry) in enumerate(zip(token_ids, entries, strict=True)):
         raw = st.token_bytes(token_id)
-        if k >= generated_from and token_id in special:
+        if prompt_pieces is not None and k < len(prompt_pieces):
+            text = prompt_pieces[k]
+        elif k >= generated_from and token_id in special:
             text = ""
         elif pieces.getstate()[0] or not _whole_characters(raw):
             text = pieces.decode(raw)
@@ -89,6 +95,9 @@ def completion_logprobs(
         offset += len(text)
         token_logprobs.append(None if entry is None else entry.logprob)
         top_logprobs.append(None if entry is None else {st.token_text(t): lp for t, lp in entry.top})
+    if final and tokens and (rest := pieces.decode(b"", final=True)):
+        tokens[-1] += rest
+        offset += len(rest)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}, offset
 
 
@@ -145,7 +154,10 @@ class CompletionFormat(Format):
                 opens, generated = True, len(prompt_ids)
             pieces = self._pieces.setdefault(index, new_pieces())
             offset = self._offsets.get(index, 0)
-            lp, self._offsets[index] = completion_logprobs(self.st, token_ids, entries, offset, opens, pieces, generated)
+            lp, self._offsets[index] = completion_logprobs(
+                self.st, token_ids, entries, offset, opens, pieces, generated, self._prompt(index).pieces if generated else None,
+                final=delta.finish_reason is not None,
+            )
         if not (text or lp or delta.finish_reason):
             return []
         return [{"index": index, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason}]
@@ -158,7 +170,10 @@ class CompletionFormat(Format):
             if self.prompt_logprobs:
                 prompt_ids, prompt_entries = self._scored_prompt(index, choice.prompt_logprobs)
                 token_ids, entries, generated = prompt_ids + token_ids, prompt_entries + entries, len(prompt_ids)
-            lp, _ = completion_logprobs(self.st, token_ids, entries, 0, self.prompt_logprobs, generated_from=generated)
+            lp, _ = completion_logprobs(
+                self.st, token_ids, entries, 0, self.prompt_logprobs, generated_from=generated,
+                prompt_pieces=prompt.pieces if self.prompt_logprobs else None, final=True,
+            )
         if self.echo:
             text = prompt.text + text
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason}

@@ -36,6 +36,37 @@ class Prompt:
     text: str  # for echo; empty for token-id prompts that are not echoed
     # Tokens the tokenizer put before a text prompt (a BOS): not the client's, so echo does not show them.
     added: int = 0
+    # An echoed text prompt's own characters, one string per token after the added ones (a character split
+    # over several tokens is the last one's): what echo's logprobs show, joining into the text exactly.
+    pieces: list[str] | None = None
+
+
+def _text_pieces(tokenizer: Any, text: str, ids: list[int]) -> tuple[int, list[str]] | None:
+    """(added, pieces) from a fast tokenizer's character offsets, or None where it gives none (a slow
+    tokenizer) or they are not of these ids. A token the tokenizer added spans nothing (0, 0): a BOS is
+    one, a "<s>" the text spells is not."""
+    try:
+        encoded = tokenizer(text, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    offsets = encoded.get("offset_mapping")
+    if offsets is None or list(encoded["input_ids"]) != ids:
+        return None
+    special = set(tokenizer.all_special_ids)
+    added = 0
+    while added < len(ids) and ids[added] in special and tuple(offsets[added]) == (0, 0):
+        added += 1
+    pieces, start = [], 0
+    for i in range(added, len(ids)):
+        end = offsets[i][1]
+        if i + 1 < len(ids) and offsets[i + 1][1] == end and end > offsets[i + 1][0]:
+            pieces.append("")  # the next token ends the same character: it completes it
+            continue
+        pieces.append(text[start:end] if end > start else "")
+        start = max(start, end)
+    if pieces and start < len(text):
+        pieces[-1] += text[start:]
+    return added, pieces
 
 
 def _added_ahead(tokenizer: Any, ids: list[int], text: str) -> int:
@@ -84,7 +115,11 @@ def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: boo
     if isinstance(prompt, str):
         limit = state.model.max_model_len
         ids = tokenize_within(tokenizer, prompt, limit, context_length_exceeded(limit, f"more than {limit}", "prompt"))
-        return Prompt(ids, prompt, _added_ahead(tokenizer, ids, prompt) if echo else 0)
+        if not echo:
+            return Prompt(ids, prompt)
+        if (spans := _text_pieces(tokenizer, prompt, ids)) is not None:
+            return Prompt(ids, prompt, *spans)
+        return Prompt(ids, prompt, _added_ahead(tokenizer, ids, prompt))
     vocab = state.model.vocab_size
     bad = [t for t in prompt if t >= vocab]
     if bad:
