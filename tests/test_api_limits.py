@@ -72,6 +72,14 @@ def test_api_key_guards_the_api_but_not_probes():
         assert httpx.get(server.base_url + "/metrics").status_code == 200
 
 
+def test_a_non_ascii_api_key_matches_its_utf8_bytes():
+    # A header's bytes reach the app decoded as Latin-1: the key's UTF-8 bytes are what a client sends.
+    with RunningServer(api_key="clé-☃") as server:
+        for key, status in (("clé-☃".encode(), 200), ("clé-☃".encode("latin-1", errors="replace"), 401), (b"cle-x", 401)):
+            r = httpx.get(server.base_url + "/v1/models", headers={"Authorization": b"Bearer " + key})
+            assert r.status_code == status, key
+
+
 async def test_a_small_kv_cache_makes_requests_wait_not_fail():
     # Room for about two 300-token sequences; sixteen arrive at once. They queue, some are
     # preempted and recomputed, and every one still returns exactly what it returns alone.

@@ -79,7 +79,9 @@ def create_app(state: AppState) -> Quart:
         if cfg.api_key is not None:
             # The scheme is case-insensitive (RFC 7235: "bearer x" is "Bearer x"); the token is not.
             scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+            # The header's bytes as sent (HTTP headers arrive decoded as Latin-1), against the key's UTF-8.
+            sent = token.strip().encode("latin-1", errors="replace")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(sent, cfg.api_key.encode()):
                 raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         if state.draining:
             raise APIError(503, "The server is shutting down.", type="service_unavailable", code="draining")
