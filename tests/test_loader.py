@@ -85,6 +85,15 @@ def test_a_directory_without_a_model_is_a_clear_error(tmp_path):
         build_engine(ServeConfig(model_path=str(tmp_path), device="cpu"))
 
 
+def test_a_model_directory_without_weights_says_so(tmp_path):
+    # A config and a tokenizer but no weight file: every parameter was reported "missing", as if the
+    # checkpoint were of another architecture.
+    model_dir = make_tiny_model(tmp_path / "m", "llama")
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="holds no weights"):
+        build_engine(ServeConfig(model_path=str(model_dir), device="cpu"))
+
+
 def test_a_directory_with_several_gguf_files_asks_for_one(tmp_path):
     for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
         (tmp_path / name).write_bytes(b"GGUF")

@@ -61,7 +61,8 @@ def checkpoint_tensors(model_dir: Path) -> tuple[Iterator[tuple[str, torch.Tenso
         return (item for state in states for item in state.items()), sum(len(state) for state in states)
     if any(model_dir.glob("*.pth")):
         raise ValueError(f"{model_dir} holds Meta's .pth checkpoint layout, which is not read here: use the Hugging Face format")
-    return iter(()), 0
+    # Else every parameter would be reported missing, as if the checkpoint were of another architecture.
+    raise ValueError(f"{model_dir} holds no weights: no *.safetensors, pytorch_model*.bin or *.gguf file")
 
 
 def count_safetensors(files: list[Path]) -> int:
