@@ -333,7 +333,9 @@ class CompletionRequest(_Request):
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
-    best_of: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] | None = Field(
+        None, description="Accepted equal to n (as clients that send best_of=1 by default do); picking the best of more is not supported"
+    )
     suffix: str | None = Field(None, json_schema_extra=_UNSET)
 
     @field_validator("prompt")
@@ -442,8 +444,10 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
-    tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = Field(None, max_length=128, description="Each function name at most once")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="required or a named function needs tools (the name among them), and no other output constraint"
+    )
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = Field(None, json_schema_extra=_UNSET)
     function_call: Any = Field(None, json_schema_extra={"enum": [None, "none"], "description": "Not supported: null or none"})
