@@ -166,6 +166,8 @@ def _server(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict
         "--drain-timeout", str(engine.drain_timeout_seconds),
         "--log-level", engine.log_level,
     ]  # fmt: skip
+    if spec.model.hf is not None and spec.model.hf.gguf_file:  # the one the downloader fetched, maybe in a subfolder
+        args += ["--gguf-file", spec.model.hf.gguf_file]
     if spec.model.tokenizer:
         args += ["--tokenizer-path", spec.model.tokenizer]
     # A pod shares its node's cores: pinning the engine to "its own" core would put every pod's

@@ -115,6 +115,10 @@ def hf_cache_dir(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
     assert spec.model.hf is not None
     repo = spec.model.hf.repo.replace("/", "--")
     revision = (commit or spec.model.hf.revision).replace("/", "--")
+    if spec.model.hf.gguf_file:
+        # One directory per GGUF file too: the downloader keeps only the file it was asked for, so two
+        # deployments of one repo's Q4 and Q8 on a shared claim deleted each other's.
+        revision += "--" + spec.model.hf.gguf_file.replace("/", "--")
     return f"hf/{repo}/{revision}"
 
 

@@ -41,3 +41,26 @@ def test_python_m_serving_download_is_the_init_container_command(fake_hub, tmp_p
     missing = subprocess.run([*cmd[:7], "v9", *cmd[8:]], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 4
     assert "revision v9 not found" in missing.stderr
+
+
+def test_a_gguf_file_in_a_subfolder_is_served_with_the_directorys_config(fake_hub, tmp_path):
+    """Repos that keep one quantization per subfolder (Q8_0/m-Q8_0.gguf): --gguf-file names the file in
+    the directory or the repo, and the config and tokenizer still come from the top. The file was
+    fetched, then looked for at the top only (no GGUF found), or beside its own subfolder's nothing."""
+    from serving.config import ServeConfig
+    from serving.models.source import resolve_source
+
+    local = tmp_path / "local"
+    for name in ("config.json", "tokenizer.json", "Q4_0/m-Q4_0.gguf", "Q8_0/m-Q8_0.gguf"):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(b"{}")
+    source = resolve_source(ServeConfig(model_path=str(local), gguf_file="Q8_0/m-Q8_0.gguf"))
+    assert (source.directory, source.gguf_file) == (local, local / "Q8_0" / "m-Q8_0.gguf")
+
+    fake_hub.add_repo("org/m-GGUF", {"config.json": b"{}", "Q4_0/m-Q4_0.gguf": b"q4", "Q8_0/m-Q8_0.gguf": b"q8"})
+    cache = tmp_path / "cache"
+    for choice in ("Q8_0/m-Q8_0.gguf", "Q4_0/m-Q4_0.gguf"):  # each its own directory: neither deletes the other
+        source = resolve_source(ServeConfig(model_path="org/m-GGUF", gguf_file=choice, download_dir=str(cache)))
+        assert source.gguf_file == source.directory / choice and source.gguf_file.read_bytes() == choice[:2].lower().encode()
+        assert (source.directory / "config.json").is_file()
+    assert len({p.parent for p in cache.rglob("*.gguf") if p.is_file()}) == 2

@@ -64,7 +64,10 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
         return ModelSource(demo_model_dir(), None, served_name(cfg))
     path = Path(cfg.model_path).expanduser()
     if path.exists():
+        directory = path if path.is_dir() else path.parent
         if cfg.gguf_file is not None and path.is_dir():
+            # A path in the directory, in a subfolder too (a repo's Q8_0/model-Q8_0.gguf): the directory's
+            # config and tokenizer, if any, still come from the directory itself.
             path = path / cfg.gguf_file
             if not path.is_file():
                 raise ConfigError(f"--gguf-file {cfg.gguf_file}: no such file in --model-path {cfg.model_path}")
@@ -72,7 +75,6 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
             gguf_file = gguf.find_gguf_file(path)
         except ValueError as exc:  # several GGUF files: the user must name one
             raise ConfigError(f"--model-path {path}: {exc} (--gguf-file)") from exc
-        directory = path if path.is_dir() else path.parent
         has_safetensors = directory.is_dir() and bool(safetensors_files(directory))
         if gguf_file is None and not (directory / "config.json").is_file():
             raise ConfigError(f"{path} holds no config.json and no GGUF file: not a model directory")
@@ -80,8 +82,13 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
     if is_hub_id(cfg.model_path):
         from serving.download import download_model
 
-        dest = hub_cache_dir(cfg, cfg.model_path) / (cfg.revision or "main")
+        revision = cfg.revision or "main"
+        # One directory per GGUF file too, as the operator keys its cache: the download keeps only the one asked for.
+        dest = hub_cache_dir(cfg, cfg.model_path) / (revision + (f"--{cfg.gguf_file.replace('/', '--')}" if cfg.gguf_file else ""))
         directory = download_model(cfg.model_path, cfg.revision, dest, token=hub_token(), gguf_file=cfg.gguf_file)
-        gguf_file = None if safetensors_files(directory) else gguf.find_gguf_file(directory)
+        if cfg.gguf_file is not None:
+            gguf_file = directory / cfg.gguf_file
+        else:
+            gguf_file = None if safetensors_files(directory) else gguf.find_gguf_file(directory)
         return ModelSource(directory, gguf_file, served_name(cfg))
     raise ConfigError(f"--model-path {cfg.model_path}: no such file or directory, and not a Hub id (org/name)")

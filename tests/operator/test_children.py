@@ -494,9 +494,16 @@ def test_the_operators_default_endpoint_applies_unless_the_spec_names_one() -> N
 def test_a_gguf_file_of_a_multi_quant_repo_reaches_the_downloader() -> None:
     """Repos such as bartowski's hold one GGUF per quantization: hf.ggufFile names the one to serve."""
     body = llmd(model={"hf": {"repo": "org/m-GGUF", "ggufFile": "m-Q8_0.gguf"}})
-    download = container(build(body), "model-download")
-    assert args(download)["--gguf-file"] == "m-Q8_0.gguf"
+    download, server = container(build(body), "model-download"), container(build(body), "server")
+    assert args(download)["--gguf-file"] == args(server)["--gguf-file"] == "m-Q8_0.gguf"  # the server serves that one
     assert "--gguf-file" not in args(container(build(llmd()), "model-download"))
+    # Each GGUF file of a repo and revision has its own cache directory: two deployments sharing a claim,
+    # one serving Q4_0/m.gguf and one Q8_0/m.gguf, deleted each other's file (the downloader keeps only its own).
+    dirs = {
+        args(container(build(llmd(model={"hf": {"repo": "org/m-GGUF", "ggufFile": f}})), "model-download"))["--dest"]
+        for f in ("Q4_0/m.gguf", "Q8_0/m.gguf", None)
+    }
+    assert len(dirs) == 3 and len({d.count("/") for d in dirs}) == 1  # siblings: none inside another's directory
     for bad in ("../m.gguf", "/abs/m.gguf", "m.bin"):
         with pytest.raises(InvalidSpec, match="ggufFile"):
             parse_spec(llmd(model={"hf": {"repo": "org/m-GGUF", "ggufFile": bad}})["spec"])
