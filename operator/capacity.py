@@ -8,7 +8,7 @@ sequence cannot be held.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
@@ -52,6 +52,13 @@ class ModelFacts:
 
     config: dict[str, Any]  # config.json
     weight_bytes: int  # the weight files' total size, as stored
+    gguf_bytes: dict[str, int] = field(default_factory=dict)  # each GGUF file's size, for hf.ggufFile's choice
+
+    def choosing(self, gguf_file: str | None) -> ModelFacts:
+        """The facts of serving `gguf_file` (hf.ggufFile) of the repo, where it is one of its files."""
+        if gguf_file is None or gguf_file not in self.gguf_bytes:
+            return self
+        return replace(self, weight_bytes=self.gguf_bytes[gguf_file])
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,17 +55,30 @@ def _siblings(info: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in listed if isinstance(s, dict) and isinstance(s.get("rfilename"), str)]
 
 
+# Trainer checkpoints keep these beside pytorch weights; the downloader does not fetch them.
+_TRAINER_STATE = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"})
+
+
 def _weight_bytes(siblings: list[dict[str, Any]]) -> int:
-    """What the downloader fetches to serve: every safetensors file, else the (first) GGUF, else .bin files."""
+    """What the downloader fetches to serve (serving/download/model_files.select_files, which the operator
+    cannot import): the top folder's safetensors but a consolidated copy beside them (Mistral's repos
+    hold the weights twice: counting both refused Mistral-7B on a 24 GiB GPU), else its pytorch weights,
+    else a GGUF file: the smallest, where the repo holds several and hf.ggufFile's choice is not known
+    here (ModelFacts.choosing takes it)."""
     sizes = {s["rfilename"]: _size(s) for s in siblings}
-    for suffix in (".safetensors",):
-        chosen = [size for name, size in sizes.items() if name.endswith(suffix) and "/" not in name]
-        if chosen:
-            return sum(chosen)
-    ggufs = sorted(name for name in sizes if name.endswith(".gguf"))
-    if ggufs:
-        return sizes[ggufs[0]]
-    return sum(size for name, size in sizes.items() if name.endswith(".bin") and "/" not in name)
+    root = {name: size for name, size in sizes.items() if "/" not in name}
+    safetensors = {name: size for name, size in root.items() if name.endswith(".safetensors")}
+    if safetensors:
+        kept = [size for name, size in safetensors.items() if not name.startswith("consolidated")]
+        return sum(kept or safetensors.values())
+    pytorch = [size for name, size in root.items() if name.endswith((".bin", ".pth")) and name not in _TRAINER_STATE]
+    if pytorch:
+        return sum(pytorch)
+    return min((size for name, size in sizes.items() if name.endswith(".gguf")), default=0)
+
+
+def _gguf_bytes(siblings: list[dict[str, Any]]) -> dict[str, int]:
+    return {s["rfilename"]: _size(s) for s in siblings if s["rfilename"].endswith(".gguf")}
 
 
 class Hub:
@@ -106,7 +119,7 @@ class Hub:
         if any(s["rfilename"] == "config.json" for s in siblings):
             config = self.get_json(f"{base}/{repo}/resolve/{commit}/config.json", token, ca_pem)
             if isinstance(config, dict):
-                facts = ModelFacts(config=config, weight_bytes=_weight_bytes(siblings))
+                facts = ModelFacts(config=config, weight_bytes=_weight_bytes(siblings), gguf_bytes=_gguf_bytes(siblings))
         return Resolution(commit, facts, time.monotonic())
 
 

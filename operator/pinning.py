@@ -112,4 +112,4 @@ def pin_revision(
         facts = latest.facts if latest.commit == commit else resolver.resolve(hf.repo, commit, endpoint, credentials).facts
     except HubError as error:
         return PinState(HubPin(endpoint, kept), hf.revision if kept else None, None, repin, str(error), None)
-    return PinState(HubPin(endpoint, commit), hf.revision, latest.commit, repin, None, facts)
+    return PinState(HubPin(endpoint, commit), hf.revision, latest.commit, repin, None, facts and facts.choosing(hf.gguf_file))

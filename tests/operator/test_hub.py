@@ -56,3 +56,23 @@ def test_siblings_that_are_not_a_list_mean_no_facts() -> None:
         "org/m", "main", None
     )
     assert (found.commit, found.facts) == (SHA, None)
+
+
+@pytest.mark.parametrize(
+    ("files", "gguf_file", "expected"),
+    [
+        # Mistral's layout: Hugging Face's shards and the same weights again as consolidated.safetensors
+        ({"model-00001-of-00002.safetensors": 9, "model-00002-of-00002.safetensors": 5, "consolidated.safetensors": 14}, None, 14),
+        ({"consolidated.safetensors": 14}, None, 14),  # the only copy there is
+        ({"pytorch_model.bin": 30, "training_args.bin": 1}, None, 30),  # trainer state is not fetched
+        ({"model.safetensors": 7, "pytorch_model.bin": 30}, None, 7),
+        ({"m-BF16.gguf": 160, "m-Q4_K_M.gguf": 49}, "m-BF16.gguf", 160),  # hf.ggufFile's choice
+        ({"m-BF16.gguf": 160, "Q4/m-Q4_K_M.gguf": 49}, "Q4/m-Q4_K_M.gguf", 49),
+        ({"m-BF16.gguf": 160, "m-Q4_K_M.gguf": 49}, None, 49),  # unchosen (the downloader refuses): not over-counted
+    ],
+)
+def test_weight_bytes_count_what_the_downloader_fetches(files, gguf_file, expected) -> None:
+    config = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 8}
+    info = {"sha": SHA, "siblings": [{"rfilename": "config.json"}, *({"rfilename": n, "size": b} for n, b in files.items())]}
+    found = Hub(opener({"/revision/main": info, "/config.json": config})).resolve("org/m", "main", None)
+    assert found.facts is not None and found.facts.choosing(gguf_file).weight_bytes == expected
