@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 # The Hub stores these in LFS (see a default .gitattributes); everything else is a plain git blob.
@@ -76,6 +77,7 @@ class FakeHub:
         self._faults: dict[str, list[_Drop | Stall]] = {}
         self._stalls: list[Stall] = []
         self.requests: list[RecordedRequest] = []
+        self._answers: list[list[Any]] = []  # answer_instead's
         self._hub = self._serve("hub")
         self._cdn = self._serve("cdn")
         scheme = "https" if tls is not None else "http"
@@ -122,6 +124,27 @@ class FakeHub:
             self._faults.setdefault(path, []).append(stall)
             self._stalls.append(stall)
         return stall
+
+    def answer_instead(
+        self, server: str, path_part: str, status: int = 200, body: bytes = b"", headers: dict[str, str] | None = None,
+        truncate: int | None = None, times: int = 1,
+    ) -> None:
+        """The next `times` GETs to `server` ("hub" or "cdn") whose path holds `path_part` get this answer
+        instead: a status and body (a proxy's page, a CDN's refusal), or with `truncate`, the CDN's file cut
+        to that many bytes, announced at that length (a transfer that came up short)."""
+        with self._lock:
+            self._answers.append([server, path_part, status, body, headers or {}, truncate, times])
+
+    def _answer_instead(self, server: str, path: str) -> tuple[int, bytes, dict[str, str]] | None:
+        with self._lock:
+            for fault in self._answers:
+                name, part, status, body, headers, truncate, times = fault
+                if times and name == server and part in path:
+                    fault[6] -= 1
+                    if truncate is not None:
+                        return 200, self._blobs[path][1][:truncate], {"Content-Type": "application/octet-stream"}
+                    return status, body, headers
+        return None
 
     def gets(self, path: str) -> list[RecordedRequest]:
         """GET requests that transferred repo file `path` (from the hub or the CDN)."""
@@ -185,6 +208,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> None:
         raw_path = urlsplit(self.path).path
+        if self.command == "GET" and (instead := self.hub._answer_instead(self.server.name, unquote(raw_path).lstrip("/"))):  # type: ignore[attr-defined]
+            status, body, headers = instead
+            self._record(None)
+            self._answer(status, headers, body)
+            return
         if self.server.name == "cdn":  # type: ignore[attr-defined]
             self._cdn(raw_path.lstrip("/"))
         elif match := _API_MODEL.match(raw_path):

@@ -1,7 +1,9 @@
 """The model downloader against a fake Hub over real HTTP, with real huggingface_hub and real subprocesses."""
 
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -573,3 +575,33 @@ def test_offline_mode_on_an_incomplete_destination_says_so(fake_hub, tmp_path):
     fake_hub.add_repo("org/tiny", model_files())
     code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
     assert code == 2 and lines[-1]["msg"].startswith("HF_HUB_OFFLINE is set"), lines[-3:]
+
+
+def test_a_file_that_arrives_short_is_fetched_again(fake_hub, tmp_path, monkeypatch):
+    """The CDN sends half the file at a matching length: huggingface_hub's size check fails with an
+    OSError of its own, which ended the download at once with exit 1; it is a network error, retried."""
+    monkeypatch.setattr("serving.download.RETRY_BASE_DELAY_S", 0.01)
+    files = model_files(weights_size=MB)
+    fake_hub.add_repo("org/tiny", files)
+    fake_hub.answer_instead("cdn", hashlib.sha256(files["model.safetensors"]).hexdigest(), truncate=MB // 2)
+    download_model("org/tiny", None, tmp_path, retries=1)
+    assert_holds(tmp_path, files, NEEDED)
+
+
+@pytest.mark.parametrize(
+    ("server", "path_part", "status", "body", "message", "exit_code"),
+    [
+        # A proxy's login page where the Hub's API answers JSON: a traceback and exit 1 before.
+        ("hub", "api/models/", 200, b"<html>sign in</html>", "did not answer like the Hub's API", ExitCode.NETWORK),
+        # The CDN the Hub redirects to refuses: no token goes there, so "check HF_TOKEN" (exit 3) misled.
+        ("cdn", "", 403, b"", "where the Hub sent the download of model.safetensors, refused it (HTTP 403)", ExitCode.NETWORK),
+    ],
+)
+def test_answers_from_elsewhere_than_the_hub_are_named_as_such(fake_hub, tmp_path, monkeypatch, server, path_part, status, body, message, exit_code):
+    monkeypatch.setattr("serving.download.RETRY_BASE_DELAY_S", 0.01)
+    files = model_files(weights_size=MB)
+    fake_hub.add_repo("org/tiny", files)
+    fake_hub.answer_instead(server, path_part, status, body, times=99)
+    with pytest.raises(DownloadError, match=re.escape(message)) as error:
+        download_model("org/tiny", None, tmp_path, retries=1)
+    assert error.value.exit_code == exit_code

@@ -6,6 +6,7 @@ only when huggingface_hub is imported), so a mirror or a test's fake Hub can be 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -103,6 +104,18 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
 
 
+def _file_host(error: HfHubHTTPError) -> str | None:
+    """The host that answered, where it is not the Hub's own (a CDN the Hub redirected to); else None."""
+    try:
+        url = httpx.URL(str(error.response.url))
+    except Exception:  # noqa: BLE001 - an answer without a usable URL: take it for the Hub's
+        return None
+    hub = httpx.URL(_endpoint() or "https://huggingface.co")
+    if not url.host or (url.host, url.port) == (hub.host, hub.port):
+        return None
+    return url.host if url.port is None else f"{url.host}:{url.port}"
+
+
 class _ProgressBar:
     """Stands in for tqdm in huggingface_hub's http and xet download paths, with the methods they call.
 
@@ -164,6 +177,12 @@ def _translated_errors(
         raise DownloadError(f"{path} not found in {repo} at {revision}", ExitCode.NOT_FOUND) from error
     except HfHubHTTPError as error:
         status = error.response.status_code
+        elsewhere = _file_host(error)
+        if status in (401, 403) and elsewhere is not None:
+            # The Hub redirects a file to its CDN (or a mirror to its store), where no token is sent: a refusal
+            # there is no token's fault, and signed links expire; retried.
+            message = f"{elsewhere}, where the Hub sent the download of {path or repo}, refused it (HTTP {status}): check egress to it"
+            raise DownloadError(message, ExitCode.NETWORK) from error
         if status in (401, 403):
             message = f"the Hub refused access to {repo} (HTTP {status}): check HF_TOKEN"
             raise DownloadError(message, ExitCode.UNAUTHORIZED) from error
@@ -175,6 +194,17 @@ def _translated_errors(
     except OfflineModeIsEnabled as error:
         message = f"HF_HUB_OFFLINE is set and {repo} at {revision} is not complete here: unset it to download"
         raise DownloadError(message, ExitCode.USAGE) from error
+    except json.JSONDecodeError as error:
+        # A proxy's login page, or an HF_ENDPOINT that is no Hub: HTML where the API answers JSON.
+        where = _endpoint() or "https://huggingface.co"
+        message = f"{where} did not answer like the Hub's API (not JSON: {error.msg}): check HF_ENDPOINT and egress"
+        raise DownloadError(message, ExitCode.NETWORK) from error
+    except OSError as error:
+        if error.errno is not None:  # the disk's (the caller reports it)
+            raise
+        # huggingface_hub's own, such as a file that arrived shorter than announced ("Consistency check
+        # failed"): the transfer went wrong, and another try may not.
+        raise DownloadError(f"the download of {path or repo} went wrong: {error}", ExitCode.NETWORK) from error
     except (httpx.TransportError, LocalEntryNotFoundError) as error:
         # hf_hub_download reports an unreachable Hub as LocalEntryNotFoundError caused by the network error.
         cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and error.__cause__ else error
