@@ -230,6 +230,9 @@ def _downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> 
     env = list(BASE_ENV) + hub_env
     if spec.model.token_secret_ref is not None:
         env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
+    # engine.env too, last, as the server gets it: a cluster's HTTPS_PROXY / NO_PROXY or HF_HUB_* settings
+    # reached only the server, and the download that needs them most failed ("check egress").
+    env = _merge_env(env, [e.model_dump(by_alias=True, exclude_none=True) for e in spec.engine.env])
     container: dict[str, Any] = {
         "name": DOWNLOAD_CONTAINER,
         "image": image,

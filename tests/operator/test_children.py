@@ -196,6 +196,16 @@ def test_user_env_overrides_ours_without_duplicate_names() -> None:
     assert {"name": "HF_HOME", "value": "/tmp/other"} in env
 
 
+def test_user_env_reaches_the_downloader_too() -> None:
+    # A cluster's egress proxy: set in engine.env, it reached the server only, and the download failed.
+    proxy = {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}
+    body = llmd(engine={"env": [proxy, {"name": "HF_HOME", "value": "/tmp/other"}]})
+    download = container(build(body), "model-download")
+    names = [e["name"] for e in download["env"]]
+    assert proxy in download["env"] and {"name": "HF_HOME", "value": "/tmp/other"} in download["env"]
+    assert len(names) == len(set(names))
+
+
 def test_extra_args_and_tokenizer_reach_the_server() -> None:
     server = container(build(SPECS["everything"]))
     assert server["args"][-2:] == ["--chat-template", "/tmp/t.jinja"]
