@@ -151,8 +151,10 @@ def main(argv: list[str]) -> int:
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM (a pod deleted or rolled mid-download) stops at once. As a container's PID 1 the process
     would otherwise never see it: the kernel drops signals PID 1 has no handler for, and the pod would
-    wait out its whole grace period. Nothing is lost: the marker is written last, the kernel frees the
-    lock, and the next downloader sweeps the temp files (and resumes the Hub's partial ones)."""
+    wait out its whole grace period. Nothing is taken for complete that is not: the marker is written last,
+    the kernel frees the lock, and the next downloader keeps the files that were complete and sweeps the
+    temp files of those in flight, which it fetches again from their start (huggingface_hub names its
+    partial files afresh in each process, so they cannot be continued across a restart)."""
     logger.warning("download stopped by SIGTERM", extra={"exit_code": 128 + signum})
     logging.shutdown()
     os._exit(128 + signum)  # not SystemExit: the pool's threads would keep the process alive
