@@ -605,3 +605,20 @@ def test_answers_from_elsewhere_than_the_hub_are_named_as_such(fake_hub, tmp_pat
     with pytest.raises(DownloadError, match=re.escape(message)) as error:
         download_model("org/tiny", None, tmp_path, retries=1)
     assert error.value.exit_code == exit_code
+
+
+def test_a_restarted_downloads_progress_counts_the_files_it_keeps(fake_hub, tmp_path, monkeypatch, caplog):
+    """A run that finds some files complete from a killed one keeps them (no bytes move), and they count
+    toward the model's progress all the same: its last line said 25% where the download was done."""
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0.0)
+    files = model_files(weights_size=600_000)
+    fake_hub.add_repo("org/tiny", files)
+    download_model("org/tiny", None, tmp_path)
+    (tmp_path / MARKER_NAME).unlink()  # as if killed before the marker: a restart checks every file
+    (tmp_path / "tokenizer.json").unlink()
+    caplog.set_level("INFO", logger="fleetlm.download")
+    download_model("org/tiny", None, tmp_path)
+    assert [r.file for r in caplog.records if r.msg == "file started"].count("model.safetensors") == 1
+    assert len(fake_hub.gets("model.safetensors")) == 1  # kept, not fetched again
+    last = [r for r in caplog.records if r.msg == "download progress"][-1]
+    assert last.downloaded_bytes == last.total_bytes and last.percent == 100.0

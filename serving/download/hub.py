@@ -83,6 +83,10 @@ def fetch(
             endpoint=_endpoint(),
             tqdm_class=progress_bar_class(transfer),
         )
+    if transfer.received == 0 and size:
+        # Kept from an earlier run (nothing was transferred): it counts toward the model all the same, or a
+        # restarted download's progress never reached 100% (the operator shows it in status.startup).
+        transfer.advance(size)
     transfer.finished()
 
 
