@@ -134,8 +134,7 @@ def model_path(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
 
 def _hub_access(spec: LLMDeploymentSpec, default_endpoint: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Env and volume mounts for a container that talks to the Hub: its endpoint (a mirror) and the
-    mirror's CA bundle, which then is the only one trusted (SSL_CERT_FILE for httpx, REQUESTS_CA_BUNDLE
-    for requests)."""
+    mirror's CA bundle, trusted beside the public roots (FLEETLM_EXTRA_CA_FILE: serving/trust.py)."""
     hf = spec.model.hf
     if hf is None:
         return [], []
@@ -145,7 +144,7 @@ def _hub_access(spec: LLMDeploymentSpec, default_endpoint: str | None) -> tuple[
         env.append({"name": "HF_ENDPOINT", "value": endpoint.rstrip("/")})
     if hf.ca_bundle is not None:
         path = f"{HUB_CA_DIR}/{hf.ca_bundle.key}"
-        env += [{"name": "SSL_CERT_FILE", "value": path}, {"name": "REQUESTS_CA_BUNDLE", "value": path}]
+        env.append({"name": "FLEETLM_EXTRA_CA_FILE", "value": path})  # trusted beside the public roots (serving/trust.py)
         mounts.append({"name": "hub-ca", "mountPath": HUB_CA_DIR, "readOnly": True})
     return env, mounts
 

@@ -7,6 +7,7 @@ import sys
 
 from serving.config import ConfigError, load_config, program_name
 from serving.logs import setup_logging
+from serving.trust import trust_extra_ca
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{program_name()}: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    try:
+        trust_extra_ca()  # before anything reaches the Hub (a Hub tokenizer, a Hub id's download)
+    except ValueError as exc:
+        print(f"{program_name()}: error: {exc}", file=sys.stderr)
+        return 2
     from serving.models.loader import preflight
     from serving.server import serve
 

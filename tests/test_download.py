@@ -555,8 +555,8 @@ def _mirror_ca(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
 
 
 def test_a_mirror_behind_its_own_ca_works_with_the_env_the_operator_sets(tmp_path):
-    """The operator's pods get HF_ENDPOINT and, for a caBundle, SSL_CERT_FILE and REQUESTS_CA_BUNDLE
-    (llm_operator.deployment._hub_access): with them the downloader fetches over TLS from a mirror whose
+    """The operator's pods get HF_ENDPOINT and, for a caBundle, FLEETLM_EXTRA_CA_FILE
+    (llm_operator.deployment._hub_access): with it the downloader fetches over TLS from a mirror whose
     certificate no public CA signed; without the bundle it refuses the mirror (exit 5, a network error)."""
     bundle, context = _mirror_ca(tmp_path)
     with FakeHub(tls=context) as mirror:
@@ -564,7 +564,7 @@ def test_a_mirror_behind_its_own_ca_works_with_the_env_the_operator_sets(tmp_pat
         env = {"HF_ENDPOINT": mirror.url}
         code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path / "untrusted"), "--retries", "0", env=env)
         assert code == 5, lines[-1]
-        trusted = {**env, "SSL_CERT_FILE": str(bundle), "REQUESTS_CA_BUNDLE": str(bundle)}
+        trusted = {**env, "FLEETLM_EXTRA_CA_FILE": str(bundle)}
         code, lines = cli("--model", "org/tiny", "--dest", str(tmp_path / "model"), env=trusted)
         assert code == 0, lines[-1]
     assert (tmp_path / "model" / "config.json").read_bytes() == b'{"model_type": "llama"}'
@@ -622,3 +622,25 @@ def test_a_restarted_downloads_progress_counts_the_files_it_keeps(fake_hub, tmp_
     assert len(fake_hub.gets("model.safetensors")) == 1  # kept, not fetched again
     last = [r for r in caplog.records if r.msg == "download progress"][-1]
     assert last.downloaded_bytes == last.total_bytes and last.percent == 100.0
+
+
+def test_a_mirrors_ca_is_trusted_beside_the_public_roots(tmp_path, monkeypatch):
+    """The mirror's CA alone was SSL_CERT_FILE: a mirror that redirects its files to a store with a public
+    certificate failed there. The bundle trusted holds the public roots and the mirror's CA."""
+    import certifi
+
+    from serving.trust import trust_extra_ca
+
+    bundle, _ = _mirror_ca(tmp_path)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    environ = {"FLEETLM_EXTRA_CA_FILE": str(bundle)}
+    written = trust_extra_ca(environ)
+    assert environ["SSL_CERT_FILE"] == environ["REQUESTS_CA_BUNDLE"] == str(written)
+    text = written.read_text()
+    assert Path(certifi.where()).read_text().strip() in text and bundle.read_text().strip() in text
+    ssl.create_default_context(cafile=str(written))  # a bundle ssl reads
+    assert trust_extra_ca({}) is None
+    (tmp_path / "not.pem").write_text("hello")
+    for bad in (tmp_path / "not.pem", tmp_path / "missing.pem"):
+        with pytest.raises(ValueError, match="FLEETLM_EXTRA_CA_FILE"):
+            trust_extra_ca({"FLEETLM_EXTRA_CA_FILE": str(bad)})

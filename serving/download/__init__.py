@@ -28,6 +28,7 @@ from serving.download.errors import DownloadError, ExitCode
 from serving.download.model_files import SUPPORT_FILES, select_files
 from serving.download.progress import ModelProgress, Transfer
 from serving.logs import setup_logging
+from serving.trust import trust_extra_ca
 
 __all__ = ["DownloadError", "ExitCode", "copy_model", "download_model", "main"]
 
@@ -126,6 +127,11 @@ def main(argv: list[str]) -> int:
         logging.getLogger(httpx.__name__).setLevel(logging.WARNING)
     if args.source is not None and args.revision is not None:
         logger.error("--revision applies to --model, not to --source")
+        return ExitCode.USAGE
+    try:
+        trust_extra_ca()
+    except ValueError as exc:
+        logger.error(str(exc))
         return ExitCode.USAGE
     try:
         if args.model is not None:

@@ -477,7 +477,8 @@ def test_a_hub_mirror_and_its_ca_reach_the_downloader() -> None:
     download = container(children, "model-download")
     env = {e["name"]: e.get("value") for e in download["env"]}
     assert env["HF_ENDPOINT"] == "https://hub.mirror.local"
-    assert env["SSL_CERT_FILE"] == env["REQUESTS_CA_BUNDLE"] == "/etc/fleetlm/hub-ca/ca.crt"
+    # Trusted beside the public roots, not instead of them (serving/trust.py)
+    assert env["FLEETLM_EXTRA_CA_FILE"] == "/etc/fleetlm/hub-ca/ca.crt" and "SSL_CERT_FILE" not in env
     assert {"name": "hub-ca", "mountPath": "/etc/fleetlm/hub-ca", "readOnly": True} in download["volumeMounts"]
     volumes = {v["name"]: v for v in children["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes["hub-ca"]["configMap"] == {"name": "corp-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
