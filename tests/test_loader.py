@@ -172,6 +172,13 @@ def test_a_tokenizer_path_is_a_directory_or_a_hub_id(tmp_path, fake_hub, monkeyp
     fake_hub.add_repo("org/tok", {**files, "config.json": b'{"model_type": "llama"}'})
     tokenizer = load_tokenizer(ServeConfig(tokenizer_path="org/tok", download_dir=str(tmp_path / "cache")), tmp_path, None)
     assert tokenizer("Once upon a time").input_ids == load_tokenizer(ServeConfig(), demo_model_dir(), None)("Once upon a time").input_ids
+    # A restart while the Hub is out of reach uses the tokenizer fetched before (it crash-looped); one
+    # never fetched whole is still an error.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    again = load_tokenizer(ServeConfig(tokenizer_path="org/tok", download_dir=str(tmp_path / "cache")), tmp_path, None)
+    assert again("Once upon a time").input_ids == tokenizer("Once upon a time").input_ids
+    with pytest.raises(ConfigError, match="cannot reach the Hub"):
+        load_tokenizer(ServeConfig(tokenizer_path="org/tok", download_dir=str(tmp_path / "other")), tmp_path, None)
     with pytest.raises(ConfigError, match="--tokenizer-path ./no/such: no such directory"):
         preflight(ServeConfig(tokenizer_path="./no/such", device="cpu"))
     with pytest.raises(ConfigError, match="--tokenizer-path"):  # named, so a GGUF's own is not used instead

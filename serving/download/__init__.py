@@ -193,18 +193,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+TOKENIZER_MARKER = ".fleetlm-tokenizer-complete"
+
+
 def download_tokenizer(repo: str, dest: Path, token: str | None = None) -> Path:
     """A tokenizer's files, no weights, from Hub repo `repo` (its main branch) into `dest`: what the
-    server takes for a --tokenizer-path that is a Hub id. Files already there from that commit are kept."""
+    server takes for a --tokenizer-path that is a Hub id. Files already there from that commit are kept.
+    Where the Hub cannot be reached, a tokenizer fetched whole before is used: a server restarted during
+    a Hub outage crash-looped on the tokenizer of a model it had on disk."""
     hub.check_repo_id(repo)
-    remote = hub.resolve(repo, "main", token)
+    fetched = dest / TOKENIZER_MARKER
+    try:
+        remote = hub.resolve(repo, "main", token)
+    except DownloadError as error:
+        if error.exit_code != ExitCode.NETWORK or not fetched.is_file():
+            raise
+        logger.warning("the Hub is out of reach: using the tokenizer fetched before", extra={"repo": repo, "error": str(error)})
+        return dest
     wanted = sorted(set(remote.sizes) & SUPPORT_FILES)
     if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(wanted):
         raise DownloadError(f"{repo} holds no tokenizer files", ExitCode.NOT_FOUND)
     dest.mkdir(parents=True, exist_ok=True)
     with model_dir.exclusive(dest):
+        fetched.unlink(missing_ok=True)  # written again once every file is there
         for path in wanted:
             hub.fetch(repo, remote.commit, path, dest, token, remote.sizes[path])
+        fetched.write_text(remote.commit)
     return dest
 
 
