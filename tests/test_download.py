@@ -644,3 +644,17 @@ def test_a_mirrors_ca_is_trusted_beside_the_public_roots(tmp_path, monkeypatch):
     for bad in (tmp_path / "not.pem", tmp_path / "missing.pem"):
         with pytest.raises(ValueError, match="FLEETLM_EXTRA_CA_FILE"):
             trust_extra_ca({"FLEETLM_EXTRA_CA_FILE": str(bad)})
+
+
+def test_a_429_is_retried_after_the_wait_the_hub_asks_for(fake_hub, tmp_path, monkeypatch, caplog):
+    """Rate-limited: the Retry-After's seconds are waited (the backoff alone ran out in 14 s, exit 5)."""
+    monkeypatch.setattr("serving.download.RETRY_BASE_DELAY_S", 0.01)
+    files = model_files()
+    fake_hub.add_repo("org/tiny", files)
+    fake_hub.answer_instead("hub", "api/models/", 429, headers={"Retry-After": "0.25"})
+    caplog.set_level("INFO", logger="fleetlm.download")
+    download_model("org/tiny", None, tmp_path, retries=1)
+    assert_holds(tmp_path, files, NEEDED)
+    assert [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()] == [
+        "the Hub answered HTTP 429 for org/tiny; retrying in 0.25s"
+    ]

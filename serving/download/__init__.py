@@ -74,7 +74,7 @@ def download_model(
                 except DownloadError as error:
                     if error.exit_code != ExitCode.NETWORK or attempt == retries:
                         raise
-                    delay = RETRY_BASE_DELAY_S * 2**attempt
+                    delay = max(RETRY_BASE_DELAY_S * 2**attempt, error.retry_after or 0.0)  # as long as the Hub asks
                     attempt += 1
                     logger.warning(f"{error}; retrying in {delay:g}s", extra={"attempt": attempt})
                     time.sleep(delay)

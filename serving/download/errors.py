@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
 class DownloadError(Exception):
     """A download failed for a known reason; `str(error)` is the one-line message for humans."""
 
-    def __init__(self, message: str, exit_code: ExitCode) -> None:
+    def __init__(self, message: str, exit_code: ExitCode, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.retry_after = retry_after  # seconds the server asked for (a 429's or 503's Retry-After)

@@ -108,6 +108,21 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
 
 
+# A Retry-After beyond this is not waited for: the init container fails and Kubernetes retries it.
+MAX_RETRY_AFTER_S = 120.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After's seconds (the delta-seconds form; an HTTP date is not waited for), at most MAX_RETRY_AFTER_S."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if seconds is None or not 0 <= seconds < float("inf"):
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
+
+
 def _file_host(error: HfHubHTTPError) -> str | None:
     """The host that answered, where it is not the Hub's own (a CDN the Hub redirected to); else None."""
     try:
@@ -191,7 +206,8 @@ def _translated_errors(
             message = f"the Hub refused access to {repo} (HTTP {status}): check HF_TOKEN"
             raise DownloadError(message, ExitCode.UNAUTHORIZED) from error
         if status == 429 or status >= 500:
-            raise DownloadError(f"the Hub answered HTTP {status} for {repo}", ExitCode.NETWORK) from error
+            wait = _retry_after(error.response.headers.get("Retry-After"))
+            raise DownloadError(f"the Hub answered HTTP {status} for {repo}", ExitCode.NETWORK, wait) from error
         # Another 4xx: the Hub (or a mirror) refused the request itself; retrying will not help.
         detail = (getattr(error, "server_message", None) or str(error) or "no detail").splitlines()[0][:200]
         raise DownloadError(f"the Hub answered HTTP {status} for {repo}: {detail}", ExitCode.UNEXPECTED) from error
