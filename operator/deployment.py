@@ -210,6 +210,8 @@ def _server(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SLEEP_S)]}}},
         "resources": _resources(spec),
         "securityContext": CONTAINER_SECURITY,
+        # A failed container's last log lines become its termination message: the operator quotes them.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -243,6 +245,8 @@ def _downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> 
         "env": env,
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
         "securityContext": CONTAINER_SECURITY,
+        # A failed container's last log lines become its termination message: the operator quotes them.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}, *hub_mounts],
     }
     if spec.image_pull_policy:

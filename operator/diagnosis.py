@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,7 +162,24 @@ def _download_failure(pod: str, terminated: dict[str, Any]) -> Problem:
     reason, advice = DOWNLOAD_EXITS.get(
         code, ("DownloadFailed", "the downloader failed unexpectedly: see its logs")
     )
-    return Problem(reason, f"pod {pod}: model download exited with code {code}: {advice}")
+    said = last_logged_error(terminated.get("message"))
+    return Problem(reason, f"pod {pod}: model download exited with code {code}: {advice}" + (f" (it said: {said})" if said else ""))
+
+
+def last_logged_error(message: Any) -> str | None:
+    """The last JSON log line's message in a container's termination message (its last log lines, with
+    terminationMessagePolicy FallbackToLogsOnError): the program's own words on why it stopped, such as
+    the downloader's "m-Q8_0.gguf not found in org/m (GGUF files: ...)"."""
+    if not isinstance(message, str):
+        return None
+    for line in reversed(message.strip().splitlines()):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "critical") and isinstance(entry.get("msg"), str):
+            return entry["msg"][:500]
+    return None
 
 
 def _waiting_problem(pod: str, cs: dict[str, Any], waiting: dict[str, Any]) -> Problem:
@@ -177,7 +195,9 @@ def _crash(pod: str, cs: dict[str, Any]) -> Problem:
             "OutOfMemory",
             f"pod {pod}: the server was killed for exceeding its memory limit; raise resources.memory",
         )
+    said = last_logged_error(last.get("message"))
     return Problem(
         "CrashLoopBackOff",
-        f"pod {pod}: the server keeps exiting (last exit code {last.get('exitCode', '?')}); see its logs",
+        f"pod {pod}: the server keeps exiting (last exit code {last.get('exitCode', '?')})"
+        + (f": {said}" if said else "; see its logs"),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -150,6 +151,20 @@ def test_download_exit_codes_become_reasons(code: int, reason: str) -> None:
         assert conds(s)["ModelCached"] == ("False", reason)
         assert conds(s)["Ready"] == ("False", reason) and conds(s)["Progressing"] == ("False", reason)
         assert s["phase"] == "Degraded"
+
+
+def test_a_failed_containers_last_logged_error_is_quoted() -> None:
+    """The containers keep their last log lines as their termination message (FallbackToLogsOnError): the
+    downloader's own reason (a ggufFile not in the repo, which exit 2 alone called "rejected arguments"),
+    or the server's, is in the condition's message."""
+    said = "m-Q8_0.gguf not found in org/m (GGUF files: m-Q4_0.gguf)"
+    logs = '{"level": "info", "msg": "revision resolved"}\n' + json.dumps({"level": "error", "msg": said, "exit_code": 4}) + "\n"
+    s = status([pod(init({"terminated": {"exitCode": 4, "message": logs}}))], deployment())
+    degraded = next(c for c in s["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "ModelNotFound" and said in degraded["message"]
+    crash = server({"waiting": {"reason": "CrashLoopBackOff"}}, last={"terminated": {"exitCode": 2, "message": "garbage\n" + json.dumps({"level": "error", "msg": "no tokenizer files"})}})
+    degraded = next(c for c in status([pod(crash)], deployment())["conditions"] if c["type"] == "Degraded")
+    assert "no tokenizer files" in degraded["message"]
 
 
 @pytest.mark.parametrize(
