@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
@@ -521,6 +522,30 @@ def test_disconnect_frees_the_sequence_at_once(server):
     assert after[f'llm_requests_failed_total{{model="{MODEL}"}}'] == before[f'llm_requests_failed_total{{model="{MODEL}"}}'] + 1
     assert after[f'llm_requests_success_total{{model="{MODEL}"}}'] == before[f'llm_requests_success_total{{model="{MODEL}"}}']
     assert after[batch_key] - before[batch_key] < 300
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_as_its_request_arrives_is_not_served(server, stream):
+    """A client that closes its connection right after sending: quart's cancel was swallowed while it
+    read the body (Python 3.11's wait_for), and the request ran all its tokens for nobody, its stream
+    written to a dead socket. It is aborted like any departed client's."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": stream})
+    batch_key = f'llm_batch_size_sum{{model="{MODEL}"}}'
+    failed = f'llm_requests_failed_total{{model="{MODEL}"}}'
+    before = server.metrics()
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.metrics()[failed] == before[failed]:
+        time.sleep(0.02)
+    after = server.metrics()
+    assert after[failed] == before[failed] + 1  # aborted: a 499, not a 200 for nobody
+    assert after[batch_key] - before[batch_key] < 300
+    assert server.metric("llm_active_requests") == 0
 
 
 def test_metrics_exposes_every_documented_series(server, client):
