@@ -41,11 +41,17 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Libraries that print with a handler of their own write plain text among the JSON lines: their
-    # records go to the root's handler instead, and warnings.warn (huggingface_hub's disk-space
-    # warning) becomes a record too.
+    route_library_logs()
+    # warnings.warn (huggingface_hub's disk-space warning) becomes a record too.
+    logging.captureWarnings(True)
+
+
+def route_library_logs() -> None:
+    """Libraries that print with a handler of their own write plain text among the JSON lines: their
+    records go to the root's handler instead. transformers sets up its logger when first imported (its
+    own stderr handler, no propagation), undoing this when that comes after setup_logging: call this
+    again once it is imported (serving/models/loader.py does)."""
     for name in ("huggingface_hub", "transformers"):
         library = logging.getLogger(name)
         library.handlers[:] = []
         library.propagate = True
-    logging.captureWarnings(True)

@@ -43,3 +43,22 @@ def test_every_line_is_json_libraries_and_warnings_included():
     records = [json.loads(line) for line in lines]  # fails on any plain-text line
     assert len(records) == 3
     assert any("Not enough free disk space" in r["msg"] for r in records)
+
+
+def test_transformers_imported_after_logging_is_set_up_logs_json_too():
+    """transformers sets up its own plain-text handler when first used, after setup_logging in the serving
+    processes: "Token indices sequence length is longer ..." came out as plain text among the JSON."""
+    import subprocess
+    import sys
+
+    code = (
+        "from serving.logs import setup_logging\n"
+        "setup_logging('info')\n"
+        "from transformers import AutoTokenizer\n"
+        "from serving.models.loader import load_tokenizer\n"
+        "from serving.models.source import demo_model_dir\n"
+        "AutoTokenizer.from_pretrained(demo_model_dir())('once ' * 3000)\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # fails on any plain-text line
+    assert any("Token indices sequence length" in r["msg"] for r in records)

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from serving.config import ConfigError, ServeConfig
+from serving.logs import route_library_logs
 from serving.models import gguf
 from serving.models.llama import NATIVE_ARCHITECTURES, UnsupportedModel
 from serving.models.native import build_native_runner
@@ -32,6 +34,11 @@ from serving.models.source import (
 )
 
 log = logging.getLogger("fleetlm.loader")
+
+# transformers sets up its logger on first use (a plain-text stderr handler): now, so that its records
+# (e.g. "Token indices sequence length is longer than ...") join ours as JSON lines.
+transformers_logging.get_logger()
+route_library_logs()
 
 
 def preflight(cfg: ServeConfig) -> None:
