@@ -3,6 +3,7 @@ model (llama.py), and the builder that loads such a model from safetensors or GG
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 from collections.abc import Iterator
@@ -189,6 +190,25 @@ class StepInputs:
         return cls(on(t_ids), on(t_pos), on(t_rows), batch)
 
 
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """torch's Linear and Embedding draw random weights as they are built, meta tensors too, whose
+    weights are read or drawn later anyway (load_into, _random_weights). On the meta device the draw goes
+    through torch's reference ops, whose first call imports torch._dynamo and with it triton: 0.8 s of the
+    engine's start on a CPU, and triton's leak report printed as plain text among the JSON log lines at
+    every exit."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = _skip  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
+
+
+def _skip(module: nn.Module) -> None:
+    pass
+
+
 def build_native_runner(
     config: PretrainedConfig,
     source: ModelSource,
@@ -203,7 +223,7 @@ def build_native_runner(
     tensors in a block format we compute with (Q4_0, Q4_1, Q8_0) stay in it; `quantization`
     quantizes the linear layers still in floats; `dummy` fills random weights instead of reading
     any. Raises UnsupportedModel when the checkpoint needs the transformers runner."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = LlamaForCausalLM(config, max_positions=max_len)
     # Layers that will keep GGUF blocks are swapped out before materialising: their float weights
     # are never allocated.
