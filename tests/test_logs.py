@@ -22,12 +22,19 @@ def test_json_formatter_keeps_extra_fields_and_exceptions():
     assert "ValueError: boom" in json.loads(JsonFormatter().format(err))["exc"]
 
 
-def test_every_line_is_json_libraries_and_warnings_included():
-    """huggingface_hub and transformers log through handlers of their own, and warnings.warn prints:
-    a process that set up logging writes JSON lines only (a downloader's log is read line by line)."""
+def _stderr_records(code: str) -> list[dict]:
+    """What `code`, run in a fresh Python, writes to stderr, each line parsed as JSON (any plain-text
+    line fails the parse)."""
     import subprocess
     import sys
 
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr.splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_every_line_is_json_libraries_and_warnings_included():
+    """huggingface_hub and transformers log through handlers of their own, and warnings.warn prints:
+    a process that set up logging writes JSON lines only (a downloader's log is read line by line)."""
     code = (
         "import warnings, huggingface_hub, transformers\n"
         "from huggingface_hub.utils import logging as hub_logging\n"
@@ -39,8 +46,7 @@ def test_every_line_is_json_libraries_and_warnings_included():
         "transformers.logging.get_logger('transformers.x').warning('from transformers')\n"
         "warnings.warn('Not enough free disk space')\n"
     )
-    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr.splitlines()
-    records = [json.loads(line) for line in lines]  # fails on any plain-text line
+    records = _stderr_records(code)
     assert len(records) == 3
     assert any("Not enough free disk space" in r["msg"] for r in records)
 
@@ -48,9 +54,6 @@ def test_every_line_is_json_libraries_and_warnings_included():
 def test_transformers_imported_after_logging_is_set_up_logs_json_too():
     """transformers sets up its own plain-text handler when first used, after setup_logging in the serving
     processes: "Token indices sequence length is longer ..." came out as plain text among the JSON."""
-    import subprocess
-    import sys
-
     code = (
         "from serving.logs import setup_logging\n"
         "setup_logging('info')\n"
@@ -59,6 +62,4 @@ def test_transformers_imported_after_logging_is_set_up_logs_json_too():
         "from serving.models.source import demo_model_dir\n"
         "AutoTokenizer.from_pretrained(demo_model_dir())('once ' * 3000)\n"
     )
-    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr.splitlines()
-    records = [json.loads(line) for line in lines]  # fails on any plain-text line
-    assert any("Token indices sequence length" in r["msg"] for r in records)
+    assert any("Token indices sequence length" in r["msg"] for r in _stderr_records(code))
