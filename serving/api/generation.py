@@ -45,10 +45,9 @@ def _text_pieces(tokenizer: Any, text: str, ids: list[int]) -> tuple[int, list[s
     """(added, pieces) from a fast tokenizer's character offsets, or None where it gives none (a slow
     tokenizer) or they are not of these ids. A token the tokenizer added spans nothing (0, 0): a BOS is
     one, a "<s>" the text spells is not."""
-    try:
-        encoded = tokenizer(text, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError):
+    if not getattr(tokenizer, "is_fast", False):  # only fast tokenizers map tokens to characters
         return None
+    encoded = tokenizer(text, return_offsets_mapping=True)
     offsets = encoded.get("offset_mapping")
     if offsets is None or list(encoded["input_ids"]) != ids:
         return None
