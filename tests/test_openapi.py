@@ -141,6 +141,12 @@ _VERDICTS = [
     # are refused together is beyond the document (schemas._CONSTRAINT_WITHOUT_MIN_TOKENS says why).
     ("/v1/completions", {**_COMPLETION, "guided_regex": "[ab]+"}),
     ("/v1/completions", {**_COMPLETION, "response_format": {"type": "text"}, "guided_choice": ["a"]}),
+    # a count of tokens to generate is bounded by the context (128 here), which the prompt shares
+    ("/v1/completions", {**_COMPLETION, "max_tokens": 100}),
+    ("/v1/completions", {**_COMPLETION, "max_tokens": 129}),
+    ("/v1/chat/completions", {**_CHAT, "max_tokens": None, "max_completion_tokens": 129}),
+    ("/v1/chat/completions", {**_CHAT, "max_tokens": None, "min_tokens": 129}),
+    ("/v1/responses", {**_RESPONSE, "max_output_tokens": 129}),
     ("/v1/completions", {**_COMPLETION, "stop": ["x"] * 64}),
     ("/v1/completions", {**_COMPLETION, "stop": ["x"] * 65}),
     ("/v1/chat/completions", {**_CHAT, "tools": _TOOLS, "tool_choice": "required"}),

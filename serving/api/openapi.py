@@ -16,7 +16,7 @@ from quart import Quart
 from quart_schema import OpenAPIProvider, QuartSchema, document_request, document_response
 
 from serving.api.responses import ErrorResponse
-from serving.api.schemas import SEQUENCES, TOKEN_ID
+from serving.api.schemas import CONTEXT_TOKENS, SEQUENCES, TOKEN_ID
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,7 +72,13 @@ class _Provider(OpenAPIProvider):
         doc = super().schema()
         state = self._app.extensions["fleetlm"]
         served = state.model.name if state.model is not None else None
-        _bound_marked(doc, state.model.vocab_size if state.model is not None else None, state.config.max_batch_size)
+        model = state.model
+        _bound_marked(
+            doc,
+            model.vocab_size if model is not None else None,
+            state.config.max_batch_size,
+            model.max_model_len if model is not None else None,
+        )
         for path, item in doc["paths"].items():
             for method, operation in item.items():
                 view = self._view(path, method)
@@ -128,10 +134,11 @@ class _Provider(OpenAPIProvider):
         return None
 
 
-def _bound_marked(node: Any, vocab_size: int | None, max_batch_size: int) -> None:
-    """Bound every marked schema (schemas.TOKEN_ID, schemas.SEQUENCES) by what this server serves: a
-    token id by the vocabulary (an integer's maximum, or for logit_bias's keys a pattern of the
-    decimal numbers below it), once a model is loaded; n and best_of by --max-batch-size."""
+def _bound_marked(node: Any, vocab_size: int | None, max_batch_size: int, context: int | None) -> None:
+    """Bound every marked schema (schemas.TOKEN_ID, SEQUENCES, CONTEXT_TOKENS) by what this server
+    serves: a token id by the vocabulary (an integer's maximum, or for logit_bias's keys a pattern of
+    the decimal numbers below it) and a count of tokens to generate by the context, once a model is
+    loaded; n and best_of by --max-batch-size."""
     if isinstance(node, dict):
         if node.get(TOKEN_ID) and vocab_size is not None:
             if node.get("type") == "integer":
@@ -140,11 +147,13 @@ def _bound_marked(node: Any, vocab_size: int | None, max_batch_size: int) -> Non
                 node["pattern"] = f"^0*{decimal_at_most(vocab_size - 1)}$"
         if node.get(SEQUENCES):
             node["maximum"] = min(node.get("maximum", max_batch_size), max_batch_size)
+        if node.get(CONTEXT_TOKENS) and context is not None:
+            node["maximum"] = context
         for value in node.values():
-            _bound_marked(value, vocab_size, max_batch_size)
+            _bound_marked(value, vocab_size, max_batch_size, context)
     elif isinstance(node, list):
         for value in node:
-            _bound_marked(value, vocab_size, max_batch_size)
+            _bound_marked(value, vocab_size, max_batch_size, context)
 
 
 def decimal_at_most(limit: int) -> str:

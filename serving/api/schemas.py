@@ -38,9 +38,13 @@ def _integral(value: Any) -> Any:
 # them, pydantic writes "ge" instead of "minimum" into the JSON schema.
 INTEGRAL = BeforeValidator(_integral)
 # Mark schemas that /openapi.json bounds by what this server serves (openapi.py): a token id by the
-# model's vocabulary, a count of sequences (n, best_of) by --max-batch-size.
+# model's vocabulary, a count of sequences (n, best_of) by --max-batch-size, a count of tokens to
+# generate by the context (prompt and completion share it).
 TOKEN_ID = "x-fleetlm-token-id"
 SEQUENCES = "x-fleetlm-sequences"
+CONTEXT_TOKENS = "x-fleetlm-context-tokens"
+# A count of tokens to generate (max_tokens and its kin, min_tokens): bounded by the context once served.
+GeneratedTokens = Annotated[int, Field(ge=1, json_schema_extra={CONTEXT_TOKENS: True}), INTEGRAL]
 
 
 def _non_empty(strings: bool = True, arrays: bool = True, max_items: int | None = None):
@@ -243,7 +247,7 @@ class _Request(_Body):
     RULES: ClassVar[tuple[dict[str, Any], ...]] = (_STREAM_OPTIONS_NEED_STREAM, *_CONSTRAINT_WITHOUT_MIN_TOKENS)
 
     model: NonEmptyStr
-    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_tokens: GeneratedTokens | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] = 1
@@ -267,7 +271,7 @@ class _Request(_Body):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
+    min_tokens: Annotated[int, Field(ge=0, json_schema_extra={CONTEXT_TOKENS: True}), INTEGRAL] = 0
     response_format: ResponseFormat | None = None
     # vLLM's extensions for the same: exactly one constraint per request.
     structured_outputs: StructuredOutputs | None = None
@@ -330,7 +334,7 @@ class _Request(_Body):
 
 class CompletionRequest(_Request):
     prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_non_empty())
-    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16  # OpenAI's default for completions
+    max_tokens: GeneratedTokens | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] | None = Field(
@@ -441,7 +445,7 @@ class ChatCompletionRequest(_Request):
         {"if": _given("continue_final_message", {"const": True}), "then": _given("add_generation_prompt", {"const": False})},
     )
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_completion_tokens: GeneratedTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     tools: list[Tool] | None = Field(None, max_length=128, description="Each function name at most once")
@@ -648,7 +652,7 @@ class ResponsesRequest(_Body):
     model: NonEmptyStr
     input: str | list[InputItem] = Field(json_schema_extra=_non_empty())
     instructions: str | None = None
-    max_output_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_output_tokens: GeneratedTokens | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
