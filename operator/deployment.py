@@ -241,6 +241,10 @@ def _downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> 
         "args": [
             "--model", hf.repo, "--revision", hub.commit or hf.revision, "--dest", model_path(spec, hub.commit),
             *(["--gguf-file", hf.gguf_file] if hf.gguf_file else []),
+            # A cache this resource owns holds only models it was pointed at before: where the volume lacks the
+            # room for the new one, they are evicted, least recently used first. A claim given in
+            # cache.existingClaim may be shared, so nothing of it is deleted.
+            *([] if spec.cache.existing_claim else ["--cache-root", f"{MODELS_DIR}/hf"]),
         ],  # fmt: skip
         "env": env,
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},

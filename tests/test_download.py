@@ -1,14 +1,17 @@
 """The model downloader against a fake Hub over real HTTP, with real huggingface_hub and real subprocesses."""
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +20,7 @@ import pytest
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
 
-from serving.download import DownloadError, ExitCode, copy_model, download_model, progress
+from serving.download import DownloadError, ExitCode, copy_model, download_model, model_dir, progress, room
 from serving.download.hub import progress_bar_class
 from serving.download.model_dir import MARKER_NAME
 from serving.download.model_files import select_files
@@ -398,6 +401,110 @@ def test_two_downloaders_into_one_directory_take_turns(fake_hub, tmp_path):
     assert [line["msg"] for line in log_lines(tmp_path / "second.log")][-1] == "already complete"
     assert len([r for r in fake_hub.requests if r.path.startswith("/api/models/")]) == 1
     assert all(len(fake_hub.gets(name)) == 1 for name in NEEDED)
+
+
+# --- room on a cache volume: other models evicted, least recently used first -----------------------
+
+
+def _volume(monkeypatch, root: Path, capacity: int) -> None:
+    """Make the filesystem under `root` a volume of `capacity` bytes: its free space is what the files
+    under it leave (shutil.disk_usage is what the downloader, and huggingface_hub, measure)."""
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        if root not in Path(path).resolve().parents and Path(path).resolve() != root:
+            return real(path)
+        used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return shutil._ntuple_diskusage(capacity, used, max(capacity - used, 0))
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _cache_of_two(fake_hub, tmp_path, size: int) -> tuple[Path, Path, Path, dict]:
+    """A cache root holding org/a at v1 and org/b, org/b the least recently used."""
+    root = (tmp_path / "hf").resolve()
+    a1, b = root / "org--a" / "v1", root / "org--b" / "main"
+    fake_hub.add_repo("org/a", model_files(size), refs=("v1",))
+    fake_hub.add_repo("org/b", model_files(size))
+    download_model("org/a", "v1", a1, cache_root=root)
+    download_model("org/b", None, b, cache_root=root)
+    hour_ago = time.time() - 3600  # both last used then (timestamps of one clock tick would tie)
+    for model in (a1, b):
+        os.utime(model / model_dir.LOCK_NAME, (hour_ago, hour_ago))
+    download_model("org/a", "v1", a1, cache_root=root)  # a pod starts on org/a again: now b is the older
+    new = model_files(size)
+    fake_hub.add_repo("org/a", new, refs=("v2",))
+    return root, a1, b, new
+
+
+def test_a_cache_without_room_evicts_the_least_recently_used_other_model(fake_hub, tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="fleetlm.download")
+    root, a1, b, new = _cache_of_two(fake_hub, tmp_path, 400_000)
+    # Room for half of the new revision: evicting one model (b, the least recently used) is enough.
+    _volume(monkeypatch, root, _dir_bytes(root) + room.HEADROOM + 200_000)
+    a2 = root / "org--a" / "v2"
+
+    download_model("org/a", "v2", a2, cache_root=root)
+
+    assert_holds(a2, new, NEEDED)
+    assert not (root / "org--b").exists()  # the model and its repo's directory
+    assert (a1 / MARKER_NAME).exists() and download_model("org/a", "v1", a1) == a1  # still whole
+    (evicted,) = [r for r in caplog.records if r.msg == "evicted a model from the cache to make room"]
+    assert (evicted.dir, evicted.repo, evicted.complete) == (str(b), "org/b", True)
+
+
+def test_a_cache_with_room_keeps_every_model(fake_hub, tmp_path, monkeypatch):
+    root, a1, b, new = _cache_of_two(fake_hub, tmp_path, 400_000)
+    _volume(monkeypatch, root, _dir_bytes(root) + room.HEADROOM + 2_000_000)
+
+    code, lines = cli("--model", "org/a", "--revision", "v2", "--dest", str(root / "org--a" / "v2"), "--cache-root", str(root))
+
+    assert code == 0, lines
+    assert (a1 / MARKER_NAME).exists() and (b / MARKER_NAME).exists()
+
+
+def test_a_model_being_downloaded_is_never_evicted(fake_hub, tmp_path, monkeypatch, caplog):
+    root, a1, b, new = _cache_of_two(fake_hub, tmp_path, 400_000)
+    _volume(monkeypatch, root, _dir_bytes(root) + room.HEADROOM + 200_000)
+    with model_dir.exclusive(b):  # a download into org/b is running (another pod's)
+        download_model("org/a", "v2", root / "org--a" / "v2", cache_root=root)
+        assert (b / MARKER_NAME).exists()
+    assert not a1.exists()  # the next least recently used went instead
+
+    # With nothing left to evict, the download goes on and says what is missing.
+    fake_hub.add_repo("org/a", model_files(400_000), refs=("v3",))
+    with model_dir.exclusive(b), model_dir.exclusive(root / "org--a" / "v2"):
+        download_model("org/a", "v3", root / "org--a" / "v3", cache_root=root)
+    assert (b / MARKER_NAME).exists() and (root / "org--a" / "v2" / MARKER_NAME).exists()
+    assert "this download needs" in caplog.text
+
+
+def test_a_downloader_waiting_on_an_evicted_directory_makes_it_anew(tmp_path, caplog):
+    caplog.set_level("INFO", logger="fleetlm.download")
+    dest = tmp_path / "m"
+    dest.mkdir()
+    evicting = os.open(dest / model_dir.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(evicting, fcntl.LOCK_EX)  # as model_dir.remove holds it while it deletes
+    done = threading.Event()
+
+    def download() -> None:
+        with model_dir.exclusive(dest):
+            (dest / "weights").write_bytes(b"new")
+        done.set()
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    wait_until(lambda: "waiting for it" in caplog.text)
+    (dest / model_dir.LOCK_NAME).unlink()
+    dest.rmdir()
+    os.close(evicting)
+    thread.join(timeout=10)
+
+    assert done.is_set() and (dest / "weights").read_bytes() == b"new" and (dest / model_dir.LOCK_NAME).exists()
 
 
 # --- failures: exit codes and messages, through the real CLI ----------------------------------------

@@ -39,3 +39,5 @@ def test_rendered_pods_speak_the_serving_cli(path):
             args = download_parser().parse_args(init[0]["args"])
             assert str(args.dest) == cfg.model_path
             assert args.model == body["spec"]["model"]["hf"]["repo"]
+            if args.cache_root is not None:  # the directory of models the destination is among
+                assert args.cache_root in args.dest.parents

@@ -23,7 +23,7 @@ from pathlib import Path
 from huggingface_hub.utils import httpx
 
 from serving.config import program_name
-from serving.download import hub, model_dir
+from serving.download import hub, model_dir, room
 from serving.download.errors import DownloadError, ExitCode
 from serving.download.model_files import SUPPORT_FILES, select_files
 from serving.download.progress import ModelProgress, Transfer
@@ -47,6 +47,7 @@ def download_model(
     *,
     gguf_file: str | None = None,
     retries: int = 3,
+    cache_root: Path | None = None,
 ) -> Path:
     """Download what serving needs from Hub repo `repo` at `revision` (default "main") into `dest`.
 
@@ -54,6 +55,8 @@ def download_model(
     revision (or of the commit given as revision), returns at once without touching the network. On a
     network error the whole fetch is retried `retries` times with exponential backoff; files already
     fetched are kept. `token` defaults to huggingface_hub's own lookup (HF_TOKEN, then `hf auth login`).
+    With `cache_root` (a cache volume's directory of models, `dest` among them), other models under it are
+    deleted, least recently used first, where the volume lacks the room for this one (`room.make_room`).
     Raises `DownloadError` (with `exit_code`) on any known failure.
     """
     hub.check_repo_id(repo)
@@ -69,7 +72,7 @@ def download_model(
             attempt = 0
             while True:
                 try:
-                    _fetch_from_hub(repo, revision, dest, token, gguf_file, previous)
+                    _fetch_from_hub(repo, revision, dest, token, gguf_file, previous, cache_root)
                     return dest
                 except DownloadError as error:
                     if error.exit_code != ExitCode.NETWORK or attempt == retries:
@@ -142,6 +145,7 @@ def main(argv: list[str]) -> int:
                 args.token,
                 gguf_file=args.gguf_file,
                 retries=args.retries,
+                cache_root=args.cache_root,
             )
         else:
             copy_model(args.source, args.dest, gguf_file=args.gguf_file)
@@ -188,6 +192,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf-file", help="the GGUF file to take when the repo holds several")
     parser.add_argument(
         "--retries", type=_count, default=3, help="retries after a network error, with backoff (default: 3)"
+    )
+    parser.add_argument(
+        "--cache-root",
+        type=Path,
+        help="a cache volume's directory of models, --dest among them: where the volume lacks the room for this "
+        "model, the others under it are deleted, least recently used first (never one being downloaded)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -238,6 +248,7 @@ def _holds(dest: Path, repo: str, revision: str, gguf_file: str | None = None) -
     if not marker.intact(dest):
         return False
     logger.info("already complete", extra={"repo": repo, "revision": revision, "commit": marker.commit})
+    model_dir.mark_used(dest)  # one more pod starts on it: the last a cache with too little room evicts
     return True
 
 
@@ -267,6 +278,7 @@ def _fetch_from_hub(
     token: str | None,
     gguf_file: str | None,
     previous: model_dir.Marker | None,
+    cache_root: Path | None = None,
 ) -> None:
     remote = hub.resolve(repo, revision, token)
     logger.info("revision resolved", extra={"repo": repo, "revision": revision, "commit": remote.commit})
@@ -280,6 +292,9 @@ def _fetch_from_hub(
 
     files = select_files(remote.sizes, read_index, origin=f"{repo} at {revision}", gguf_file=gguf_file)
     _remove_unneeded(dest, previous, files)
+    if cache_root is not None:
+        missing = sum(remote.sizes[path] or 0 for path in files if not _has(dest, path, remote.sizes[path]))
+        room.make_room(dest, missing, cache_root)
     whole = ModelProgress(sum(remote.sizes[path] or 0 for path in files))
     logger.info("download planned", extra={"files": len(files), "total_bytes": whole.total})
     pool = ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="download")
@@ -304,10 +319,19 @@ def _fetch_from_hub(
     model_dir.write_marker(
         dest, model_dir.Marker(files=sizes, repo=repo, revision=revision, commit=remote.commit)
     )
+    model_dir.mark_used(dest)
     logger.info(
         "model downloaded",
         extra={"repo": repo, "commit": remote.commit, "dest": str(dest), "files": len(files)},
     )
+
+
+def _has(dest: Path, path: str, size: int | None) -> bool:
+    """Whether `dest` holds `path` at `size` already (kept from an earlier download, not fetched again)."""
+    try:
+        return size is not None and (dest / path).stat().st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def _list_dir(root: Path) -> dict[str, int]:

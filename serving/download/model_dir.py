@@ -6,12 +6,13 @@ size; readers (the server, a second init container) need nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,25 +95,91 @@ def remove_marker(dest: Path) -> None:
     _fsync_dir(dest)
 
 
-@contextmanager
+@contextlib.contextmanager
 def exclusive(dest: Path) -> Iterator[None]:
     """Hold the directory's download lock; a second downloader waits here until the first is done.
 
     flock is released by the kernel when the process dies, so a killed download never leaves it held.
+    A lock taken on a file that was meanwhile deleted (the directory evicted, `remove`) is taken again
+    on the directory made anew.
     """
-    dest.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    waited = False
+    while True:
+        dest.mkdir(parents=True, exist_ok=True)
+        fd = os.open(dest / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    logger.info(
+                        "another download into this directory is running: waiting for it", extra={"dest": str(dest)}
+                    )
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _still_there(fd, dest / LOCK_NAME):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def mark_used(dest: Path) -> None:
+    """Note that a model directory was just used (its lock file's mtime): eviction takes the least recently used."""
+    with contextlib.suppress(OSError):  # a read-only mount: nothing is evicted there either
+        os.utime(dest / LOCK_NAME)
+
+
+def last_used(dest: Path) -> float:
+    try:
+        return (dest / LOCK_NAME).stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def remove(dest: Path) -> bool:
+    """Delete the model directory `dest` unless a download into it is running (its lock is held): the
+    marker first, so no reader trusts what is left if this is interrupted. True once it is gone."""
+    try:
+        fd = os.open(dest / LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        return False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info(
-                "another download into this directory is running: waiting for it", extra={"dest": str(dest)}
-            )
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            return False
+        if not _still_there(fd, dest / LOCK_NAME):
+            return False
+        remove_marker(dest)
+        for entry in dest.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (dest / LOCK_NAME).unlink()  # a downloader waiting on it finds it gone and locks a new one
+        with contextlib.suppress(OSError):  # such a downloader may have made its new lock file already
+            dest.rmdir()
+        return True
     finally:
         os.close(fd)
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the one at `path` (not deleted or replaced since it was opened)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _fsync_dir(path: Path) -> None:

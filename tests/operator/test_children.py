@@ -97,6 +97,7 @@ def test_hf_model_downloads_once_into_the_cache_and_serves_from_it() -> None:
         "--model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "--revision": "main",
         "--dest": dest,
+        "--cache-root": "/models/hf",  # the claim is this resource's own: models it no longer serves may go
     }
     server = container(children)
     assert server["command"] == ["python", "-m", "serving"]
@@ -219,6 +220,7 @@ def test_existing_claim_is_used_not_created() -> None:
     assert "PersistentVolumeClaim" not in children
     volumes = {v["name"]: v for v in children["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "shared-models"}
+    assert "--cache-root" not in args(container(children, "model-download"))  # others' models may be on it
 
 
 def test_pvc_model_is_served_read_only_in_place() -> None:
