@@ -133,6 +133,17 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
     hc.accesslog = None  # one structured line per generation request comes from the API itself
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = 1.0  # in-flight requests already had --drain-timeout
+    # Connections the kernel has completed but the server not yet accepted. hypercorn's 100 overflowed under
+    # a burst of a few hundred clients connecting at once: the kernel dropped the overflow, and those
+    # clients, their requests sent, read a reset some seconds later (a request the server never saw).
+    # uvicorn's default (vLLM's server), and the kernel caps it at net.core.somaxconn.
+    hc.backlog = 2048
+    # hypercorn's 5 s idle timer runs from the accept until a request is read: a load generator too busy
+    # with its hundreds of streams to send the request on a connection it had just opened saw it closed
+    # (the request cancelled 10 ms after it was read). 75 s (nginx's default) also outlasts the 60 s idle
+    # timeouts of the load balancers and ingress proxies in front of a pod, which would otherwise reuse a
+    # connection the server has just closed and answer their client 502.
+    hc.keep_alive_timeout = 75.0
     loader = asyncio.create_task(load_then_watch())
     log.info("listening", extra={"bind": hc.bind[0], "model": served_name(cfg)})
     try:
