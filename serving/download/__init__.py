@@ -294,7 +294,7 @@ def _fetch_from_hub(
     _remove_unneeded(dest, previous, files)
     if cache_root is not None:
         missing = sum(remote.sizes[path] or 0 for path in files if not _has(dest, path, remote.sizes[path]))
-        room.make_room(dest, missing, cache_root)
+        room.make_room(dest, missing, Path(cache_root))
     whole = ModelProgress(sum(remote.sizes[path] or 0 for path in files))
     logger.info("download planned", extra={"files": len(files), "total_bytes": whole.total})
     pool = ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="download")
