@@ -4,6 +4,9 @@ correct afterwards."""
 
 from __future__ import annotations
 
+import gzip
+import zlib
+
 import httpx
 import pytest
 
@@ -305,3 +308,48 @@ def test_the_json_parse_leaves_the_garbage_collector_as_it_found_it(body, expect
         finally:
             gc.enable()
         assert parsed == expected
+
+
+def _compressed(data: bytes, coding: str) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(data)
+    if coding == "deflate":
+        return zlib.compress(data)
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # deflate without the zlib wrapper
+    return raw.compress(data) + raw.flush()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw deflate"])
+def test_a_compressed_body_is_read_as_its_json(server, coding):
+    body = b'{"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}'
+    plain = _post(server, "/v1/completions", body)
+    r = httpx.post(
+        server.base_url + "/v1/completions",
+        content=_compressed(body, coding),
+        headers={"Content-Type": "application/json", "Content-Encoding": coding.split()[-1]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("coding", "content", "status", "message"),
+    [
+        ("br", b'{"model": "stories260k", "prompt": "a"}', 415, "Content-Encoding 'br' is not supported"),
+        ("gzip", b'{"model": "stories260k", "prompt": "a"}', 400, "not valid gzip data"),
+        ("gzip", gzip.compress(b'{"model": "stories260k", "prompt": "a"}')[:20], 400, "ends before its compressed data"),
+        # 39 kB that inflate past the 32 MiB limit of any body
+        ("gzip", gzip.compress(b'{"prompt": "' + b"a" * 40_000_000 + b'"}'), 413, "decompressed body is larger"),
+    ],
+)
+def test_a_body_that_cannot_be_decompressed_is_a_clear_4xx(server, coding, content, status, message):
+    for path in ("/v1/completions", "/tokenize"):
+        r = httpx.post(
+            server.base_url + path,
+            content=content,
+            headers={"Content-Type": "application/json", "Content-Encoding": coding},
+            timeout=60,
+        )
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"]["message"]

@@ -25,8 +25,8 @@ DOCS_PATH = "/docs"
 # Every route may answer these: a missing or wrong API key, and a server still loading or draining.
 _ALWAYS = (401, 503)
 # And a generation request these besides: bad input, unknown model, a client that stopped reading,
-# a body over the size limit, a full queue.
-GENERATION_ERRORS = (400, 404, 408, 413, 429)
+# a body over the size limit, a Content-Encoding other than gzip or deflate, a full queue.
+GENERATION_ERRORS = (400, 404, 408, 413, 415, 429)
 STREAMED = "x-fleetlm-streamed"
 
 
@@ -63,7 +63,8 @@ class _Provider(OpenAPIProvider):
         401: "Missing or wrong API key (only with --api-key)",
         404: "Unknown model or route",
         408: "The client stopped reading its stream; the request was aborted",
-        413: "Request body too large",
+        413: "Request body too large (decompressed, for a gzip or deflate body)",
+        415: "A Content-Encoding other than gzip, deflate or identity",
         429: "Queue full: retry after the Retry-After header's seconds",
         503: "Model still loading, engine stopped, server draining, or every grammar compile slot busy (Retry-After)",
     }

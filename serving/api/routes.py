@@ -9,6 +9,7 @@ import json
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -189,6 +190,8 @@ async def parse_body(model: type[M], precheck: Callable[[dict[str, Any]], None] 
         # wait_for on an already complete body swallows a cancel on Python 3.11. Unnoticed, the request
         # ran to its last token for nobody, each SSE event written to a dead socket.
         raise asyncio.CancelledError
+    if request.headers.get("Content-Encoding"):
+        raw = decoded_body(raw, request.headers.get("Content-Encoding", ""), current_app.config["MAX_CONTENT_LENGTH"])
     # Bytes that are not UTF-8 become lone surrogates here (surrogateescape), so that, like a
     # "\\ud800" escape, they are reported with the field that holds them.
     try:
@@ -218,6 +221,39 @@ async def parse_body(model: type[M], precheck: Callable[[dict[str, Any]], None] 
         return model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decoded_body(raw: bytes, content_encoding: str, limit: int) -> bytes:
+    """A body sent compressed (Content-Encoding gzip or deflate, as HTTP clients and proxies may send it),
+    decompressed up to `limit` bytes (the uncompressed body has the size limit of any other: a 413). An
+    encoding we cannot undo is a 415, never the JSON parse error of its compressed bytes."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    for coding in reversed(codings):  # listed in the order they were applied
+        if coding == "identity":
+            continue
+        if coding not in _WBITS:
+            raise APIError(
+                415,
+                f"Content-Encoding {coding!r} is not supported: send the body as it is, or gzip or deflate it.",
+                code="unsupported_content_encoding",
+            )
+        wbits = _WBITS[coding]
+        if coding == "deflate" and not (len(raw) >= 2 and raw[0] & 0x0F == 8 and int.from_bytes(raw[:2]) % 31 == 0):
+            wbits = -zlib.MAX_WBITS  # deflate without its zlib wrapper, as some clients send it
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(raw, limit + 1)
+        except zlib.error as exc:
+            raise bad_request(f"The body is not valid {coding} data: {exc}") from exc
+        if len(out) > limit:
+            raise APIError(413, f"The decompressed body is larger than {limit} bytes.", code="request_too_large")
+        if not inflater.eof:
+            raise bad_request(f"The {coding} body ends before its compressed data does.")
+        raw = out
+    return raw
 
 
 def _engine_key(request_id: str) -> str:
@@ -488,7 +524,7 @@ TOKENIZE_CONTEXTS = 4
 
 
 @bp.post("/tokenize")
-@documented(TokenizeRequest, TokenizeResponse, (400, 404, 413))
+@documented(TokenizeRequest, TokenizeResponse, (400, 404, 413, 415))
 async def tokenize():
     """Token ids of a prompt, or of chat messages after the chat template"""
     st = state()
@@ -512,7 +548,7 @@ async def tokenize():
 
 
 @bp.post("/detokenize")
-@documented(DetokenizeRequest, DetokenizeResponse, (400, 404, 413))
+@documented(DetokenizeRequest, DetokenizeResponse, (400, 404, 413, 415))
 async def detokenize():
     """Text of token ids"""
     st = state()
