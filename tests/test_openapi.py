@@ -137,10 +137,16 @@ _VERDICTS = [
     ("/v1/chat/completions", {**_CHAT, "stream": True, "stream_options": {"include_usage": None}}),
     ("/v1/chat/completions", {**_CHAT, "model": None}),
     ("/v1/chat/completions", {**_CHAT, "messages": [{"role": None, "content": "Hi"}]}),
-    # A forced tool_choice is an output constraint (with tools to choose from). That two other constraints
-    # are refused together is beyond the document (schemas._CONSTRAINT_WITHOUT_MIN_TOKENS says why).
+    # One output constraint at most. A forced tool_choice is one (with tools to choose from). That two
+    # others are refused together is in the completions document, beyond the chat one
+    # (schemas._ONE_CONSTRAINT_WITHOUT_MIN_TOKENS says why).
     ("/v1/completions", {**_COMPLETION, "guided_regex": "[ab]+"}),
     ("/v1/completions", {**_COMPLETION, "response_format": {"type": "text"}, "guided_choice": ["a"]}),
+    ("/v1/completions", {**_COMPLETION, "guided_regex": "[ab]+", "guided_choice": ["a"]}),
+    ("/v1/completions", {**_COMPLETION, "guided_regex": "[ab]+", "guided_choice": None}),
+    ("/v1/completions", {**_COMPLETION, "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
+    ("/v1/completions", {**_COMPLETION, "structured_outputs": {"json": {}, "choice": ["a"]}}),
+    ("/v1/completions", {**_COMPLETION, "structured_outputs": {"json": {}, "choice": None}}),
     # a count of tokens to generate is bounded by the context (128 here), which the prompt shares
     ("/v1/completions", {**_COMPLETION, "max_tokens": 100}),
     ("/v1/completions", {**_COMPLETION, "max_tokens": 129}),

@@ -183,11 +183,16 @@ _CONSTRAINT_SLOTS = (
 _NO_MIN_TOKENS = {"properties": {"min_tokens": {"maximum": 0}}}
 _NO_CONSTRAINT = _merged(*(left_out for _, left_out in _CONSTRAINT_SLOTS))
 # A constraint decides when the output ends, so min_tokens must then be 0 (_Request's validator). One
-# if/then per constraint: schemathesis cannot generate from one `if` over all of them. That at most one
-# is given is not said here: every way of saying it tried (a choice among eight, an if/then per pair)
-# made the chat document too involved for schemathesis to generate from at all (its canonical form
-# gives up), so the document lets two through that the server refuses.
+# if/then per constraint: schemathesis cannot generate from one `if` over all of them.
 _CONSTRAINT_WITHOUT_MIN_TOKENS = tuple({"if": given, "then": _NO_MIN_TOKENS} for given, _ in _CONSTRAINT_SLOTS)
+# And at most one constraint (_Request.constraint): each, given, leaves the others out. Said so for
+# completions only: beside the chat document's tool rules, every way of saying it tried (this one, a
+# choice among eight, an if/then per pair) made that document too involved for schemathesis to generate
+# from at all (its canonical form gives up), so the chat document lets two through that the server refuses.
+_ONE_CONSTRAINT_WITHOUT_MIN_TOKENS = tuple(
+    {"if": given, "then": _merged(_NO_MIN_TOKENS, *(other for j, (_, other) in enumerate(_CONSTRAINT_SLOTS) if j != i))}
+    for i, (given, _) in enumerate(_CONSTRAINT_SLOTS)
+)
 _FORCED_TOOL_CHOICE = {"anyOf": [{"const": "required"}, {"type": "object"}]}
 
 
@@ -333,6 +338,8 @@ class _Request(_Body):
 
 
 class CompletionRequest(_Request):
+    RULES: ClassVar[tuple[dict[str, Any], ...]] = (_STREAM_OPTIONS_NEED_STREAM, *_ONE_CONSTRAINT_WITHOUT_MIN_TOKENS)
+
     prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_non_empty())
     max_tokens: GeneratedTokens | None = 16  # OpenAI's default for completions
     echo: bool = False
