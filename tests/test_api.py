@@ -323,7 +323,9 @@ def _post(server, path, body, **kw):
         ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "hi", "temperature": 9}, 400, "temperature"),
         ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-        ({"model": MODEL, "prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": "hi", "n": 3, "best_of": 2}, 400, "best_of (2) must be at least n (3)"),
+        ({"model": MODEL, "prompt": "hi", "best_of": 2, "stream": True}, 400, "cannot be streamed"),
+        ({"model": MODEL, "prompt": ["a", "b"], "best_of": 9}, 400, "best_of=9 over 2 prompt(s)"),
         ({"model": MODEL, "prompt": "hi", "n": 64}, 400, "max-batch-size"),
         ({"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "suffix"),
         ({"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
@@ -344,11 +346,33 @@ def test_completion_errors_are_openai_error_objects(server, body, status, needle
     assert needle in err["message"]
 
 
+def test_best_of_returns_the_n_likeliest_of_its_choices(server):
+    """best_of=4, n=2: the two of the four choices n=4 draws (one seed: the same four) with the highest
+    mean logprob per token, numbered 0 and 1, without logprobs unless asked; usage counts all four."""
+    body = {"model": MODEL, "prompt": ["Once upon a time", "The dog"], "max_tokens": 12, "temperature": 1.2, "seed": 7}
+    every = _post(server, "/v1/completions", {**body, "n": 4, "logprobs": 0}).json()
+    best = _post(server, "/v1/completions", {**body, "n": 2, "best_of": 4}).json()
+
+    def mean(choice):
+        lps = choice["logprobs"]["token_logprobs"]
+        return sum(lps) / len(lps)
+
+    for p in range(2):
+        drawn = every["choices"][4 * p : 4 * p + 4]
+        likeliest = sorted(sorted(drawn, key=mean, reverse=True)[:2], key=lambda c: c["index"])
+        kept = best["choices"][2 * p : 2 * p + 2]
+        assert [c["text"] for c in kept] == [c["text"] for c in likeliest]
+        assert len({mean(c) for c in drawn}) == 4  # distinct: the choice was a real one
+    assert [c["index"] for c in best["choices"]] == [0, 1, 2, 3]
+    assert all(c["logprobs"] is None for c in best["choices"])
+    assert best["usage"]["completion_tokens"] == every["usage"]["completion_tokens"]
+
+
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [
         ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
-        ("/v1/completions", {"n": 2, "best_of": 3}, "best_of"),
+        ("/v1/completions", {"n": 3, "best_of": 2}, "best_of"),
         ("/v1/completions", {"suffix": "end"}, "suffix"),
         ("/v1/completions", {"min_tokens": 2, "guided_regex": "a+"}, "min_tokens"),
         ("/v1/completions", {"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),

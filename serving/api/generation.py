@@ -276,11 +276,12 @@ def sampling_params(
 def check_n(state: AppState, req: CompletionRequest | ChatCompletionRequest, prompts: int) -> None:
     assert state.model is not None
     limit = state.config.max_batch_size
-    if req.n * prompts > limit:
+    each, field = (req.best_of, "best_of") if getattr(req, "best_of", None) else (req.n, "n")
+    if each * prompts > limit:
         raise bad_request(
-            f"n={req.n} over {prompts} prompt(s) asks for {req.n * prompts} sequences; this server decodes at most "
+            f"{field}={each} over {prompts} prompt(s) asks for {each * prompts} sequences; this server decodes at most "
             f"{limit} together (--max-batch-size)",
-            param="n",
+            param=field,
         )
 
 

@@ -349,7 +349,7 @@ async def generate(
     """The one generation path of both endpoints: admit, run the engine, shape the output with
     `fmt`, streamed or whole. The request's tracker (opened by the app for every generation
     request) is closed by the app on any error or a whole response, and by the stream otherwise."""
-    n = req.n
+    n = getattr(req, "candidates", req.n)  # best_of, of which req.n are returned
     admit(st, n * len(prompts))
     request_id = f"{fmt.id_prefix}-{g.request_id}"  # the OpenAI id carries the X-Request-Id
     created = int(time.time())
@@ -380,12 +380,22 @@ async def generate(
     async with aclosing(deltas):
         async for index, delta in deltas:
             choices[index].add(delta)
-    return {
-        **head,
-        "object": fmt.object,
-        "choices": [fmt.finished(i, c) for i, c in choices.items()],
-        "usage": usage(prompts, tracker, n),
-    }
+    finished = [fmt.finished(i, c) for i, c in choices.items()]
+    if n > req.n:
+        finished = _best(finished, list(choices.values()), n, req.n)
+    return {**head, "object": fmt.object, "choices": finished, "usage": usage(prompts, tracker, n)}
+
+
+def _best(finished: list[dict[str, Any]], choices: list[Choice], candidates: int, n: int) -> list[dict[str, Any]]:
+    """best_of: of each prompt's `candidates` choices, the `n` with the highest mean logprob per token of
+    their text (a choice without text last), numbered anew."""
+    scores = [sum(e.logprob for e in c.logprobs) / len(c.logprobs) if c.logprobs else float("-inf") for c in choices]
+    out = []
+    for start in range(0, len(finished), candidates):
+        ranked = sorted(range(start, start + candidates), key=scores.__getitem__, reverse=True)[:n]
+        for i in sorted(ranked):  # in the order they were generated
+            out.append({**finished[i], "index": len(out)})
+    return out
 
 
 @bp.post("/v1/completions")
@@ -405,11 +415,13 @@ async def completions():
     prompts = [await st.run_blocking(encode_completion_prompt, st, p, req.echo) for p in raw_prompts]
     explicit = "max_tokens" in req.model_fields_set
     budgets = [completion_budget(st, req, req.max_tokens, explicit, p, "prompt") for p in prompts]
-    fmt = CompletionFormat(st, prompts, req.n, req.echo, req.logprobs)
+    fmt = CompletionFormat(st, prompts, req.candidates, req.echo, req.logprobs)
     if req.logprobs is not None:
         await st.run_blocking(st.grammars.token_bytes)  # the tokens' bytes, read once, off the event loop
     grammar = await compile_grammar(st, req)
-    params = sampling_params(st, req, min(budgets), req.logprobs, fmt.prompt_logprobs, grammar)
+    # best_of ranks its choices by their tokens' logprobs: the sampled token's is wanted even when not shown.
+    scored = req.logprobs if req.candidates == req.n else (req.logprobs or 0)
+    params = sampling_params(st, req, min(budgets), scored, fmt.prompt_logprobs, grammar)
     return await generate(st, req, prompts, params, fmt)
 
 

@@ -345,7 +345,9 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] | None = Field(
-        None, description="Accepted equal to n (as clients that send best_of=1 by default do); picking the best of more is not supported"
+        None,
+        description="Choices generated per prompt (at least n), of which the n with the highest mean logprob per token of "
+        "their text are returned; above n, not with stream. usage counts the tokens of all of them",
     )
     suffix: str | None = Field(None, json_schema_extra=_UNSET)
 
@@ -358,11 +360,18 @@ class CompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.best_of is not None and self.best_of != self.n:
-            raise RuleError("best_of", "best_of different from n is not supported")
+        if self.best_of is not None and self.best_of < self.n:
+            raise RuleError("best_of", f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and self.candidates > self.n:
+            raise RuleError("best_of", "best_of above n cannot be streamed: the best choices are known only once all have ended")
         if self.suffix:
             raise RuleError("suffix", "suffix (fill-in-the-middle) is not supported")
         return self
+
+    @property
+    def candidates(self) -> int:
+        """Choices generated per prompt: best_of, of which n are returned."""
+        return self.best_of or self.n
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of single prompts (each text or token ids)."""
