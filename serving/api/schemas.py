@@ -464,7 +464,7 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: GeneratedTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
-    tools: list[Tool] | None = Field(None, max_length=128, description="Each function name at most once")
+    tools: list[Tool] | None = Field(None, max_length=128, description="A function declared twice is called under either definition")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="required or a named function needs tools (the name among them), and no other output constraint"
     )
@@ -498,10 +498,6 @@ class ChatCompletionRequest(_Request):
                 raise RuleError(name, f"{name} is not supported by this server")
         if self.function_call not in (None, "none"):  # "none": no call, as without it
             raise RuleError("function_call", "function_call is not supported by this server")
-        names = [t.function.name for t in self.tools or []]
-        if len(set(names)) < len(names):
-            twice = next(name for name in names if names.count(name) > 1)
-            raise RuleError("tools", f"tools declares the function {twice!r} more than once")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise RuleError("tool_choice", "tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {

@@ -34,8 +34,9 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
 def forced_schema(functions: list[dict[str, Any]], choice: Any, parallel: bool) -> dict[str, Any] | None:
     """The JSON schema a forced tool choice constrains the output to, or None for auto/none."""
     if isinstance(choice, dict):
-        (function,) = [f for f in functions if f["name"] == choice["function"]["name"]]
-        return _call_schema(function)
+        # A name declared twice (as vLLM, FleetLM takes such a list) is a call under either definition.
+        named = [_call_schema(f) for f in functions if f["name"] == choice["function"]["name"]]
+        return named[0] if len(named) == 1 else {"anyOf": named}
     if choice == "required":
         schema: dict[str, Any] = {"type": "array", "items": {"anyOf": [_call_schema(f) for f in functions]}, "minItems": 1}
         if not parallel:
