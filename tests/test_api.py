@@ -324,7 +324,6 @@ def _post(server, path, body, **kw):
         ({"model": MODEL, "prompt": "hi", "temperature": 9}, 400, "temperature"),
         ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ({"model": MODEL, "prompt": "hi", "n": 3, "best_of": 2}, 400, "best_of (2) must be at least n (3)"),
-        ({"model": MODEL, "prompt": "hi", "best_of": 2, "stream": True}, 400, "cannot be streamed"),
         ({"model": MODEL, "prompt": ["a", "b"], "best_of": 9}, 400, "best_of=9 over 2 prompt(s)"),
         ({"model": MODEL, "prompt": "hi", "n": 64}, 400, "max-batch-size"),
         ({"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "suffix"),
@@ -366,6 +365,15 @@ def test_best_of_returns_the_n_likeliest_of_its_choices(server):
     assert [c["index"] for c in best["choices"]] == [0, 1, 2, 3]
     assert all(c["logprobs"] is None for c in best["choices"])
     assert best["usage"]["completion_tokens"] == every["usage"]["completion_tokens"]
+
+    # Streamed, each chosen choice comes whole once all have ended.
+    with httpx.stream("POST", server.base_url + "/v1/completions", timeout=60,
+                      json={**body, "n": 2, "best_of": 4, "stream": True, "stream_options": {"include_usage": True}}) as r:  # fmt: skip
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"] for c in chunks[:-1]] == [[choice] for choice in best["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == best["usage"]
 
 
 @pytest.mark.parametrize(

@@ -365,25 +365,35 @@ async def generate(
             return sse({**head, "choices": choices, **({"usage": usage_} if include_usage else {})})
 
         async def events() -> AsyncIterator[str]:
-            for choice in fmt.opening():
-                yield event([choice])
-            async with aclosing(deltas):
-                async for index, delta in deltas:
-                    for choice in fmt.streamed(index, delta):
-                        yield event([choice])
+            if n > req.n:  # best_of: which choices are sent is known once all have ended; each then comes whole
+                for choice in await _collected(deltas, fmt, len(prompts), n, req.n):
+                    yield event([choice])
+            else:
+                for choice in fmt.opening():
+                    yield event([choice])
+                async with aclosing(deltas):
+                    async for index, delta in deltas:
+                        for choice in fmt.streamed(index, delta):
+                            yield event([choice])
             if include_usage:
                 yield event([], usage(prompts, tracker, n))
 
         return streaming_response(tracker, events())
 
-    choices = {i: Choice() for i in range(n * len(prompts))}
+    choices = await _collected(deltas, fmt, len(prompts), n, req.n)
+    return {**head, "object": fmt.object, "choices": choices, "usage": usage(prompts, tracker, n)}
+
+
+async def _collected(
+    deltas: AsyncIterator[tuple[int, ChoiceDelta]], fmt: Format, prompts: int, candidates: int, n: int
+) -> list[dict[str, Any]]:
+    """The finished choices of a whole response: of each prompt's `candidates`, the best `n`."""
+    choices = {i: Choice() for i in range(candidates * prompts)}
     async with aclosing(deltas):
         async for index, delta in deltas:
             choices[index].add(delta)
     finished = [fmt.finished(i, c) for i, c in choices.items()]
-    if n > req.n:
-        finished = _best(finished, list(choices.values()), n, req.n)
-    return {**head, "object": fmt.object, "choices": finished, "usage": usage(prompts, tracker, n)}
+    return _best(finished, list(choices.values()), candidates, n) if candidates > n else finished
 
 
 def _best(finished: list[dict[str, Any]], choices: list[Choice], candidates: int, n: int) -> list[dict[str, Any]]:

@@ -347,7 +347,7 @@ class CompletionRequest(_Request):
     best_of: Annotated[int, Field(ge=1, le=128, json_schema_extra={SEQUENCES: True}), INTEGRAL] | None = Field(
         None,
         description="Choices generated per prompt (at least n), of which the n with the highest mean logprob per token of "
-        "their text are returned; above n, not with stream. usage counts the tokens of all of them",
+        "their text are returned (streamed, each then comes whole once all have ended). usage counts the tokens of all of them",
     )
     suffix: str | None = Field(None, json_schema_extra=_UNSET)
 
@@ -362,8 +362,6 @@ class CompletionRequest(_Request):
     def _unsupported(self):
         if self.best_of is not None and self.best_of < self.n:
             raise RuleError("best_of", f"best_of ({self.best_of}) must be at least n ({self.n})")
-        if self.stream and self.candidates > self.n:
-            raise RuleError("best_of", "best_of above n cannot be streamed: the best choices are known only once all have ended")
         if self.suffix:
             raise RuleError("suffix", "suffix (fill-in-the-middle) is not supported")
         return self
