@@ -5,14 +5,16 @@ schema, every error an OpenAI error object."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import pkgutil
 import re
 
 import httpx
 import jsonschema
 import pytest
 import schemathesis
-import schemathesis.specs.openapi.schemas  # noqa: F401 - see below
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
     content_type_conformance,
@@ -26,10 +28,16 @@ from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
 
 EXAMPLES = 25  # per route and generation mode
 
-# schemathesis imports its OpenAPI modules lazily, on the first from_url. Imported here, at collection,
-# they are compiled on a shallow stack: compiled deep in a fixture after other tests, CPython 3.11.7's
-# AST validator once failed with "SystemError: AST constructor recursion depth mismatch" (its
-# recursion-depth bookkeeping bug, gh-106905), erroring this module's test on an unchanged tree.
+# schemathesis imports many of its modules lazily (the OpenAPI ones on the first from_url, the coverage
+# phase's on its first case), and pytest compiles them (a plugin's modules get assertion rewriting). Imported
+# here, at collection, they are compiled on a shallow stack: compiled deep in a test after other tests,
+# CPython 3.11.7's AST validator failed with "SystemError: AST constructor recursion depth mismatch" (its
+# recursion-depth bookkeeping bug, gh-106905), erroring this module's test on an unchanged tree (once in
+# from_url, once in the coverage phase's import).
+for _package in ("schemathesis.specs.openapi", "schemathesis.generation", "schemathesis.core", "schemathesis.engine"):
+    for _module in pkgutil.walk_packages(importlib.import_module(_package).__path__, _package + "."):
+        with contextlib.suppress(ImportError):  # a module for an optional extra
+            importlib.import_module(_module.name)
 
 
 @pytest.fixture(scope="module")
