@@ -276,7 +276,8 @@ def sampling_params(
 def check_n(state: AppState, req: CompletionRequest | ChatCompletionRequest, prompts: int) -> None:
     assert state.model is not None
     limit = state.config.max_batch_size
-    each, field = (req.best_of, "best_of") if getattr(req, "best_of", None) else (req.n, "n")
+    each = getattr(req, "candidates", req.n)  # sequences per prompt: best_of where given
+    field = "best_of" if getattr(req, "best_of", None) else "n"
     if each * prompts > limit:
         raise bad_request(
             f"{field}={each} over {prompts} prompt(s) asks for {each * prompts} sequences; this server decodes at most "

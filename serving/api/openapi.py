@@ -72,8 +72,8 @@ class _Provider(OpenAPIProvider):
     def schema(self) -> dict[str, Any]:
         doc = super().schema()
         state = self._app.extensions["fleetlm"]
-        served = state.model.name if state.model is not None else None
         model = state.model
+        served = model.name if model is not None else None
         _bound_marked(
             doc,
             model.vocab_size if model is not None else None,

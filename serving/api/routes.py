@@ -190,8 +190,8 @@ async def parse_body(model: type[M], precheck: Callable[[dict[str, Any]], None] 
         # wait_for on an already complete body swallows a cancel on Python 3.11. Unnoticed, the request
         # ran to its last token for nobody, each SSE event written to a dead socket.
         raise asyncio.CancelledError
-    if request.headers.get("Content-Encoding"):
-        raw = decoded_body(raw, request.headers.get("Content-Encoding", ""), current_app.config["MAX_CONTENT_LENGTH"])
+    if encoding := request.headers.get("Content-Encoding"):
+        raw = decoded_body(raw, encoding, current_app.config["MAX_CONTENT_LENGTH"])
     # Bytes that are not UTF-8 become lone surrogates here (surrogateescape), so that, like a
     # "\\ud800" escape, they are reported with the field that holds them.
     try:
