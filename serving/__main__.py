@@ -27,15 +27,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{program_name()}: error: {exc}", file=sys.stderr)
         return 2
-    from serving.models.loader import preflight
-    from serving.server import serve
+    from serving.engine.async_engine import AsyncEngine
 
+    # The engine process starts first: its imports and the model's load (seconds) overlap this process's
+    # imports (as long again) rather than follow them. A preflight failure stops it.
+    engine = AsyncEngine(cfg)
+    engine.launch()
     try:
+        from serving.models.loader import preflight
+
         preflight(cfg)  # an unavailable device or a missing path fails now, not after binding
     except ConfigError as exc:
+        engine.stop()
         print(f"{program_name()}: error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(cfg))
+    except BaseException:
+        engine.stop()
+        raise
+    from serving.server import serve
+
+    return asyncio.run(serve(cfg, engine=engine))
 
 
 if __name__ == "__main__":

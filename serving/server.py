@@ -1,5 +1,5 @@
 """Process lifecycle: bind at once, load the model in the background (/health says 503 until it is
-ready), serve, and on SIGTERM drain: /health and new requests get 503 while in-flight requests
+ready; `python -m serving` has started the engine process, which loads it, before importing this), serve, and on SIGTERM drain: /health and new requests get 503 while in-flight requests
 finish, up to --drain-timeout, then exit 0."""
 
 from __future__ import annotations
@@ -73,8 +73,11 @@ def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict) -> None
     loop.default_exception_handler(context)
 
 
-async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_signals: bool = True) -> int:
-    """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the process exit code."""
+async def serve(
+    cfg: ServeConfig, stop: asyncio.Event | None = None, handle_signals: bool = True, engine: AsyncEngine | None = None
+) -> int:
+    """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the process exit code. `engine`: one made
+    (and perhaps launched) for `cfg` beforehand, else one is made here."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     if handle_signals:
@@ -93,9 +96,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None, handle_sign
         stop.set()  # exit non-zero, so the pod (or service manager) restarts it, rather than sit failed
 
     metrics = state.metrics
-    engine = AsyncEngine(
-        cfg, on_step=metrics.observe_step, on_slow_reader=metrics.slow_readers.labels(metrics.model).inc, on_death=engine_died
-    )
+    engine = engine or AsyncEngine(cfg)
+    engine.observe(metrics.observe_step, metrics.slow_readers.labels(metrics.model).inc, engine_died)
 
     async def load_then_watch() -> None:
         await _start_engine(state, engine)

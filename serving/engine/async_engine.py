@@ -19,7 +19,6 @@ from contextlib import aclosing
 
 from serving.config import ServeConfig
 from serving.engine.detokenizer import Decoder, fast_decoder
-from serving.engine.engine_process import run_engine
 from serving.engine.output_processor import ChoiceDelta, ChoiceText
 from serving.engine.protocol import (
     AbortRequest,
@@ -57,6 +56,14 @@ class EngineInternalError(Exception):
     """The engine failed to take a request through no fault of the request's."""
 
 
+def _engine_main(cfg: ServeConfig, commands, outputs) -> None:
+    """The engine process's entry. Its module (torch, the model code) is imported there, not here: the
+    API process can start the engine before it has imported any of that itself, and both import at once."""
+    from serving.engine.engine_process import run_engine
+
+    run_engine(cfg, commands, outputs)
+
+
 class ModelLoadError(Exception):
     """The engine process could not load the model."""
 
@@ -92,7 +99,7 @@ class AsyncEngine:
         self._commands_recv, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs_send = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=run_engine, args=(cfg, self._commands_recv, outputs_send), name="fleetlm-engine", daemon=True
+            target=_engine_main, args=(cfg, self._commands_recv, outputs_send), name="fleetlm-engine", daemon=True
         )
         self._outputs_send = outputs_send
         self._streams: dict[str, asyncio.Queue[SequenceOutput | Exception]] = {}
@@ -111,11 +118,27 @@ class AsyncEngine:
         """The engine process's id, once started."""
         return self._process.pid
 
-    async def start(self) -> ModelInfo:
-        """Start the engine process and wait until its model is loaded."""
+    def launch(self) -> None:
+        """Start the engine process, which begins loading the model (`start` waits for it). Called as early
+        as the process starts, the engine's imports and load overlap the API's own."""
+        if self._process.pid is not None:
+            return
         self._process.start()
         self._outputs_send.close()  # only the child writes; EOF then means the child is gone
         self._commands_recv.close()
+
+    def observe(
+        self,
+        on_step: Callable[[StepStats], None] | None,
+        on_slow_reader: Callable[[], None] | None,
+        on_death: Callable[[str], None] | None,
+    ) -> None:
+        """Set the callbacks of an engine created before its observers (see __init__)."""
+        self._on_step, self._on_slow_reader, self._on_death = on_step, on_slow_reader, on_death
+
+    async def start(self) -> ModelInfo:
+        """Start the engine process (unless launched already) and wait until its model is loaded."""
+        self.launch()
         self._loop = asyncio.get_running_loop()
         try:
             msg = await self._loop.run_in_executor(None, self._outputs.recv)
