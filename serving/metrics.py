@@ -79,6 +79,20 @@ class Metrics:
             buckets=_TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
+        # The same load signals under vLLM's names and label, which inference gateways read by default: the
+        # Gateway API Inference Extension's endpoint picker (InferencePool, llm-d) scores pods by
+        # vllm:num_requests_waiting and vllm:kv_cache_usage_perc (vllm:gpu_cache_usage_perc before vLLM 0.10),
+        # and vLLM's dashboards and KEDA scalers query them. Sequences count as requests, as in vLLM's engine.
+        vllm = ["model_name"]
+        self.vllm_running = Gauge("vllm:num_requests_running", "Sequences in the running batch", vllm, registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting for a batch slot", vllm, registry=r)
+        self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc", "Share of KV-cache blocks in use (0 to 1)", vllm, registry=r)
+        self.vllm_gpu_cache_usage = Gauge(
+            "vllm:gpu_cache_usage_perc", "Share of KV-cache blocks in use (0 to 1; vLLM's name before 0.10)", vllm, registry=r
+        )
+        self.vllm_cache_config = Gauge(
+            "vllm:cache_config_info", "The KV cache's layout (labels; value 1)", ["block_size", "num_gpu_blocks"], registry=r
+        )
         self.model = model
         self._totals: dict[str, int] = {}  # the engine's running totals already counted
         every = (
@@ -88,6 +102,12 @@ class Metrics:
         )  # fmt: skip
         for metric in every:
             metric.labels(model)  # every series exists from the start, so dashboards and rate() work at once
+        for gauge in (self.vllm_running, self.vllm_waiting, self.vllm_kv_usage, self.vllm_gpu_cache_usage):
+            gauge.labels(model)
+
+    def describe_cache(self, block_size: int, num_blocks: int) -> None:
+        """The loaded engine's KV cache, as vllm:cache_config_info (prefix-aware gateways read its block size)."""
+        self.vllm_cache_config.labels(str(block_size), str(num_blocks)).set(1)
 
     def watch_engine(self, pid: int) -> None:
         """The engine process's own process metrics, as llm_engine_process_* (its memory is the model's)."""
@@ -98,6 +118,10 @@ class Metrics:
         m = self.model
         self.queue_size.labels(m).set(stats.num_waiting)
         self.kv_cache_usage.labels(m).set(stats.kv_usage)
+        self.vllm_running.labels(m).set(stats.num_running)
+        self.vllm_waiting.labels(m).set(stats.num_waiting)
+        self.vllm_kv_usage.labels(m).set(stats.kv_usage)
+        self.vllm_gpu_cache_usage.labels(m).set(stats.kv_usage)
         for key, counter, total in (
             ("preempted", self.preemptions, stats.preempted_total),
             ("prefix_queries", self.prefix_cache_queries, stats.prefix_queries_total),

@@ -34,6 +34,7 @@ async def _start_engine(state: AppState, engine: AsyncEngine) -> None:
         info = await engine.start()
         if engine.pid is not None:
             state.metrics.watch_engine(engine.pid)
+        state.metrics.describe_cache(info.kv_block_size, info.kv_cache_tokens // info.kv_block_size)
         if info.engine_cpus:
             api_cpus = os.sched_getaffinity(0) - set(info.engine_cpus)
             pin_process(api_cpus)

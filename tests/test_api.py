@@ -603,6 +603,12 @@ def test_metrics_exposes_every_documented_series(server, client):
     ):
         assert f'{name}{{' in text, name
     assert f'model="{MODEL}"' in text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        assert f'{name}{{model_name="{MODEL}"}}' in text, name
+    # The loaded engine's KV cache: 16-token blocks, at least a full-length sequence's worth of them.
+    (info,) = [line for line in text.splitlines() if line.startswith("vllm:cache_config_info{")]
+    blocks = int(info.split('num_gpu_blocks="')[1].split('"')[0])
+    assert 'block_size="16"' in info and blocks * 16 >= client.models.retrieve(MODEL).max_model_len
 
 
 def test_chat_echo_puts_the_continued_message_before_the_reply(client):

@@ -220,6 +220,7 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
         directory=str(model.directory),
         gguf_file=str(model.gguf_file) if model.gguf_file else None,
         kv_cache_tokens=num_blocks * BLOCK_SIZE,
+        kv_block_size=BLOCK_SIZE,
         prefix_caching=prefix_caching,
     )
     log.info(
