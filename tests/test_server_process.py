@@ -244,6 +244,37 @@ def test_the_engine_starts_loading_before_the_api_has_imported_its_modules(tmp_p
         proc.wait()
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_an_engine_still_loading_dies_with_the_api_process(fake_hub, tmp_path):
+    """The API process killed outright (SIGKILL: the OOM killer, `kill -9`) while its engine is still loading
+    the model, here stuck in a download: the engine goes with it at once, rather than go on loading, holding
+    its memory, until it finds no one to report to."""
+    from tests.tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "src", "llama")
+    fake_hub.add_repo("acme/slow", {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()})
+    stall = fake_hub.stall("model.safetensors", after_bytes=64)
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), "--num-threads", "1",
+           "--model-path", "acme/slow", "--download-dir", str(tmp_path / "cache")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_DOWNLOAD_TIMEOUT": "300"}  # the stalled download would wait this long
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert stall.reached.wait(120), "the engine never reached the model's weights"
+        engine = _engine_pid(proc.pid)
+        proc.kill()
+        proc.wait()
+        _wait_for(lambda: _gone(engine), "the engine process to exit", timeout=60)
+    finally:
+        proc.kill()
+        stall.release()
+
+
 def test_a_port_in_use_is_one_error_and_exit_one():
     """Bound by another socket: the server says so and exits (it hung, its engine still loading)."""
     import socket

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
@@ -59,9 +61,27 @@ class EngineInternalError(Exception):
 def _engine_main(cfg: ServeConfig, commands, outputs) -> None:
     """The engine process's entry. Its module (torch, the model code) is imported there, not here: the
     API process can start the engine before it has imported any of that itself, and both import at once."""
+    _die_with_parent()
     from serving.engine.engine_process import run_engine
 
     run_engine(cfg, commands, outputs)
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when the API process dies, however it dies (SIGKILL, the
+    OOM killer). A running engine notices the closed pipe at its next step; one still loading a model (a
+    download, minutes of reading weights) would otherwise go on, holding its memory, for nobody."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the API process died before the call above
 
 
 class ModelLoadError(Exception):
