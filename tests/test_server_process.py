@@ -275,6 +275,36 @@ def test_an_engine_still_loading_dies_with_the_api_process(fake_hub, tmp_path):
         stall.release()
 
 
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_starting_stops_at_once_without_a_traceback(sig, code):
+    """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM while the API process is still
+    importing and its engine loading: exit at once, engine and all, with no traceback from either. It
+    raised KeyboardInterrupt into whatever import was running, which printed its traceback, could leave a
+    library half-imported that failed again at exit, or leave the import lock held (a hang at exit)."""
+    cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), "--num-threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        engine = None
+
+        def engine_started() -> bool:
+            nonlocal engine
+            children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+            engine = next((int(line.split()[0]) for line in children.splitlines() if "multiprocessing.spawn" in line), None)
+            return engine is not None
+
+        _wait_for(engine_started, "the engine process to start")  # the API's own imports take seconds more
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == code, out
+        assert "listening" not in out and "Traceback" not in out and "KeyboardInterrupt" not in out, out
+        _wait_for(lambda: _gone(engine), "the engine process to exit", timeout=30)
+    finally:
+        proc.kill()
+
+
 def test_a_port_in_use_is_one_error_and_exit_one():
     """Bound by another socket: the server says so and exits (it hung, its engine still loading)."""
     import socket

@@ -15,7 +15,9 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
@@ -61,10 +63,32 @@ class EngineInternalError(Exception):
 def _engine_main(cfg: ServeConfig, commands, outputs) -> None:
     """The engine process's entry. Its module (torch, the model code) is imported there, not here: the
     API process can start the engine before it has imported any of that itself, and both import at once."""
+    # The API process owns shutdown: Ctrl-C and SIGTERM reach the whole process group, and the engine keeps
+    # stepping while the API drains in-flight requests (or, while loading, is stopped by it). Usually
+    # ignored already (_shutdown_signals_ignored); not when started from another thread.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     from serving.engine.engine_process import run_engine
 
     run_engine(cfg, commands, outputs)
+
+
+@contextlib.contextmanager
+def _shutdown_signals_ignored():
+    """SIGINT and SIGTERM ignored while the engine process is started (from the main thread, where signal
+    dispositions can be set): an ignored signal stays ignored across exec, so the new interpreter ignores
+    them from its first instruction (a Ctrl-C as it imports its first modules printed their traceback), and
+    the API process's own handlers are back once it is started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _die_with_parent() -> None:
@@ -74,7 +98,6 @@ def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
@@ -143,9 +166,16 @@ class AsyncEngine:
         as the process starts, the engine's imports and load overlap the API's own."""
         if self._process.pid is not None:
             return
-        self._process.start()
+        with _shutdown_signals_ignored():
+            self._process.start()
         self._outputs_send.close()  # only the child writes; EOF then means the child is gone
         self._commands_recv.close()
+
+    def kill(self) -> None:
+        """Kill the engine process at once (from a signal handler: nothing is waited for)."""
+        if self._process.pid is not None and self._process.exitcode is None:
+            with contextlib.suppress(OSError):
+                os.kill(self._process.pid, signal.SIGKILL)
 
     def observe(
         self,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import select
-import signal
 import sys
 from multiprocessing.connection import Connection
 
@@ -51,10 +50,7 @@ _MAX_HELD_STEPS = 64
 
 
 def run_engine(cfg: ServeConfig, commands: Connection, outputs: Connection) -> None:
-    # The API process owns shutdown: Ctrl-C and SIGTERM reach the whole process group, and the
-    # engine must keep stepping while the API drains in-flight requests.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGINT and SIGTERM are ignored here (async_engine._engine_main): the API process owns shutdown.
     setup_logging(cfg.log_level)
     # Loading uses every core (reading and packing weights); the step's threads are chosen after it.
     torch.set_num_threads(cfg.num_threads or default_threads(COMPUTE_BOUND_WEIGHT_BYTES, cfg.cpus))
