@@ -535,3 +535,30 @@ def test_empty_toleration_fields_are_left_out_as_the_api_stores_them() -> None:
     deployment = build(llmd(scheduling={"tolerations": [{"key": "", "operator": "Exists", "effect": ""}]}))["Deployment"]
     assert deployment["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
     assert not drifted(deployment, stored(deployment))
+
+
+def test_the_documented_inference_pool_selects_the_server_pods_on_the_server_port() -> None:
+    """docs/operator.md's InferencePool (Gateway API Inference Extension): its selector picks exactly this
+    LLMDeployment's server pods (not another's), and its target port is the port the server listens on."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from tests.operator.crd_schema import ROOT
+
+    text = Path(ROOT, "docs", "operator.md").read_text()
+    pool = yaml.safe_load(re.search(r"<!-- inferencepool-example -->\n```yaml\n(.*?)```", text, re.S).group(1))
+    assert (pool["apiVersion"], pool["kind"]) == ("inference.networking.k8s.io/v1", "InferencePool")
+    selector = pool["spec"]["selector"]["matchLabels"]
+    (port,) = pool["spec"]["targetPorts"]
+    assert pool["spec"]["extensionRef"]["name"]
+
+    def pods_labels(name: str) -> dict[str, str]:
+        return build(llmd(name=name))["Deployment"]["spec"]["template"]["metadata"]["labels"]
+
+    assert selector.items() <= pods_labels(pool["metadata"]["name"]).items()
+    assert not selector.items() <= pods_labels("another-model").items()
+    server = container(build(llmd(name=pool["metadata"]["name"])))
+    assert port["number"] == int(args(server)["--port"])
+    assert port["number"] in {p["containerPort"] for p in server["ports"]}
