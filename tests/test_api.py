@@ -324,7 +324,9 @@ def _post(server, path, body, **kw):
         ({"model": MODEL, "prompt": "hi", "temperature": 9}, 400, "temperature"),
         ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ({"model": MODEL, "prompt": "hi", "n": 3, "best_of": 2}, 400, "best_of (2) must be at least n (3)"),
-        ({"model": MODEL, "prompt": ["a", "b"], "best_of": 9}, 400, "best_of=9 over 2 prompt(s)"),
+        # A full batch (16) plus a full queue (100) at most, from one request: more could never be let in.
+        ({"model": MODEL, "prompt": ["a"] * 8, "best_of": 15}, 400, "best_of=15 over 8 prompts asks for 120 sequences"),
+        ({"model": MODEL, "prompt": ["a"] * 117}, 400, "117 prompts"),
         ({"model": MODEL, "prompt": "hi", "n": 64}, 400, "max-batch-size"),
         ({"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "suffix"),
         ({"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
@@ -623,3 +625,15 @@ def test_chat_echo_puts_the_continued_message_before_the_reply(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == echoed
     # Nothing to echo after a user message.
     assert client.chat.completions.create(**{**body, "messages": messages[:1]}, extra_body={"echo": True}).choices[0].message.content
+
+
+def test_more_prompts_than_a_batch_holds_queue_and_each_gets_its_own_answer(server, client):
+    """A list of 40 prompts on a server that decodes 16 sequences at a time: they queue, as 40 requests
+    would, and each choice is what that prompt alone gets (it was a 400 beyond --max-batch-size)."""
+    prompts = [f"Once upon a time {word}" for word in ("a", "the", "there", "Lily", "Tom", "one", "he", "she")] * 5
+    prompts = [f"{p}{' again' * (i // 8)}" for i, p in enumerate(prompts)]
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 0}
+    out = client.completions.create(prompt=prompts, **body)
+    assert [c.index for c in out.choices] == list(range(40)) and out.usage.completion_tokens == 40 * 6
+    for i in (0, 17, 39):
+        assert out.choices[i].text == client.completions.create(prompt=prompts[i], **body).choices[0].text

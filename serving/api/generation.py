@@ -274,16 +274,29 @@ def sampling_params(
 
 
 def check_n(state: AppState, req: CompletionRequest | ChatCompletionRequest, prompts: int) -> None:
+    """A prompt's choices (n, or best_of) are at most --max-batch-size, as the served OpenAPI document says;
+    a request's sequences over all its prompts queue like any others, so at most what can ever be let in at
+    once: a full batch plus a full queue (more would be a 429 however long the client waited)."""
     assert state.model is not None
-    limit = state.config.max_batch_size
     each = getattr(req, "candidates", req.n)  # sequences per prompt: best_of where given
     field = "best_of" if getattr(req, "best_of", None) else "n"
-    if each * prompts > limit:
+    if each > state.config.max_batch_size:
         raise bad_request(
-            f"{field}={each} over {prompts} prompt(s) asks for {each * prompts} sequences; this server decodes at most "
-            f"{limit} together (--max-batch-size)",
+            f"{field}={each}: this server decodes at most {state.config.max_batch_size} sequences together "
+            "(--max-batch-size)",
             param=field,
         )
+    if each * prompts > most_sequences(state):
+        raise bad_request(
+            f"{field}={each} over {prompts} prompts asks for {each * prompts} sequences; this server takes at most "
+            f"{most_sequences(state)} from one request (--max-batch-size decoding plus --queue-capacity waiting)",
+            param=field if each > 1 else "prompt",
+        )
+
+
+def most_sequences(state: AppState) -> int:
+    """The most sequences one request may ask for: all of them can be let in on an idle server."""
+    return state.config.max_batch_size + state.config.queue_capacity
 
 
 def queue_full(message: str) -> APIError:

@@ -28,6 +28,7 @@ from serving.api.generation import (
     context_length_exceeded,
     encode_chat,
     encode_completion_prompt,
+    most_sequences,
     render_chat,
     sampling_params,
     stream_choices,
@@ -147,10 +148,10 @@ def _fits(data: dict[str, Any]) -> None:
     prompt = data.get("prompt")
     if isinstance(prompt, list) and prompt:
         several = isinstance(prompt[0], (str, list))
-        if several and len(prompt) > st.config.max_batch_size:
+        if several and len(prompt) > most_sequences(st):
             raise bad_request(
-                f"{len(prompt)} prompts ask for at least as many sequences; this server decodes at most "
-                f"{st.config.max_batch_size} together (--max-batch-size)",
+                f"{len(prompt)} prompts ask for at least as many sequences; this server takes at most "
+                f"{most_sequences(st)} from one request (--max-batch-size decoding plus --queue-capacity waiting)",
                 param="prompt",
             )
         lengths = [len(p) for p in prompt if isinstance(p, list)] if several else [len(prompt)]
