@@ -70,6 +70,10 @@ def test_the_document_covers_every_route_and_the_docs_page_serves(server):
     # Token ids are bounded by the served model's vocabulary (512), logit_bias's keys too.
     token_ids = props["prompt"]["anyOf"][2]["items"]
     assert (token_ids["minimum"], token_ids["maximum"]) == (0, 511)
+    # A list of prompts holds at most a full batch and a full queue of them (16 + 100); one prompt's
+    # token ids are not prompts.
+    prompt_lists = [option for option in props["prompt"]["anyOf"] if option["type"] == "array"]
+    assert [option.get("maxItems") for option in prompt_lists] == [116, None, 116]
     keys = re.compile(props["logit_bias"]["propertyNames"]["pattern"])
     assert [k for k in ("0", "7", "0511", "511", "512", "1000", "x") if keys.match(k)] == ["0", "7", "0511", "511"]
     assert {"200", "400", "429"} <= set(completions["responses"])

@@ -286,17 +286,17 @@ def check_n(state: AppState, req: CompletionRequest | ChatCompletionRequest, pro
             "(--max-batch-size)",
             param=field,
         )
-    if each * prompts > most_sequences(state):
-        raise bad_request(
-            f"{field}={each} over {prompts} prompts asks for {each * prompts} sequences; this server takes at most "
-            f"{most_sequences(state)} from one request (--max-batch-size decoding plus --queue-capacity waiting)",
-            param=field if each > 1 else "prompt",
-        )
+    if each * prompts > state.most_sequences:
+        asked = f"{field}={each} over {prompts} prompts asks for {each * prompts} sequences"
+        raise too_many_sequences(state, asked, field if each > 1 else "prompt")
 
 
-def most_sequences(state: AppState) -> int:
-    """The most sequences one request may ask for: all of them can be let in on an idle server."""
-    return state.config.max_batch_size + state.config.queue_capacity
+def too_many_sequences(state: AppState, asked: str, param: str) -> APIError:
+    return bad_request(
+        f"{asked}; this server takes at most {state.most_sequences} from one request (--max-batch-size decoding "
+        "plus --queue-capacity waiting)",
+        param=param,
+    )
 
 
 def queue_full(message: str) -> APIError:

@@ -16,7 +16,7 @@ from quart import Quart
 from quart_schema import OpenAPIProvider, QuartSchema, document_request, document_response
 
 from serving.api.responses import ErrorResponse
-from serving.api.schemas import CONTEXT_TOKENS, SEQUENCES, TOKEN_ID
+from serving.api.schemas import CONTEXT_TOKENS, PROMPTS, SEQUENCES, TOKEN_ID
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,6 +79,7 @@ class _Provider(OpenAPIProvider):
             model.vocab_size if model is not None else None,
             state.config.max_batch_size,
             model.max_model_len if model is not None else None,
+            state.most_sequences,
         )
         for path, item in doc["paths"].items():
             for method, operation in item.items():
@@ -135,11 +136,11 @@ class _Provider(OpenAPIProvider):
         return None
 
 
-def _bound_marked(node: Any, vocab_size: int | None, max_batch_size: int, context: int | None) -> None:
-    """Bound every marked schema (schemas.TOKEN_ID, SEQUENCES, CONTEXT_TOKENS) by what this server
+def _bound_marked(node: Any, vocab_size: int | None, max_batch_size: int, context: int | None, prompts: int) -> None:
+    """Bound every marked schema (schemas.TOKEN_ID, SEQUENCES, CONTEXT_TOKENS, PROMPTS) by what this server
     serves: a token id by the vocabulary (an integer's maximum, or for logit_bias's keys a pattern of
     the decimal numbers below it) and a count of tokens to generate by the context, once a model is
-    loaded; n and best_of by --max-batch-size."""
+    loaded; n and best_of by --max-batch-size; a list of prompts by the sequences one request may ask for."""
     if isinstance(node, dict):
         if node.get(TOKEN_ID) and vocab_size is not None:
             if node.get("type") == "integer":
@@ -150,11 +151,13 @@ def _bound_marked(node: Any, vocab_size: int | None, max_batch_size: int, contex
             node["maximum"] = min(node.get("maximum", max_batch_size), max_batch_size)
         if node.get(CONTEXT_TOKENS) and context is not None:
             node["maximum"] = context
+        if node.get(PROMPTS):
+            node["maxItems"] = prompts
         for value in node.values():
-            _bound_marked(value, vocab_size, max_batch_size, context)
+            _bound_marked(value, vocab_size, max_batch_size, context, prompts)
     elif isinstance(node, list):
         for value in node:
-            _bound_marked(value, vocab_size, max_batch_size, context)
+            _bound_marked(value, vocab_size, max_batch_size, context, prompts)
 
 
 def decimal_at_most(limit: int) -> str:

@@ -28,11 +28,11 @@ from serving.api.generation import (
     context_length_exceeded,
     encode_chat,
     encode_completion_prompt,
-    most_sequences,
     render_chat,
     sampling_params,
     stream_choices,
     tokenize_within,
+    too_many_sequences,
 )
 from serving.api.openapi import GENERATION_ERRORS, documented
 from serving.api.response_api import ResponseShaper, response_usage
@@ -148,12 +148,8 @@ def _fits(data: dict[str, Any]) -> None:
     prompt = data.get("prompt")
     if isinstance(prompt, list) and prompt:
         several = isinstance(prompt[0], (str, list))
-        if several and len(prompt) > most_sequences(st):
-            raise bad_request(
-                f"{len(prompt)} prompts ask for at least as many sequences; this server takes at most "
-                f"{most_sequences(st)} from one request (--max-batch-size decoding plus --queue-capacity waiting)",
-                param="prompt",
-            )
+        if several and len(prompt) > st.most_sequences:
+            raise too_many_sequences(st, f"{len(prompt)} prompts ask for at least as many sequences", "prompt")
         lengths = [len(p) for p in prompt if isinstance(p, list)] if several else [len(prompt)]
         longest = max(lengths, default=0)
         if longest >= limit:

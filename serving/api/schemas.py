@@ -43,6 +43,7 @@ INTEGRAL = BeforeValidator(_integral)
 TOKEN_ID = "x-fleetlm-token-id"
 SEQUENCES = "x-fleetlm-sequences"
 CONTEXT_TOKENS = "x-fleetlm-context-tokens"
+PROMPTS = "x-fleetlm-prompts"  # a list of prompts: at most the sequences one request may ask for
 # A count of tokens to generate (max_tokens and its kin, min_tokens): bounded by the context once served.
 GeneratedTokens = Annotated[int, Field(ge=1, json_schema_extra={CONTEXT_TOKENS: True}), INTEGRAL]
 
@@ -337,10 +338,19 @@ class _Request(_Body):
         return self
 
 
+def _prompts_schema(schema: dict[str, Any]) -> None:
+    """Not empty at any level, and the forms that hold several prompts (of texts, of token id lists) marked
+    for /openapi.json to bound their number."""
+    _non_empty()(schema)
+    for option in schema.get("anyOf", ()):
+        if option.get("type") == "array" and option.get("items", {}).get("type") in ("string", "array"):
+            option[PROMPTS] = True
+
+
 class CompletionRequest(_Request):
     RULES: ClassVar[tuple[dict[str, Any], ...]] = (_STREAM_OPTIONS_NEED_STREAM, *_ONE_CONSTRAINT_WITHOUT_MIN_TOKENS)
 
-    prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_non_empty())
+    prompt: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_prompts_schema)
     max_tokens: GeneratedTokens | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None

@@ -58,6 +58,12 @@ class AppState:
     def __post_init__(self) -> None:
         self.grammar_check = GrammarCheck(self.tokenizer_source)
 
+    @property
+    def most_sequences(self) -> int:
+        """The most sequences one request may ask for (prompts times n): all of them can be let in on an idle
+        server, a full batch decoding and a full queue waiting; more would be a 429 however long one waited."""
+        return self.config.max_batch_size + self.config.queue_capacity
+
     def tokenizer_source(self) -> TokenizerSource:
         """The served model's tokenizer as grammars see it: its vocabulary and the token that ends a text."""
         assert self.model is not None
