@@ -99,11 +99,10 @@ class Metrics:
             self.requests, self.requests_success, self.requests_failed, self.request_duration, self.tokens_generated,
             self.prompt_tokens, self.queue_size, self.active_requests, self.ttft, self.tpot, self.kv_cache_usage,
             self.batch_size, self.step_duration, self.preemptions, self.prefix_cache_queries, self.prefix_cache_hits,
+            self.vllm_running, self.vllm_waiting, self.vllm_kv_usage, self.vllm_gpu_cache_usage,
         )  # fmt: skip
         for metric in every:
             metric.labels(model)  # every series exists from the start, so dashboards and rate() work at once
-        for gauge in (self.vllm_running, self.vllm_waiting, self.vllm_kv_usage, self.vllm_gpu_cache_usage):
-            gauge.labels(model)
 
     def describe_cache(self, block_size: int, num_blocks: int) -> None:
         """The loaded engine's KV cache, as vllm:cache_config_info (prefix-aware gateways read its block size)."""

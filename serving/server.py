@@ -1,6 +1,7 @@
 """Process lifecycle: bind at once, load the model in the background (/health says 503 until it is
-ready; `python -m serving` has started the engine process, which loads it, before importing this), serve, and on SIGTERM drain: /health and new requests get 503 while in-flight requests
-finish, up to --drain-timeout, then exit 0."""
+ready; `python -m serving` has started the engine process, which loads it, before importing this),
+serve, and on SIGTERM drain: /health and new requests get 503 while in-flight requests finish, up to
+--drain-timeout, then exit 0."""
 
 from __future__ import annotations
 

@@ -191,11 +191,16 @@ def _unread_bytes(sock) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
-def _engine_pid(server_pid: int) -> int:
-    """The engine process: the server's child running run_engine (multiprocessing's spawn)."""
+def _engine_pids(server_pid: int) -> list[int]:
+    """The server's children running run_engine (multiprocessing's spawn)."""
     children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True).stdout
-    pids = [int(line.split()[0]) for line in children.splitlines() if "multiprocessing.spawn" in line]
-    assert len(pids) == 1, children
+    return [int(line.split()[0]) for line in children.splitlines() if "multiprocessing.spawn" in line]
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The engine process: the server's one child running run_engine."""
+    pids = _engine_pids(server_pid)
+    assert len(pids) == 1, pids
     return pids[0]
 
 
@@ -215,10 +220,14 @@ def test_an_engine_that_dies_takes_the_server_down_non_zero(tmp_path):
         proc.kill()
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state first)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _started_after_boot(pid: int) -> float:
     """When the process started, in seconds since boot (the kernel's clock ticks: exact between processes)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def test_the_engine_starts_loading_before_the_api_has_imported_its_modules(tmp_path):
@@ -246,7 +255,7 @@ def test_the_engine_starts_loading_before_the_api_has_imported_its_modules(tmp_p
 
 def _gone(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, not yet reaped
+        return _stat(pid)[0] in ("Z", "X")  # exited, not yet reaped
     except FileNotFoundError:
         return True
 
@@ -284,15 +293,8 @@ def test_a_signal_while_starting_stops_at_once_without_a_traceback(sig, code):
     cmd = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), "--num-threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        engine = None
-
-        def engine_started() -> bool:
-            nonlocal engine
-            children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
-            engine = next((int(line.split()[0]) for line in children.splitlines() if "multiprocessing.spawn" in line), None)
-            return engine is not None
-
-        _wait_for(engine_started, "the engine process to start")  # the API's own imports take seconds more
+        _wait_for(lambda: _engine_pids(proc.pid), "the engine process to start")  # the API's imports take seconds more
+        engine = _engine_pid(proc.pid)
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)
         else:

@@ -293,7 +293,7 @@ def _fetch_from_hub(
     files = select_files(remote.sizes, read_index, origin=f"{repo} at {revision}", gguf_file=gguf_file)
     _remove_unneeded(dest, previous, files)
     if cache_root is not None:
-        missing = sum(remote.sizes[path] or 0 for path in files if not _has(dest, path, remote.sizes[path]))
+        missing = sum(remote.sizes[path] or 0 for path in files if not model_dir.has_file(dest, path, remote.sizes[path]))
         room.make_room(dest, missing, Path(cache_root))
     whole = ModelProgress(sum(remote.sizes[path] or 0 for path in files))
     logger.info("download planned", extra={"files": len(files), "total_bytes": whole.total})
@@ -324,14 +324,6 @@ def _fetch_from_hub(
         "model downloaded",
         extra={"repo": repo, "commit": remote.commit, "dest": str(dest), "files": len(files)},
     )
-
-
-def _has(dest: Path, path: str, size: int | None) -> bool:
-    """Whether `dest` holds `path` at `size` already (kept from an earlier download, not fetched again)."""
-    try:
-        return size is not None and (dest / path).stat().st_size == size
-    except FileNotFoundError:
-        return False
 
 
 def _list_dir(root: Path) -> dict[str, int]:

@@ -48,10 +48,7 @@ class Marker:
 
     def intact(self, dest: Path) -> bool:
         """Every listed file is in `dest` with its listed size (a cheap check that nothing was removed)."""
-        try:
-            return all((dest / path).stat().st_size == size for path, size in self.files.items())
-        except FileNotFoundError:
-            return False
+        return all(has_file(dest, path, size) for path, size in self.files.items())
 
     @classmethod
     def from_json(cls, data: dict) -> Marker:
@@ -63,6 +60,14 @@ class Marker:
             source=data.get("source"),
             completed_at=data.get("completed_at", ""),
         )
+
+
+def has_file(dest: Path, path: str, size: int | None) -> bool:
+    """Whether `dest` holds `path` at `size` (a size not known is never held)."""
+    try:
+        return size is not None and (dest / path).stat().st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def read_marker(dest: Path) -> Marker | None:

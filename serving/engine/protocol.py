@@ -30,7 +30,7 @@ class ModelInfo:
     gguf_file: str | None
     kv_cache_tokens: int
     prefix_caching: bool
-    kv_block_size: int = 16  # tokens per KV-cache block
+    kv_block_size: int  # tokens per KV-cache block
     engine_threads: int = 1  # the engine's compute threads (torch's and the C kernels')
     engine_cpus: tuple[int, ...] = ()  # cores the engine pinned itself to (serving/cpus.py); () if none
 
