@@ -38,6 +38,12 @@ for _package in ("schemathesis.specs.openapi", "schemathesis.generation", "schem
     for _module in pkgutil.walk_packages(importlib.import_module(_package).__path__, _package + "."):
         with contextlib.suppress(ImportError):  # a module for an optional extra
             importlib.import_module(_module.name)
+# The same bug through Hypothesis: describing a strategy's lambda (its repr) parses the lambda's whole source
+# file, once, which the any-JSON-value strategy's did deep in a test (the coverage phase, a CI run). Its
+# repr taken here parses that file now; Hypothesis keeps the parse.
+repr(importlib.import_module("schemathesis.generation.jsonschema.strategy")._anything_for(
+    importlib.import_module("schemathesis.generation.jsonschema.context").Alphabet()
+))
 
 
 @pytest.fixture(scope="module")
