@@ -85,6 +85,12 @@ class ServeConfig(BaseModel):
         description="how tool_choice=auto output is read as calls: hermes (<tool_call> blocks, Qwen too), "
         "mistral ([TOOL_CALLS]), llama3_json (a bare JSON call), or auto (each of them)",
     )
+    reasoning_parser: Literal["auto", "none", "deepseek_r1", "qwen3"] = Field(
+        "auto",
+        description="a thinking model's <think> block is returned as the chat message's reasoning, apart from its "
+        "content: auto (models whose vocabulary has <think> and </think>), deepseek_r1 or qwen3 (always: vLLM's "
+        "names, one format), none (the block stays in the content)",
+    )
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
     kv_cache_tokens: int | None = Field(None, ge=16, description="KV cache capacity in tokens (default: from memory)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory FleetLM may use")

@@ -15,6 +15,7 @@ from pathlib import Path
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
+from serving.api import reasoning
 from serving.api.app import create_app
 from serving.api.state import AppState, ServedModel
 from serving.config import ServeConfig
@@ -50,7 +51,7 @@ async def _start_engine(state: AppState, engine: AsyncEngine) -> None:
         log.error("model failed to load", extra={"error": state.load_error})
         return
     engine.set_tokenizer(tokenizer)
-    served = ServedModel(info, tokenizer)
+    served = ServedModel(info, tokenizer, reasoning.enabled(cfg.reasoning_parser, tokenizer))
     freeze_startup_heap()  # before /health says ready: its one full collection pauses this loop
     state.engine = engine
     state.model = served

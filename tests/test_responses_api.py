@@ -100,7 +100,8 @@ def test_text_format_json_schema_constrains_the_output(client):
     [
         ({"previous_response_id": "resp_1"}, 400, "previous_response_id"),
         ({"input": ""}, 400, "input"),
-        ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, 400, "input"),
+        ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, 400, "input"),  # reasoning alone
+        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, 400, "input"),
         ({"reasoning": {"effort": "high"}}, 400, "reasoning"),
         ({"temperature": 3}, 400, "temperature"),
         ({"max_output_tokens": 100000}, 400, "input"),

@@ -84,3 +84,56 @@ def hf_choice_gaps(
         logits = model(ids).logits[0, len(prompt_ids) - 1 :].float()
     chosen = logits.gather(1, torch.tensor(output_ids, device=device).unsqueeze(1)).squeeze(1)
     return (logits.max(dim=-1).values - chosen).tolist()
+
+
+# A chat template in the manner of Qwen3's and DeepSeek-R1's: `enable_thinking: false` renders an empty
+# think block into the prompt; `opened` ends the prompt inside one, as thinking-only models' templates do.
+# A message's reasoning_content (sent back from an earlier reply) is shown in brackets.
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{% if m.reasoning_content is defined %}[{{ m.reasoning_content }}]{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>"
+    "{% if opened is defined and opened %}<think>{% elif enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{%- endif %}"
+)
+# What the thinking model writes after a chat prompt, token by token: a think block, a line break, an answer.
+THINKING_SCRIPT = ("<think>", "▁The", "▁c", "at", "▁big", ".", "</think>", "<0x0A>", "Y", "es", ",", "▁it")
+
+
+def make_thinking_model(root: Path) -> Path:
+    """A Llama model that thinks, deterministically: the demo tokenizer plus <think> and </think> tokens
+    and THINKING_TEMPLATE, and weights that make each token of THINKING_SCRIPT follow the one before it
+    (after the prompt's last token, `<|assistant|>`'s ">"), then EOS; any other token is followed by EOS.
+
+    Its blocks add nothing to the residual stream (zero output projections), so the last hidden state is
+    the current token's embedding, a one-hot vector per scripted token, and the output projection maps
+    each to its successor with a logit of 80 against 0: greedy or sampled, the script comes out."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    out = root / "thinking"
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
+    tokenizer.add_tokens([AddedToken(tag, normalized=False, special=False) for tag in ("<think>", "</think>")])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids([">", *THINKING_SCRIPT])
+    assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in ids, "the script's tokens must be distinct"
+    params = {**_COMMON, **ARCH_OVERRIDES["llama"], "vocab_size": len(tokenizer), "num_hidden_layers": 1}
+    config = AutoConfig.for_model("llama", **params)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hidden, eos = config.hidden_size, config.eos_token_id
+    with torch.no_grad():
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        head.zero_()
+        embed[:, hidden - 1] = 1.0  # every other token: the last slot, whose successor is EOS
+        head[eos, hidden - 1] = 10.0
+        for slot, (token, successor) in enumerate(zip(ids, [*ids[1:], eos], strict=True)):
+            embed[token] = 0.0
+            embed[token, slot] = 1.0
+            head[successor, slot] = 10.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

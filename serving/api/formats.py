@@ -7,11 +7,12 @@ object names, the first stream events, the choice of one streamed delta, and a f
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.api import tools
+from serving.api import reasoning, tools
 from serving.api.generation import Prompt
 from serving.api.state import AppState
 from serving.engine.output_processor import ChoiceDelta
@@ -179,11 +180,24 @@ class CompletionFormat(Format):
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason}
 
 
+def _reasoning(text: str) -> dict[str, str]:
+    """A message's (or delta's) reasoning, under vLLM's name and the older one DeepSeek and llama.cpp use."""
+    return {"reasoning": text, "reasoning_content": text}
+
+
 def chat_logprobs(st: AppState, entries: list[TokenLogprob]) -> dict[str, Any]:
     def item(token_id: int, logprob: float) -> dict[str, Any]:
         return {"token": st.token_text(token_id), "logprob": logprob, "bytes": list(st.token_bytes(token_id))}
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
+
+
+@dataclass(slots=True)
+class _Thinking:
+    """A streamed choice's reasoning split: the splitter, and logprob entries of text it still holds."""
+
+    splitter: reasoning.ThinkSplitter
+    entries: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -210,8 +224,15 @@ class ChatFormat(Format):
         tool_mode: Any = "none",
         parallel_tool_calls: bool = True,
         echoed: str = "",
+        thinking: bool | None = None,
+        include_reasoning: bool = True,
     ):
         self.st, self.n, self.logprobs, self.echoed = st, n, logprobs, echoed
+        # A thinking model's <think> block is returned apart, as `reasoning` (reasoning.py): thinking is None
+        # where the output is all content, else whether the prompt opened the block. Tool calls are read
+        # from the content alone.
+        self.thinking, self.include_reasoning = thinking, include_reasoning
+        self._thoughts: dict[int, _Thinking] = {}
         # With tools, what may still become a call is held until the choice ends and is then parsed:
         # tool calls go out as one delta each, which the openai SDK accumulates; under "auto", the
         # text before anything that could be a call streams as content (tools.streamable).
@@ -224,12 +245,17 @@ class ChatFormat(Format):
 
     def _message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The assistant message of a whole choice, and its finish reason ("tool_calls" for calls)."""
+        message: dict[str, Any] = {"role": "assistant"}
+        if self.thinking is not None:
+            thought, text = reasoning.split(text, self.thinking)
+            if thought and self.include_reasoning:
+                message.update(_reasoning(thought))
         if not self.tools:
-            return {"role": "assistant", "content": text}, finish_reason
+            return {**message, "content": text}, finish_reason
         content, calls = tools.parse(text, self.functions, self.tool_mode, self.st.config.tool_call_parser, self.parallel)
         if not calls:
-            return {"role": "assistant", "content": content}, finish_reason
-        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            return {**message, "content": content}, finish_reason
+        return {**message, "content": content, "tool_calls": calls}, "tool_calls"
 
     def opening(self) -> list[dict[str, Any]]:
         return [
@@ -242,14 +268,34 @@ class ChatFormat(Format):
         return {"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
 
     def streamed(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
-        if self.tools:
-            return self._streamed_with_tools(index, delta)
         out = []
+        if self.thinking is not None:
+            delta = self._think(index, delta, out)
+        if self.tools:
+            return out + self._streamed_with_tools(index, delta)
         if delta.text or (self.logprobs and delta.logprobs):
             out.append(self._content(index, delta.text, delta.logprobs))
         if delta.finish_reason:
             out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason})
         return out
+
+    def _think(self, index: int, delta: ChoiceDelta, out: list[dict[str, Any]]) -> ChoiceDelta:
+        """Split off the delta's reasoning (a chunk of its own, into `out`); the content delta that is left.
+        A token's logprob goes out with the piece that completes the text held so far, never before it."""
+        state = self._thoughts.get(index)
+        if state is None:
+            state = self._thoughts[index] = _Thinking(reasoning.ThinkSplitter(self.thinking))
+        state.entries.extend(delta.logprobs)
+        thought, content = state.splitter.feed(delta.text, final=delta.finish_reason is not None)
+        entries: list[TokenLogprob] = []
+        if not state.splitter.holding:
+            entries, state.entries = state.entries, []
+        if thought:
+            mine, entries = (entries, []) if not content else ([], entries)  # the last piece's text takes them
+            if self.include_reasoning:
+                lp = chat_logprobs(self.st, mine) if self.logprobs and mine else None
+                out.append({"index": index, "delta": _reasoning(thought), "logprobs": lp, "finish_reason": None})
+        return dataclasses.replace(delta, text=content, logprobs=entries)
 
     def _streamed_with_tools(self, index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
         held = self._held.setdefault(index, _HeldChoice())

@@ -154,6 +154,7 @@ def render_chat(state: AppState, req: ChatCompletionRequest) -> str:
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
         )
     except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         # The template renders the client's messages: whatever it fails on in them (an undefined field

@@ -2,7 +2,10 @@
 amounts to (schemas.ResponsesRequest.chat_body); this shapes the one choice's deltas into a
 Response object, whole or as the typed events of a stream.
 
-A stream: response.created and response.in_progress; then, once there is text, the message item
+A stream: response.created and response.in_progress; then a thinking model's reasoning as an item of its
+own (output_item.added, content_part.added, reasoning_text.delta ..., reasoning_text.done,
+content_part.done, output_item.done), split off as on the chat path (reasoning.py); then, once there is
+text, the message item
 (output_item.added, content_part.added, output_text.delta ..., output_text.done, content_part.done,
 output_item.done); then each function call as its own item (output_item.added, one
 function_call_arguments.delta, function_call_arguments.done, output_item.done); and last
@@ -15,7 +18,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from serving.api import tools
+from serving.api import reasoning, tools
 from serving.api.schemas import ChatCompletionRequest, NamedFunctionChoice, ResponsesRequest
 from serving.engine.output_processor import ChoiceDelta
 
@@ -32,9 +35,23 @@ def response_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
 
 
 class ResponseShaper:
-    def __init__(self, req: ResponsesRequest, chat: ChatCompletionRequest, parser: str, response_id: str, created: int):
+    def __init__(
+        self,
+        req: ResponsesRequest,
+        chat: ChatCompletionRequest,
+        parser: str,
+        response_id: str,
+        created: int,
+        thinking: bool | None = None,
+    ):
         self.req, self.chat, self.parser = req, chat, parser
         self.id, self.created = response_id, created
+        # thinking: None where the output is all message, else whether the prompt opened the think block.
+        self.thinking = thinking
+        self._splitter = reasoning.ThinkSplitter(thinking) if thinking is not None else None
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
+        self._thought = ""  # the reasoning so far
+        self._thinking_open = False  # its item has been announced and not closed
         self.functions, self.tool_mode = chat.tool_functions(), chat.tool_mode
         self.parallel = chat.parallel_tool_calls is not False
         self.message_id = f"msg_{uuid.uuid4().hex}"
@@ -89,6 +106,15 @@ class ResponseShaper:
         content, calls = tools.parse(self._text, self.functions, self.tool_mode, self.parser, self.parallel)
         return content or "", calls
 
+    @property
+    def _first(self) -> int:
+        """The output index of the item after the reasoning."""
+        return 1 if self._thought else 0
+
+    def _reasoning_item(self, status: str) -> dict[str, Any]:
+        content = [{"type": "reasoning_text", "text": self._thought}]
+        return {"type": "reasoning", "id": self.reasoning_id, "status": status, "summary": [], "content": content}
+
     def _message(self, text: str, status: str) -> dict[str, Any]:
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": [part]}
@@ -110,10 +136,15 @@ class ResponseShaper:
             }
             for call in calls
         ]
-        self._output = ([self._message(content, status)] if content else []) + items
+        cut = self._reason == "length" and not self._text  # the length ran out before the block ended
+        thought = [self._reasoning_item("incomplete" if cut else "completed")] if self._thought else []
+        self._output = thought + ([self._message(content, status)] if content else []) + items
         return content, items
 
     def whole(self, text: str, reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+        if self.thinking is not None:
+            thought, text = reasoning.split(text, self.thinking)
+            self._thought = thought or ""
         self._text = text
         self._finish(reason)
         return self.response(usage)
@@ -133,39 +164,67 @@ class ResponseShaper:
     def opening(self) -> list[dict[str, Any]]:
         return [self._event("response.created", response=self.response()), self._event("response.in_progress", response=self.response())]
 
+    def _reasoning_delta(self, piece: str) -> list[dict[str, Any]]:
+        events = []
+        where = {"item_id": self.reasoning_id, "output_index": 0, "content_index": 0}
+        if not self._thinking_open:
+            self._thinking_open = True
+            item = {**self._reasoning_item("in_progress"), "content": []}
+            events.append(self._event("response.output_item.added", output_index=0, item=item))
+            events.append(self._event("response.content_part.added", part={"type": "reasoning_text", "text": ""}, **where))
+        self._thought += piece
+        events.append(self._event("response.reasoning_text.delta", delta=piece, **where))
+        return events
+
+    def _reasoning_done(self, status: str) -> list[dict[str, Any]]:
+        self._thinking_open = False
+        item = self._reasoning_item(status)
+        where = {"item_id": self.reasoning_id, "output_index": 0, "content_index": 0}
+        return [
+            self._event("response.reasoning_text.done", text=self._thought, **where),
+            self._event("response.content_part.done", part=item["content"][0], **where),
+            self._event("response.output_item.done", output_index=0, item=item),
+        ]
+
     def _text_delta(self, piece: str) -> list[dict[str, Any]]:
         events = []
+        where = {"output_index": self._first}
         if not self._opened:
             self._opened = True
-            where = {"output_index": 0}
             item = {**self._message("", "in_progress"), "content": []}
             events.append(self._event("response.output_item.added", item=item, **where))
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             events.append(self._event("response.content_part.added", item_id=self.message_id, content_index=0, part=part, **where))
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        where = {"item_id": self.message_id, "content_index": 0, **where}
         events.append(self._event("response.output_text.delta", delta=piece, logprobs=[], **where))
         return events
 
     def streamed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
-        self._text += delta.text
+        events, text = [], delta.text
+        if self._splitter is not None:
+            thought, text = self._splitter.feed(text, final=delta.finish_reason is not None)
+            if thought:
+                events += self._reasoning_delta(thought)
+            if self._thinking_open and (text or delta.finish_reason):
+                events += self._reasoning_done("incomplete" if delta.finish_reason == "length" and not text else "completed")
+        self._text += text
         if not delta.finish_reason:
             safe = tools.sendable(self._text, self.tool_mode, self.parser)
             if safe <= self._sent:
-                return []
+                return events
             piece, self._sent = self._text[self._sent : safe], safe
-            return self._text_delta(piece)
+            return events + self._text_delta(piece)
         content, items = self._finish(delta.finish_reason)
-        events = []
         rest = tools.content_rest(content, self._text, self._sent)
         if rest:
             events += self._text_delta(rest)
         if self._opened:
-            message = self._output[0]
-            where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+            message = self._output[self._first]
+            where = {"item_id": self.message_id, "output_index": self._first, "content_index": 0}
             events.append(self._event("response.output_text.done", text=content, logprobs=[], **where))
             events.append(self._event("response.content_part.done", part=message["content"][0], **where))
-            events.append(self._event("response.output_item.done", output_index=0, item=message))
-        first = 1 if self._opened else 0
+            events.append(self._event("response.output_item.done", output_index=self._first, item=message))
+        first = self._first + (1 if self._opened else 0)
         for k, item in enumerate(items, start=first):
             events.append(self._event("response.output_item.added", output_index=k, item={**item, "arguments": "", "status": "in_progress"}))
             where = {"item_id": item["id"], "output_index": k}

@@ -104,6 +104,8 @@ class ToolCallDelta(ToolCall):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
+    reasoning: str | None = Field(None, description="A thinking model's <think> block, apart from its content")
+    reasoning_content: str | None = Field(None, description="The same reasoning, under its older name")
     content: str | None = Field(description="None when the message is tool calls only")
     tool_calls: list[ToolCall] | None = None
 
@@ -129,6 +131,8 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = Field(None, description="Whole calls, each in one delta")
 
@@ -197,6 +201,21 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class OutputReasoning(BaseModel):
+    """A thinking model's <think> block (--reasoning-parser), before the message it led to."""
+
+    type: Literal["reasoning"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list[dict] = Field(description="Always empty: the reasoning is given whole, as content")
+    content: list[ReasoningText]
+
+
 class OutputFunctionCall(BaseModel):
     type: Literal["function_call"]
     id: str
@@ -236,7 +255,7 @@ class ResponseObject(BaseModel):
     created_at: int
     status: Literal["in_progress", "completed", "incomplete"]
     model: str
-    output: list[OutputMessage | OutputFunctionCall]
+    output: list[OutputReasoning | OutputMessage | OutputFunctionCall]
     error: None
     incomplete_details: IncompleteDetails | None
     instructions: str | None

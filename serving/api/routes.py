@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, current_app, g, request
 
+from serving.api import reasoning
 from serving.api.errors import APIError, bad_request, from_validation_error
 from serving.api.formats import ChatFormat, Choice, CompletionFormat, Format
 from serving.api.generation import (
@@ -58,6 +59,7 @@ from serving.api.schemas import (
 )
 from serving.api.state import AppState
 from serving.api.tracking import RequestTracker
+from serving.engine.grammar import GrammarSpec
 from serving.engine.output_processor import ChoiceDelta
 from serving.engine.sampling_params import SamplingParams
 
@@ -258,6 +260,16 @@ def _engine_key(request_id: str) -> str:
     return f"{request_id}#{uuid.uuid4().hex[:12]}"
 
 
+def thinking_from(st: AppState, prompt: Prompt, grammar: GrammarSpec | None) -> bool | None:
+    """Whether a chat reply's <think> block is split off (None: not), and if so whether the prompt opened it.
+    A constrained reply (response_format, a forced tool call) is what its grammar made it from the first
+    token: all of it is content."""
+    assert st.model is not None
+    if not st.model.reasoning or grammar is not None:
+        return None
+    return reasoning.opened_by_prompt(prompt.text)
+
+
 def check_model(st: AppState, name: str | None) -> None:
     assert st.model is not None
     if name is not None and name != st.model.name:
@@ -450,8 +462,12 @@ async def chat_completions():
     top = (req.top_logprobs or 0) if req.logprobs else None
     if req.logprobs:
         await st.run_blocking(st.grammars.token_bytes)  # the tokens' bytes, read once, off the event loop
-    params = sampling_params(st, req, max_tokens, top, False, await compile_grammar(st, req))
-    fmt = ChatFormat(st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False, req.echoed)
+    grammar = await compile_grammar(st, req)
+    params = sampling_params(st, req, max_tokens, top, False, grammar)
+    fmt = ChatFormat(
+        st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False, req.echoed,
+        thinking_from(st, prompt, grammar), req.include_reasoning,
+    )  # fmt: skip
     return await generate(st, req, [prompt], params, fmt)
 
 
@@ -474,10 +490,12 @@ async def responses():
         raise from_validation_error(exc) from exc
     prompt = await st.run_blocking(encode_chat, st, chat, "input")
     max_tokens = completion_budget(st, chat, chat.completion_limit, chat.completion_limit is not None, prompt, "input")
-    params = sampling_params(st, chat, max_tokens, None, False, await compile_grammar(st, chat))
+    grammar = await compile_grammar(st, chat)
+    params = sampling_params(st, chat, max_tokens, None, False, grammar)
     admit(st, 1)
     response_id = f"resp_{uuid.uuid4().hex}"
-    shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()))
+    thinking = thinking_from(st, prompt, grammar)
+    shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()), thinking)
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = len(prompt.token_ids)
     deltas = run_tracked(tracker, stream_choices(st, _engine_key(response_id), [prompt], params, 1))
@@ -554,7 +572,12 @@ async def tokenize():
     if req.prompt is not None:
         text, param, special = req.prompt, "prompt", req.add_special_tokens
     else:
-        chat = ChatCompletionRequest(model=st.model.name, messages=req.messages or [], add_generation_prompt=req.add_generation_prompt)
+        chat = ChatCompletionRequest(
+            model=st.model.name,
+            messages=req.messages or [],
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
         text, param, special = await st.run_blocking(render_chat, st, chat), "messages", False
     too_long = bad_request(
         f"The {param} hold more than {cap} tokens: /tokenize counts up to {TOKENIZE_CONTEXTS} times this model's "

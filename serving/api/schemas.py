@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import types
 import typing
@@ -19,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from transformers import PreTrainedTokenizerBase
 
 from serving.engine.sampling_params import MAX_LOGPROBS
 
@@ -455,7 +457,30 @@ class ChatMessage(_Body):
                     function["arguments"] = json.loads(function["arguments"])
         if data["role"] == "developer":  # OpenAI's newer name for the system role
             data["role"] = "system"
+        if "reasoning" in data:  # a reply's reasoning sent back (vLLM's newer name): templates read the older one
+            data.setdefault("reasoning_content", data.pop("reasoning"))
         return data
+
+
+# What a request's chat_template_kwargs may not name: the template's own `messages`, and the parameters of
+# transformers' apply_chat_template, which FleetLM sets (or leaves as they are) and a variable would replace.
+_TEMPLATE_ARGUMENTS = (
+    "messages",
+    *(p for p in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters if p not in ("self", "kwargs")),
+)
+TemplateKwargs = Annotated[
+    dict[str, Any],
+    Field(
+        description="More variables for the chat template, e.g. Qwen3's {\"enable_thinking\": false} (vLLM's extension)",
+        json_schema_extra={"propertyNames": {"not": {"enum": list(_TEMPLATE_ARGUMENTS)}}},
+    ),
+]
+
+
+def _template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value and (taken := [k for k in value if k in _TEMPLATE_ARGUMENTS]):
+        raise RuleError("chat_template_kwargs", f"chat_template_kwargs may not set {taken[0]!r}: the server sets it")
+    return value
 
 
 _UNSUPPORTED_CHAT = ("functions", "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity")  # and function_call
@@ -492,6 +517,8 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False  # vLLM's: a reply to a final assistant message (continued) starts with that message
+    chat_template_kwargs: TemplateKwargs | None = None
+    include_reasoning: bool = Field(True, description="false leaves a thinking model's reasoning out of the reply (vLLM's)")
 
     @property
     def echoed(self) -> str:
@@ -522,6 +549,7 @@ class ChatCompletionRequest(_Request):
             raise RuleError("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
             raise RuleError("continue_final_message", "continue_final_message and add_generation_prompt cannot both be true")
+        _template_kwargs(self.chat_template_kwargs)
         return self
 
     @property
@@ -560,11 +588,13 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = Field(None, min_length=1)  # as a chat request takes them
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: TemplateKwargs | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise RuleError("prompt", "give exactly one of prompt or messages")
+        _template_kwargs(self.chat_template_kwargs)
         return self
 
 
@@ -609,11 +639,31 @@ class FunctionCallOutputItem(_Body):
     output: str | list[InputText]
 
 
+class ReasoningTextPart(_Body):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Body):
+    """A reasoning item of an earlier response, replayed: the assistant turn after it gets it as its
+    reasoning_content (what thinking models' templates read)."""
+
+    model_config = ConfigDict(extra="ignore")  # its id, status, encrypted_content
+    type: Literal["reasoning"]
+    summary: list[ReasoningTextPart] = Field(default_factory=list)
+    content: list[ReasoningTextPart] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.content or self.summary)
+
+
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
-    # A message may leave out its type; another type is refused by name (e.g. reasoning items).
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
+    # A message may leave out its type; another type is refused by name (e.g. web_search_call items).
     Discriminator(lambda v: (v.get("type") or "message") if isinstance(v, dict) else getattr(v, "type", None)),
 ]
 
@@ -702,6 +752,8 @@ class ResponsesRequest(_Body):
     def _non_empty_input(cls, value):
         if value == "" or value == []:
             raise ValueError("the input must not be empty")
+        if isinstance(value, list) and all(isinstance(item, ReasoningItem) for item in value):
+            raise ValueError("the input holds only reasoning: no message, function call or function call output")
         return value
 
     @model_validator(mode="after")
@@ -722,7 +774,11 @@ class ResponsesRequest(_Body):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
         items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        thought: str | None = None  # a reasoning item's, for the assistant turn it led to
         for item in items:
+            if isinstance(item, ReasoningItem):
+                thought = item.text
+                continue
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text})
             elif isinstance(item, FunctionCallItem):
@@ -735,6 +791,9 @@ class ResponsesRequest(_Body):
             else:
                 output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+            if thought is not None and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("reasoning_content", thought)
+            thought = None
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,

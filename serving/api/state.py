@@ -25,6 +25,7 @@ class ServedModel:
 
     info: ModelInfo
     tokenizer: PreTrainedTokenizerBase
+    reasoning: bool = False  # chat outputs' <think> blocks are returned apart (--reasoning-parser)
 
     @property
     def name(self) -> str:

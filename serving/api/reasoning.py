@@ -1,0 +1,108 @@
+"""A reasoning model's thinking, apart from its answer: the `<think>…</think>` block that DeepSeek-R1 (and
+its distills), Qwen3, QwQ and SmolLM3 write before they answer.
+
+The chat API returns the block's text as the message's `reasoning` (and `reasoning_content`, the older
+name DeepSeek's API and llama.cpp's server use) and only what follows it as `content`, as vLLM does with
+a reasoning parser and llama.cpp's server by default. Where the block opens is read from the prompt:
+templates of thinking-only models (DeepSeek-R1, Qwen3 *-Thinking-2507) end the prompt with `<think>`
+themselves, so the output starts inside the block and holds only its end; otherwise the output thinks
+only if it opens with `<think>` (Qwen3's `enable_thinking: false` renders an empty block into the
+prompt, and the model answers at once).
+
+One splitter serves a whole response and a stream alike, so the two always agree: fed the text as it
+arrives, it hands out what is surely reasoning and surely content, holding back only what could still
+be a tag or whitespace at a block's edge (trimmed, as chat UIs show it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+OPEN, CLOSE = "<think>", "</think>"
+
+ReasoningParser = Literal["auto", "none", "deepseek_r1", "qwen3"]
+
+
+def tags_in_vocabulary(tokenizer: Any) -> bool:
+    """Whether the tokenizer has `<think>` and `</think>` as tokens of their own (models that think)."""
+    vocab = tokenizer.get_vocab()
+    return OPEN in vocab and CLOSE in vocab
+
+
+def enabled(setting: ReasoningParser, tokenizer: Any) -> bool:
+    """--reasoning-parser: auto splits for models whose vocabulary has the tags; deepseek_r1 and qwen3 (vLLM's
+    names, one format) always; none never."""
+    if setting == "none":
+        return False
+    return setting != "auto" or tags_in_vocabulary(tokenizer)
+
+
+def opened_by_prompt(prompt: str) -> bool:
+    """The chat template ended the prompt inside a think block: the output starts with reasoning."""
+    return prompt.rstrip().endswith(OPEN)
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """The length of the longest end of text that begins the tag (a tag split across deltas)."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
+
+
+class ThinkSplitter:
+    """One choice's text, fed as it arrives, as (reasoning, content) pieces."""
+
+    __slots__ = ("_inside", "_state", "_held", "_reasoning_started")
+
+    def __init__(self, inside: bool):
+        self._inside = inside  # the prompt opened the block (a model may open it again: the tag is dropped)
+        self._state = "opening"
+        self._held = ""  # text not handed out yet
+        self._reasoning_started = False  # the block's leading whitespace is behind us
+
+    @property
+    def holding(self) -> bool:
+        """Whether some text fed so far has not been handed out yet."""
+        return bool(self._held)
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """The reasoning and the content that `text` (following all fed before) completes; `final`: the
+        choice ends with it, and whatever is held is handed out."""
+        held = self._held + text
+        reasoning = content = ""
+        if self._state == "opening":
+            head = held.lstrip()
+            if head.startswith(OPEN):
+                held, self._state = head[len(OPEN) :], "reasoning"
+            elif OPEN.startswith(head) and not final:
+                self._held = held  # whitespace, or maybe the tag's beginning
+                return "", ""
+            else:
+                self._state = "reasoning" if self._inside else "content"
+        if self._state == "reasoning":
+            end = held.find(CLOSE)
+            if end >= 0:
+                reasoning, held, self._state = held[:end].rstrip(), held[end + len(CLOSE) :], "answer"
+            elif final:
+                reasoning, held = held.rstrip(), ""
+            else:  # hold a tag's possible beginning, and the whitespace before it (trimmed if the block ends)
+                cut = len(held[: len(held) - _partial_tag(held, CLOSE)].rstrip())
+                reasoning, held = held[:cut], held[cut:]
+            if not self._reasoning_started:
+                reasoning = reasoning.lstrip()
+                self._reasoning_started = bool(reasoning)
+        if self._state == "answer":  # the content after the block, its leading whitespace trimmed
+            held = held.lstrip()
+            if held:
+                self._state = "content"
+        if self._state == "content":
+            content, held = held, ""
+        self._held = held
+        return reasoning, content
+
+
+def split(text: str, inside: bool) -> tuple[str | None, str]:
+    """A whole output's reasoning (None where there is none) and content."""
+    reasoning, content = ThinkSplitter(inside).feed(text, final=True)
+    return reasoning or None, content

@@ -1,0 +1,187 @@
+"""A thinking model's <think> block comes back as the message's reasoning, apart from its content; and
+chat_template_kwargs reach the template. On a model that thinks deterministically (tiny_models.
+make_thinking_model: the same script, "<think> The cat big.</think>\\nYes, it", whatever it is asked)."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from serving.api import reasoning
+from serving.models.source import demo_model_dir
+from tests.server_util import RunningServer
+from tests.tiny_models import THINKING_SCRIPT, make_thinking_model
+
+ASK = [{"role": "user", "content": "Is the cat big?"}]
+THOUGHT, ANSWER = "The cat big.", "Yes, it"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_thinking_model(tmp_path_factory.mktemp("thinking"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with RunningServer(model_path=str(model_dir), max_batch_size=8) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def _chat(client, **extra):
+    return client.chat.completions.create(model="thinking", messages=ASK, max_tokens=32, **extra)
+
+
+def _streamed(client, **extra) -> tuple[list[str], list[str], list]:
+    """The reasoning and content pieces of a stream, in order, and its chunks' choices."""
+    thoughts, contents, choices = [], [], []
+    for chunk in _chat(client, stream=True, **extra):
+        for choice in chunk.choices:
+            choices.append(choice)
+            extra_fields = choice.delta.model_extra or {}
+            if extra_fields.get("reasoning") is not None:
+                assert extra_fields["reasoning_content"] == extra_fields["reasoning"]
+                thoughts.append(extra_fields["reasoning"])
+                assert not contents, "reasoning after content"
+            if choice.delta.content:
+                contents.append(choice.delta.content)
+    return thoughts, contents, choices
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"opened": True}], ids=["the-output-opens-the-block", "the-prompt-opens-it"])
+def test_the_think_block_is_the_reasoning_and_the_rest_the_content(client, kwargs):
+    extra = {"extra_body": {"chat_template_kwargs": kwargs}} if kwargs else {}
+    message = _chat(client, **extra).choices[0].message
+    assert message.content == ANSWER
+    assert message.model_extra["reasoning"] == message.model_extra["reasoning_content"] == THOUGHT
+    thoughts, contents, choices = _streamed(client, **extra)
+    assert "".join(thoughts) == THOUGHT and "".join(contents) == ANSWER
+    assert choices[-1].finish_reason == "stop"
+
+
+def test_with_tools_the_calls_are_looked_for_in_the_content_alone(client):
+    tool = {"type": "function", "function": {"name": "look", "parameters": {"type": "object", "properties": {}}}}
+    message = _chat(client, tools=[tool]).choices[0].message
+    assert (message.model_extra["reasoning"], message.content, message.tool_calls) == (THOUGHT, ANSWER, None)
+    thoughts, contents, _ = _streamed(client, tools=[tool])
+    assert ("".join(thoughts), "".join(contents)) == (THOUGHT, ANSWER)
+
+
+def test_logprobs_cover_every_shown_token_once_reasoning_included(client):
+    whole = _chat(client, logprobs=True).choices[0].logprobs.content
+    assert [e.token for e in whole][:2] == ["<think>", " The"] and len(whole) == len(THINKING_SCRIPT)  # EOS is not shown
+    streamed = [e for c in _streamed(client, logprobs=True)[2] if c.logprobs for e in c.logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole]
+
+
+def test_enable_thinking_false_reaches_the_template(client, server):
+    message = _chat(client, extra_body={"chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
+    assert message.model_extra.get("reasoning") is None and message.content.strip() == ANSWER
+    tokens = httpx.post(
+        server.base_url + "/tokenize", json={"messages": ASK, "chat_template_kwargs": {"enable_thinking": False}}
+    ).json()["tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(server.config.model_path)
+    assert tokenizer.decode(tokens).endswith("<|assistant|><think></think>")
+
+
+def test_include_reasoning_false_leaves_it_out(client):
+    message = _chat(client, extra_body={"include_reasoning": False}).choices[0].message
+    assert message.content == ANSWER and "reasoning" not in (message.model_extra or {})
+    thoughts, contents, _ = _streamed(client, extra_body={"include_reasoning": False})
+    assert thoughts == [] and "".join(contents) == ANSWER
+
+
+def test_a_constrained_reply_is_all_content(client):
+    """The grammar decides the output from its first token: there is no block to split off."""
+    message = _chat(client, extra_body={"guided_choice": ["yes", "no"]}).choices[0].message
+    assert message.content in ("yes", "no") and message.model_extra.get("reasoning") is None
+
+
+def test_reasoning_sent_back_in_the_history_reaches_the_template(server):
+    for key in ("reasoning", "reasoning_content"):
+        history = [*ASK, {"role": "assistant", "content": ANSWER, key: THOUGHT}, {"role": "user", "content": "Sure?"}]
+        tokens = httpx.post(server.base_url + "/tokenize", json={"messages": history}).json()["tokens"]
+        text = AutoTokenizer.from_pretrained(server.config.model_path).decode(tokens)
+        assert f"<|assistant|>{ANSWER}[{THOUGHT}]" in text
+
+
+@pytest.mark.parametrize("key", ["tokenize", "messages", "add_generation_prompt", "chat_template"])
+def test_template_kwargs_may_not_replace_what_the_server_sets(server, key):
+    for path, body in (("/v1/chat/completions", {"model": "thinking"}), ("/tokenize", {})):
+        r = httpx.post(server.base_url + path, json={**body, "messages": ASK, "chat_template_kwargs": {key: True}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "chat_template_kwargs" and key in r.json()["error"]["message"]
+
+
+def test_auto_turns_on_for_tokenizers_with_the_tags(model_dir):
+    thinking, demo = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(demo_model_dir())
+    assert reasoning.enabled("auto", thinking) and not reasoning.enabled("auto", demo)
+    assert reasoning.enabled("qwen3", demo) and reasoning.enabled("deepseek_r1", demo)
+    assert not reasoning.enabled("none", thinking)
+
+
+@pytest.mark.parametrize(
+    ("text", "inside", "thought", "content"),
+    [
+        ("<think>\nhmm, ok\n</think>\n\nAnswer.", False, "hmm, ok", "Answer."),
+        ("  <think>a b</think>c", False, "a b", "c"),
+        ("hmm\n</think>\n\nAnswer.", True, "hmm", "Answer."),
+        ("<think>hmm</think>x", True, "hmm", "x"),  # a template that opened the block, and a model that opened it again
+        ("Answer <think>", False, None, "Answer <think>"),  # a tag later on is the content's
+        ("\nAnswer", False, None, "\nAnswer"),
+        ("  <thi", False, None, "  <thi"),
+        ("<think>cut short </thi", False, "cut short </thi", ""),  # a length cut inside the block
+        ("all thought", True, "all thought", ""),
+        ("<think></think>x", False, None, "x"),
+        ("", True, None, ""),
+    ],
+)
+def test_the_split_streamed_in_any_pieces_is_the_whole_one(text, inside, thought, content):
+    assert reasoning.split(text, inside) == (thought, content)
+    rng = random.Random(text)
+    for _ in range(100):
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        splitter, thoughts, contents = reasoning.ThinkSplitter(inside), [], []
+        for k, piece in enumerate(pieces):
+            t, c = splitter.feed(piece, final=k == len(pieces) - 1)
+            thoughts.append(t)
+            contents.append(c)
+        assert ("".join(thoughts) or None, "".join(contents)) == (thought, content), pieces
+
+
+def test_a_response_gives_the_reasoning_as_an_item_of_its_own(client, server):
+    whole = client.responses.create(model="thinking", input="Is the cat big?", max_output_tokens=32)
+    assert [item.type for item in whole.output] == ["reasoning", "message"]
+    assert [part.text for part in whole.output[0].content] == [THOUGHT] and whole.output_text == ANSWER
+
+    events = list(client.responses.create(model="thinking", input="Is the cat big?", max_output_tokens=32, stream=True))
+    thought = [e for e in events if e.type == "response.reasoning_text.delta"]
+    text = [e for e in events if e.type == "response.output_text.delta"]
+    assert "".join(e.delta for e in thought) == THOUGHT and "".join(e.delta for e in text) == ANSWER
+    assert {e.output_index for e in thought} == {0} and {e.output_index for e in text} == {1}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = [e.item.type for e in events if e.type == "response.output_item.done"]
+    assert done == ["reasoning", "message"] and events[-1].type == "response.completed"
+    final = events[-1].response.output
+    assert [part.text for part in final[0].content] == [THOUGHT] and final[1].content[0].text == ANSWER
+
+    # The next turn replays the output: the reasoning reaches the template with the reply it led to.
+    replayed = [item.model_dump(exclude_none=True) for item in whole.output]
+    turn = client.responses.create(model="thinking", input=[*ASK, *replayed, {"role": "user", "content": "Sure?"}])
+    history = [*ASK, {"role": "assistant", "content": ANSWER, "reasoning_content": THOUGHT}, {"role": "user", "content": "Sure?"}]
+    assert turn.usage.input_tokens == httpx.post(server.base_url + "/tokenize", json={"messages": history}).json()["count"]
+
+
+def test_a_response_cut_inside_the_block_is_incomplete_reasoning(client):
+    whole = client.responses.create(model="thinking", input="Is the cat big?", max_output_tokens=3)
+    assert whole.status == "incomplete" and [item.type for item in whole.output] == ["reasoning"]
+    assert whole.output[0].status == "incomplete" and whole.output[0].content[0].text == "The c"  # <think>, " The", " c"
