@@ -9,9 +9,11 @@ import random
 import httpx
 import openai
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from serving.api import reasoning
+from serving.engine.grammar import Grammars, apply_masks, choice_spec
 from serving.models.source import demo_model_dir
 from tests.server_util import RunningServer
 from tests.tiny_models import THINKING_SCRIPT, make_thinking_model
@@ -99,10 +101,28 @@ def test_include_reasoning_false_leaves_it_out(client):
     assert thoughts == [] and "".join(contents) == ANSWER
 
 
-def test_a_constrained_reply_is_all_content(client):
-    """The grammar decides the output from its first token: there is no block to split off."""
-    message = _chat(client, extra_body={"guided_choice": ["yes", "no"]}).choices[0].message
-    assert message.content in ("yes", "no") and message.model_extra.get("reasoning") is None
+@pytest.mark.parametrize(
+    ("kwargs", "thought"),
+    [({}, THOUGHT), ({"opened": True}, THOUGHT), ({"enable_thinking": False}, None)],
+    ids=["the-output-opens-the-block", "the-prompt-opens-it", "no-block"],
+)
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"guided_choice": ["yes", "no"]},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["yes", "no"]}}}},
+    ],
+    ids=["choice", "json_schema"],
+)
+def test_a_constrained_reply_thinks_first_and_its_content_keeps_the_grammar(client, kwargs, thought, constraint):
+    """The grammar holds after the think block: the model writes its script's block freely, then the
+    content its grammar allows, where the script would have gone on otherwise. Without a block (its
+    first token may open one, or be the grammar's), the grammar holds from the start."""
+    body = {"temperature": 0, "extra_body": {**constraint, "chat_template_kwargs": kwargs}}  # greedy: ties alike
+    message = _chat(client, **body).choices[0].message
+    assert message.content.strip('"') in ("yes", "no") and message.model_extra.get("reasoning") == thought
+    thoughts, contents, _ = _streamed(client, **body)
+    assert ("".join(thoughts) or None, "".join(contents)) == (thought, message.content)
 
 
 def test_reasoning_sent_back_in_the_history_reaches_the_template(server):
@@ -185,3 +205,19 @@ def test_a_response_cut_inside_the_block_is_incomplete_reasoning(client):
     whole = client.responses.create(model="thinking", input="Is the cat big?", max_output_tokens=3)
     assert whole.status == "incomplete" and [item.type for item in whole.output] == ["reasoning"]
     assert whole.output[0].status == "incomplete" and whole.output[0].content[0].text == "The c"  # <think>, " The", " c"
+
+
+@pytest.mark.parametrize("extra", [0, 31, 32, 480, 511])  # bit 31 is an int32 word's sign
+def test_a_grammar_mask_lets_the_opening_tag_through_too(extra):
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
+    grammars = Grammars(lambda: tokenizer, 512, (tokenizer.eos_token_id,))
+    logits = torch.zeros(2, 512)
+
+    def allowed(masked: torch.Tensor) -> set[int]:
+        return set(torch.isfinite(masked).nonzero().flatten().tolist())
+
+    matcher = Grammars.matcher(grammars.compile(choice_spec(["yes"])))
+    plain = apply_masks(logits, [matcher, None])
+    more = apply_masks(logits, [matcher, None], [extra, None])
+    assert extra not in allowed(plain[0]) and allowed(more[0]) == allowed(plain[0]) | {extra}
+    assert torch.equal(more[1], logits[1])

@@ -246,6 +246,7 @@ def sampling_params(
     logprobs: int | None,
     prompt_logprobs: bool,
     grammar: GrammarSpec | None = None,
+    think: tuple[int, int, bool] | None = None,
 ) -> SamplingParams:
     assert state.model is not None
     vocab = state.model.vocab_size
@@ -271,6 +272,7 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         logit_bias=bias,
         grammar=grammar,
+        think=think,
     )
 
 

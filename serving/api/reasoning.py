@@ -9,6 +9,9 @@ themselves, so the output starts inside the block and holds only its end; otherw
 only if it opens with `<think>` (Qwen3's `enable_thinking: false` renders an empty block into the
 prompt, and the model answers at once).
 
+A constrained reply (response_format, a forced tool call) thinks first too: the engine holds its grammar
+from the token after the block's end (SamplingParams.think), so its content still parses.
+
 One splitter serves a whole response and a stream alike, so the two always agree: fed the text as it
 arrives, it hands out what is surely reasoning and surely content, holding back only what could still
 be a tag or whitespace at a block's edge (trimmed, as chat UIs show it).
@@ -23,10 +26,12 @@ OPEN, CLOSE = "<think>", "</think>"
 ReasoningParser = Literal["auto", "none", "deepseek_r1", "qwen3"]
 
 
-def tags_in_vocabulary(tokenizer: Any) -> bool:
-    """Whether the tokenizer has `<think>` and `</think>` as tokens of their own (models that think)."""
+def tag_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of `<think>` and `</think>` where the tokenizer has each as a token of its own (models that
+    think), else None."""
     vocab = tokenizer.get_vocab()
-    return OPEN in vocab and CLOSE in vocab
+    opening, closing = vocab.get(OPEN), vocab.get(CLOSE)
+    return None if opening is None or closing is None else (opening, closing)
 
 
 def enabled(setting: ReasoningParser, tokenizer: Any) -> bool:
@@ -34,7 +39,7 @@ def enabled(setting: ReasoningParser, tokenizer: Any) -> bool:
     names, one format) always; none never."""
     if setting == "none":
         return False
-    return setting != "auto" or tags_in_vocabulary(tokenizer)
+    return setting != "auto" or tag_ids(tokenizer) is not None
 
 
 def opened_by_prompt(prompt: str) -> bool:

@@ -262,12 +262,21 @@ def _engine_key(request_id: str) -> str:
 
 def thinking_from(st: AppState, prompt: Prompt, grammar: GrammarSpec | None) -> bool | None:
     """Whether a chat reply's <think> block is split off (None: not), and if so whether the prompt opened it.
-    A constrained reply (response_format, a forced tool call) is what its grammar made it from the first
-    token: all of it is content."""
+    A constrained reply (response_format, a forced tool call) thinks first too where the tags are tokens of
+    their own: the engine holds its grammar after the block (SamplingParams.think); where they are not, the
+    grammar holds from the first token, and all of the reply is content."""
     assert st.model is not None
-    if not st.model.reasoning or grammar is not None:
+    if not st.model.reasoning or (grammar is not None and st.model.think_ids is None):
         return None
     return reasoning.opened_by_prompt(prompt.text)
+
+
+def think_param(st: AppState, grammar: GrammarSpec | None, thinking: bool | None) -> tuple[int, int, bool] | None:
+    """SamplingParams.think: for a constrained reply that may think first (thinking_from)."""
+    assert st.model is not None
+    if grammar is None or thinking is None or st.model.think_ids is None:
+        return None
+    return (*st.model.think_ids, thinking)
 
 
 def check_model(st: AppState, name: str | None) -> None:
@@ -463,10 +472,11 @@ async def chat_completions():
     if req.logprobs:
         await st.run_blocking(st.grammars.token_bytes)  # the tokens' bytes, read once, off the event loop
     grammar = await compile_grammar(st, req)
-    params = sampling_params(st, req, max_tokens, top, False, grammar)
+    thinking = thinking_from(st, prompt, grammar)
+    params = sampling_params(st, req, max_tokens, top, False, grammar, think_param(st, grammar, thinking))
     fmt = ChatFormat(
         st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False, req.echoed,
-        thinking_from(st, prompt, grammar), req.include_reasoning,
+        thinking, req.include_reasoning,
     )  # fmt: skip
     return await generate(st, req, [prompt], params, fmt)
 
@@ -491,10 +501,10 @@ async def responses():
     prompt = await st.run_blocking(encode_chat, st, chat, "input")
     max_tokens = completion_budget(st, chat, chat.completion_limit, chat.completion_limit is not None, prompt, "input")
     grammar = await compile_grammar(st, chat)
-    params = sampling_params(st, chat, max_tokens, None, False, grammar)
+    thinking = thinking_from(st, prompt, grammar)
+    params = sampling_params(st, chat, max_tokens, None, False, grammar, think_param(st, grammar, thinking))
     admit(st, 1)
     response_id = f"resp_{uuid.uuid4().hex}"
-    thinking = thinking_from(st, prompt, grammar)
     shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()), thinking)
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = len(prompt.token_ids)

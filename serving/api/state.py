@@ -26,6 +26,8 @@ class ServedModel:
     info: ModelInfo
     tokenizer: PreTrainedTokenizerBase
     reasoning: bool = False  # chat outputs' <think> blocks are returned apart (--reasoning-parser)
+    # ... and the tags' token ids, where each is one token: a grammar then holds after the block only.
+    think_ids: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:

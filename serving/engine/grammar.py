@@ -143,9 +143,10 @@ class Grammars:
         return xgr.GrammarMatcher(compiled)
 
 
-def apply_masks(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tensor:
-    """Mask each constrained row to the tokens its grammar allows next (one bitmask for the batch);
-    rows without a matcher are returned unchanged. `logits` is [len(matchers), vocab], float32."""
+def apply_masks(logits: torch.Tensor, matchers: list[Any | None], also: list[int | None] | None = None) -> torch.Tensor:
+    """Mask each constrained row to the tokens its grammar allows next (one bitmask for the batch), and
+    the row's token in `also` where it names one (a think block's opening); rows without a matcher are
+    returned unchanged. `logits` is [len(matchers), vocab], float32."""
     import xgrammar as xgr
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
@@ -155,6 +156,10 @@ def apply_masks(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tenso
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
     for i in rows:
         matchers[i].fill_next_token_bitmask(bitmask, i)
+        if also is not None and (token := also[i]) is not None:
+            word, bit = divmod(token, 32)  # the mask's int32 words hold 32 tokens each, low bit first
+            flag = 1 << bit
+            bitmask[i, word] = int(bitmask[i, word]) | (flag - (1 << 32) if flag >= 1 << 31 else flag)
     xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device), indices=rows)
     return logits
 

@@ -142,6 +142,7 @@ class LLMEngine:
                 params=params,
                 generator=self._generator(params, index),
                 prompt_logprobs=[None] if params.prompt_logprobs else None,
+                thinking=params.think is not None and params.think[2],
             )
             for index in range(n)
         ]
@@ -290,11 +291,11 @@ class LLMEngine:
                 outputs.append(self._fail(seq, exc))
             offset += count
         rows, samplers = _unfinished(logits[offset:], samplers)
-        if any(s.grammar is not None for s in samplers):
+        if any(s.constrained is not None for s in samplers):
             # Constrained rows keep only what their grammar allows; the logprobs reported are then of
             # that masked distribution, the one the token is drawn from.
             try:
-                rows = apply_masks(rows, [s.grammar for s in samplers])
+                rows = apply_masks(rows, [s.constrained for s in samplers], [s.may_open_thought for s in samplers])
             except Exception as exc:
                 check_device(exc)
                 log.exception("masking the step's constrained rows failed")
@@ -337,10 +338,16 @@ class LLMEngine:
         first = seq.num_output_tokens == 0
         seq.token_ids.append(token)
         reason: FinishReason | None = None
-        if seq.grammar is not None:
-            if not seq.grammar.accept_token(token):
+        think = params.think
+        if seq.thinking:
+            assert think is not None
+            seq.thinking = token != think[1]  # its grammar holds from the token after the block's end
+        elif seq.grammar is not None:
+            if think is not None and first and not think[2] and token == think[0]:
+                seq.thinking = True  # it opened a think block: the grammar waits for its end
+            elif not seq.grammar.accept_token(token):
                 return self._fail(seq, RuntimeError(f"token {token} was sampled outside the grammar"))
-            if seq.grammar.is_terminated():
+            elif seq.grammar.is_terminated():
                 reason = "stop"  # the grammar is complete and its stop token sampled
         if reason is None and (token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)):
             reason = "stop"

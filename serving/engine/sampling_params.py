@@ -32,6 +32,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token plus the k most likely
     prompt_logprobs: bool = False  # echo with logprobs: score the prompt too
     grammar: tuple[str, str] | None = None  # constrained decoding (engine/grammar.py GrammarSpec)
+    # A thinking model's (<think> id, </think> id, whether the prompt opened the block): the grammar holds
+    # outside the block only, so the model thinks freely first. Unopened, the first token may open it.
+    think: tuple[int, int, bool] | None = None
     extra_eos_ids: tuple[int, ...] = field(default=())  # filled by the engine from the model
 
     @property

@@ -41,6 +41,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     grammar: Any = None  # its xgrammar matcher, advanced by each sampled token (engine/grammar.py)
+    thinking: bool = False  # inside a think block, where its grammar does not hold (SamplingParams.think)
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +58,19 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
+
+    @property
+    def constrained(self) -> Any:
+        """The matcher that masks its next token: none inside a think block."""
+        return None if self.thinking else self.grammar
+
+    @property
+    def may_open_thought(self) -> int | None:
+        """The <think> id its first token may be, beside what its grammar allows (SamplingParams.think)."""
+        think = self.params.think
+        if think is None or think[2] or self.grammar is None or self.num_output_tokens:
+            return None
+        return think[0]
 
     @property
     def is_decoding(self) -> bool:
