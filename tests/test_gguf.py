@@ -17,6 +17,8 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import serving.models.gguf
@@ -42,6 +44,8 @@ LAYER_NAMES = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -95,8 +99,10 @@ def tiny_model(architecture: str = "llama", hidden: int = 64, tie: bool = False)
     )
     if architecture == "llama":
         model = LlamaForCausalLM(LlamaConfig(rope_theta=50000.0, **common))
-    else:
+    elif architecture == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(rope_theta=50000.0, **common))
+    else:  # qwen3: heads wider than hidden / heads, as Qwen3-0.6B's (128 against 64)
+        model = Qwen3ForCausalLM(Qwen3Config(rope_theta=50000.0, head_dim=2 * hidden // 4, **common))
     # The default init (std 0.02) gives near-uniform logits; larger weights make them tell apart.
     with torch.no_grad():
         for p in model.parameters():
@@ -123,7 +129,11 @@ def write_gguf(
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(config.hidden_size // heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
@@ -277,6 +287,20 @@ def test_qwen2_keeps_its_biases_and_layout(kind, tmp_path):
         torch.testing.assert_close(logits, reference_model(ids).logits, rtol=1e-5, atol=1e-5)
         if kind == Q.F32:
             torch.testing.assert_close(logits, original(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])  # Qwen3-0.6B ties, Qwen3-8B does not
+def test_qwen3_keeps_its_norms_and_head_size(tie, tmp_path):
+    original = tiny_model("qwen3", tie=tie)
+    path = write_gguf(tmp_path / "tiny.gguf", original, Q.F32, architecture="qwen3")
+    config = read_gguf_config(path)
+    assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    assert config["head_dim"] == original.config.head_dim != config["hidden_size"] // config["num_attention_heads"]
+    ours = dict(iter_gguf_tensors(path, torch.float32))
+    assert "model.layers.1.self_attn.q_norm.weight" in ours and "model.layers.0.self_attn.q_proj.bias" not in ours
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():  # the model written is the oracle (transformers' own GGUF loading ignores key_length)
+        torch.testing.assert_close(model_from(path)(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -613,3 +637,31 @@ def test_a_gguf_model_runs_in_bfloat16_its_embedding_in_the_models_dtype(tmp_pat
         logits[dtype] = _teacher_forced(built, prompt).float()
     error = (logits["bfloat16"] - logits["float32"]).norm() / logits["float32"].norm()
     assert error < 0.05, error
+
+
+@pytest.mark.parametrize("kind", [Q.F32, Q.Q8_0], ids=lambda kind: kind.name)
+def test_serving_a_qwen3_gguf_file_natively(kind, tmp_path, monkeypatch):
+    """Qwen3 GGUF files (Q and K norms, wider heads) serve natively, with their block tensors kept, and
+    greedy tokens equal transformers' Qwen3 given the file's exact weights (transformers' own GGUF loading
+    of Qwen3 ignores the file's head size, so it is no oracle here)."""
+    from serving.config import ServeConfig
+    from serving.engine.builder import build_engine
+    from serving.engine.sampling_params import SamplingParams
+    from serving.models.quant import BlockQuantLinear
+    from serving.models.source import demo_model_dir
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model("qwen3"), kind, architecture="qwen3")
+    prompt = [1, 17, 42, 5, 88, 9, 63]
+    force_exact_block_path(monkeypatch)
+    built = build_engine(ServeConfig(model_path=str(path), tokenizer_path=str(demo_model_dir()), device="cpu"))
+    built.engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    tokens: list[int] = []
+    while built.engine.has_work:
+        tokens += [t for out in built.engine.step() for t in out.token_ids]
+    assert built.info.architecture == "qwen3"
+    assert any(isinstance(m, BlockQuantLinear) for m in built.engine.runner.model.modules()) == (kind != Q.F32)
+    with torch.no_grad():
+        expected = model_from(path).generate(
+            torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    assert tokens == expected
