@@ -69,6 +69,22 @@ def test_the_think_block_is_the_reasoning_and_the_rest_the_content(client, kwarg
     assert choices[-1].finish_reason == "stop"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "thought_tokens"),
+    [({}, 7), ({"opened": True}, 6), ({"enable_thinking": False}, 0)],  # <think> . . . </think>: the tags count
+    ids=["the-output-opens-the-block", "the-prompt-opens-it", "no-block"],
+)
+def test_usage_counts_the_reasoning_tokens(client, kwargs, thought_tokens):
+    body = {"extra_body": {"chat_template_kwargs": kwargs}}
+    whole = _chat(client, **body).usage
+    assert whole.completion_tokens_details.reasoning_tokens == thought_tokens
+    assert whole.completion_tokens == thought_tokens + len(THINKING_SCRIPT[THINKING_SCRIPT.index("</think>") + 1 :]) + 1  # + EOS
+    chunks = list(_chat(client, stream=True, stream_options={"include_usage": True}, **body))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == thought_tokens
+    n2 = _chat(client, n=2, **body).usage  # each choice's count
+    assert n2.completion_tokens_details.reasoning_tokens == 2 * thought_tokens
+
+
 def test_with_tools_the_calls_are_looked_for_in_the_content_alone(client):
     tool = {"type": "function", "function": {"name": "look", "parameters": {"type": "object", "properties": {}}}}
     message = _chat(client, tools=[tool]).choices[0].message
@@ -182,6 +198,7 @@ def test_a_response_gives_the_reasoning_as_an_item_of_its_own(client, server):
     whole = client.responses.create(model="thinking", input="Is the cat big?", max_output_tokens=32)
     assert [item.type for item in whole.output] == ["reasoning", "message"]
     assert [part.text for part in whole.output[0].content] == [THOUGHT] and whole.output_text == ANSWER
+    assert whole.usage.output_tokens_details.reasoning_tokens == 7  # <think> through </think>
 
     events = list(client.responses.create(model="thinking", input="Is the cat big?", max_output_tokens=32, stream=True))
     thought = [e for e in events if e.type == "response.reasoning_text.delta"]
@@ -192,6 +209,7 @@ def test_a_response_gives_the_reasoning_as_an_item_of_its_own(client, server):
     done = [e.item.type for e in events if e.type == "response.output_item.done"]
     assert done == ["reasoning", "message"] and events[-1].type == "response.completed"
     final = events[-1].response.output
+    assert events[-1].response.usage.output_tokens_details.reasoning_tokens == 7
     assert [part.text for part in final[0].content] == [THOUGHT] and final[1].content[0].text == ANSWER
 
     # The next turn replays the output: the reasoning reaches the template with the reply it led to.

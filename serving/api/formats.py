@@ -54,6 +54,10 @@ class Format(ABC):
     def finished(self, index: int, choice: Choice) -> dict[str, Any]:
         """One choice of the whole response."""
 
+    def usage_details(self) -> dict[str, Any]:
+        """What the usage object holds beside the token counts, once every choice has ended."""
+        return {}
+
 
 def completion_logprobs(
     st: AppState,
@@ -198,6 +202,7 @@ class _Thinking:
 
     splitter: reasoning.ThinkSplitter
     entries: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the choice's, for usage's reasoning_tokens
 
 
 @dataclass(slots=True)
@@ -233,6 +238,7 @@ class ChatFormat(Format):
         # from the content alone.
         self.thinking, self.include_reasoning = thinking, include_reasoning
         self._thoughts: dict[int, _Thinking] = {}
+        self._thought_tokens: dict[int, int] = {}  # a whole response's reasoning_tokens, per choice
         # With tools, what may still become a call is held until the choice ends and is then parsed:
         # tool calls go out as one delta each, which the openai SDK accumulates; under "auto", the
         # text before anything that could be a call streams as content (tools.streamable).
@@ -286,6 +292,7 @@ class ChatFormat(Format):
         if state is None:
             state = self._thoughts[index] = _Thinking(reasoning.ThinkSplitter(self.thinking))
         state.entries.extend(delta.logprobs)
+        state.token_ids.extend(delta.token_ids)
         thought, content = state.splitter.feed(delta.text, final=delta.finish_reason is not None)
         entries: list[TokenLogprob] = []
         if not state.splitter.holding:
@@ -321,7 +328,21 @@ class ChatFormat(Format):
             out.append({"index": index, "delta": body, "logprobs": lp, "finish_reason": None})
         return out + [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
 
+    def _count_thought(self, token_ids: list[int]) -> int:
+        tags = self.st.model.think_ids if self.st.model is not None else None
+        return reasoning.thought_tokens(token_ids, bool(self.thinking), tags) if tags else 0
+
+    def usage_details(self) -> dict[str, Any]:
+        if self.thinking is None:
+            return {}
+        counts = self._thought_tokens.values() if self._thought_tokens else [
+            self._count_thought(state.token_ids) for state in self._thoughts.values()
+        ]  # fmt: skip
+        return {"completion_tokens_details": {"reasoning_tokens": sum(counts)}}
+
     def finished(self, index: int, choice: Choice) -> dict[str, Any]:
+        if self.thinking is not None:
+            self._thought_tokens[index] = self._count_thought(choice.token_ids)
         message, reason = self._message("".join(choice.text), choice.finish_reason)
         if self.echoed:
             message["content"] = self.echoed + (message["content"] or "")

@@ -19,6 +19,7 @@ be a tag or whitespace at a block's edge (trimmed, as chat UIs show it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -111,3 +112,15 @@ def split(text: str, inside: bool) -> tuple[str | None, str]:
     """A whole output's reasoning (None where there is none) and content."""
     reasoning, content = ThinkSplitter(inside).feed(text, final=True)
     return reasoning or None, content
+
+
+def thought_tokens(token_ids: Sequence[int], inside: bool, tags: tuple[int, int]) -> int:
+    """How many of a reply's tokens are its think block's, tags included (usage's reasoning_tokens): up to
+    the `</think>` token, where the prompt opened the block or the reply's first token did."""
+    opening, closing = tags
+    if not inside and (not token_ids or token_ids[0] != opening):
+        return 0
+    for count, token in enumerate(token_ids, start=1):
+        if token == closing:
+            return count
+    return len(token_ids)

@@ -43,6 +43,7 @@ class ResponseShaper:
         response_id: str,
         created: int,
         thinking: bool | None = None,
+        tags: tuple[int, int] | None = None,
     ):
         self.req, self.chat, self.parser = req, chat, parser
         self.id, self.created = response_id, created
@@ -52,6 +53,8 @@ class ResponseShaper:
         self.reasoning_id = f"rs_{uuid.uuid4().hex}"
         self._thought = ""  # the reasoning so far
         self._thinking_open = False  # its item has been announced and not closed
+        self._tags = tags  # the think tags' token ids, to count reasoning_tokens
+        self._token_ids: list[int] = []
         self.functions, self.tool_mode = chat.tool_functions(), chat.tool_mode
         self.parallel = chat.parallel_tool_calls is not False
         self.message_id = f"msg_{uuid.uuid4().hex}"
@@ -66,6 +69,9 @@ class ResponseShaper:
 
     def response(self, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         req = self.req
+        if usage is not None and self.thinking is not None and self._tags is not None:
+            thought = reasoning.thought_tokens(self._token_ids, self.thinking, self._tags)
+            usage = {**usage, "output_tokens_details": {"reasoning_tokens": thought}}
         done = self._reason is not None
         incomplete = self._reason == "length"
         if isinstance(req.tool_choice, NamedFunctionChoice):
@@ -141,7 +147,8 @@ class ResponseShaper:
         self._output = thought + ([self._message(content, status)] if content else []) + items
         return content, items
 
-    def whole(self, text: str, reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+    def whole(self, text: str, token_ids: list[int], reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+        self._token_ids = token_ids
         if self.thinking is not None:
             thought, text = reasoning.split(text, self.thinking)
             self._thought = thought or ""
@@ -200,6 +207,7 @@ class ResponseShaper:
         return events
 
     def streamed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        self._token_ids.extend(delta.token_ids)
         events, text = [], delta.text
         if self._splitter is not None:
             thought, text = self._splitter.feed(text, final=delta.finish_reason is not None)

@@ -28,11 +28,18 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="Prompt tokens served from the prefix cache")
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = Field(description="Tokens of a thinking model's <think> block, its tags included")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        None, description="On chat completions of a thinking model (--reasoning-parser)"
+    )
 
 
 class CompletionLogprobs(BaseModel):

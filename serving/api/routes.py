@@ -394,12 +394,12 @@ async def generate(
                         for choice in fmt.streamed(index, delta):
                             yield event([choice])
             if include_usage:
-                yield event([], usage(prompts, tracker, n))
+                yield event([], {**usage(prompts, tracker, n), **fmt.usage_details()})
 
         return streaming_response(tracker, events())
 
     choices = await _collected(deltas, fmt, len(prompts), n, req.n)
-    return {**head, "object": fmt.object, "choices": choices, "usage": usage(prompts, tracker, n)}
+    return {**head, "object": fmt.object, "choices": choices, "usage": {**usage(prompts, tracker, n), **fmt.usage_details()}}
 
 
 async def _collected(
@@ -505,7 +505,7 @@ async def responses():
     params = sampling_params(st, chat, max_tokens, None, False, grammar, think_param(st, grammar, thinking))
     admit(st, 1)
     response_id = f"resp_{uuid.uuid4().hex}"
-    shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()), thinking)
+    shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()), thinking, st.model.think_ids)
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = len(prompt.token_ids)
     deltas = run_tracked(tracker, stream_choices(st, _engine_key(response_id), [prompt], params, 1))
@@ -527,12 +527,14 @@ async def responses():
         return streaming_response(tracker, events(), lambda exc: event(shaper.error_event(exc.body())), done=None)
 
     text: list[str] = []
+    token_ids: list[int] = []
     reason = None
     async with aclosing(deltas):
         async for _, delta in deltas:
             text.append(delta.text)
+            token_ids.extend(delta.token_ids)
             reason = delta.finish_reason or reason
-    return shaper.whole("".join(text), reason, response_usage(usage([prompt], tracker, 1)))
+    return shaper.whole("".join(text), token_ids, reason, response_usage(usage([prompt], tracker, 1)))
 
 
 # -- models, tokenizer ----------------------------------------------------------------------
