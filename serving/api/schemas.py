@@ -466,7 +466,7 @@ class ChatMessage(_Body):
 # transformers' apply_chat_template, which FleetLM sets (or leaves as they are) and a variable would replace.
 _TEMPLATE_ARGUMENTS = (
     "messages",
-    *(p for p in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters if p not in ("self", "kwargs")),
+    *(p for p in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters if p != "kwargs"),
 )
 TemplateKwargs = Annotated[
     dict[str, Any],
