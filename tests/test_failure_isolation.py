@@ -120,10 +120,10 @@ def test_a_prompt_token_outside_the_vocabulary_is_refused_before_any_step(engine
 
 
 def _failing_forward(exc: Exception):
-    def execute(chunks, logit_rows):
+    def run(chunks, logit_rows, hidden_rows):
         raise exc
 
-    return execute
+    return run
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_a_sticky_cuda_error_stops_the_engine(fresh_engine, monkeypatch, error):
     """After an illegal memory access the CUDA context fails every later kernel: failing only the step's
     sequences would fail every request from then on, behind a health check that still says ok."""
     fresh_engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4))
-    monkeypatch.setattr(fresh_engine.runner, "execute", _failing_forward(error))
+    monkeypatch.setattr(fresh_engine.runner, "run", _failing_forward(error))
     with pytest.raises(DeviceLost) as info:
         fresh_engine.step()
     assert info.value.__cause__ is error
@@ -155,7 +155,7 @@ def test_out_of_memory_fails_the_step_and_the_engine_goes_on(fresh_engine, monke
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     fresh_engine.add_request("big", [1, 2, 3], greedy)
     with monkeypatch.context() as patch:
-        patch.setattr(fresh_engine.runner, "execute", _failing_forward(torch.OutOfMemoryError("CUDA out of memory")))
+        patch.setattr(fresh_engine.runner, "run", _failing_forward(torch.OutOfMemoryError("CUDA out of memory")))
         outputs = fresh_engine.step()
     assert [(o.request_id, o.finish_reason) for o in outputs] == [("big", "error")]
     assert "OutOfMemoryError" in outputs[0].error
@@ -172,7 +172,7 @@ def test_the_engine_loop_ends_on_a_lost_device(fresh_engine, monkeypatch):
 
     commands_recv, commands_send = Pipe(duplex=False)
     outputs_recv, outputs_send = Pipe(duplex=False)
-    monkeypatch.setattr(fresh_engine.runner, "execute", _failing_forward(torch.AcceleratorError("CUDA error: unspecified launch failure")))
+    monkeypatch.setattr(fresh_engine.runner, "run", _failing_forward(torch.AcceleratorError("CUDA error: unspecified launch failure")))
     commands_send.send(AddRequest("r", [1, 2, 3], SamplingParams(max_tokens=4)))
     raised: list[BaseException] = []
 

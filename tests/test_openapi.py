@@ -62,8 +62,8 @@ def test_the_document_covers_every_route_and_the_docs_page_serves(server):
     doc = httpx.get(server.base_url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {
-        "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/models/{name}", "/tokenize",
-        "/detokenize", "/health",
+        "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/models", "/v1/models/{name}",
+        "/tokenize", "/detokenize", "/health",
     }  # fmt: skip
     completions = doc["paths"]["/v1/completions"]["post"]
     body = completions["requestBody"]["content"]["application/json"]["schema"]

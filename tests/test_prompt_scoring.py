@@ -23,14 +23,14 @@ def engine(tmp_path_factory):
 
 def _score(engine, budget: int, monkeypatch) -> tuple[list, list[int]]:
     rows_asked: list[int] = []
-    execute = engine.runner.execute
+    run = engine.runner.run
 
-    def counting(chunks, logit_rows):
+    def counting(chunks, logit_rows, hidden_rows):
         rows_asked.append(len(logit_rows))
-        return execute(chunks, logit_rows)
+        return run(chunks, logit_rows, hidden_rows)
 
     with monkeypatch.context() as patch:
-        patch.setattr(engine.runner, "execute", counting)
+        patch.setattr(engine.runner, "run", counting)
         patch.setattr(engine.scheduler, "max_scored_rows", budget)
         engine.add_request("echo", PROMPT, PARAMS)
         outputs = []

@@ -27,7 +27,12 @@ log = logging.getLogger("fleetlm.api")
 
 # Routes for probes and scrapers: no API key, served while loading and draining.
 _OPEN_PATHS = frozenset({"/health", "/metrics", OPENAPI_PATH, DOCS_PATH})
-GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/responses": "responses"}
+GENERATION_PATHS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat.completions",
+    "/v1/responses": "responses",
+    "/v1/embeddings": "embeddings",
+}
 _GZIP_MIN_BYTES = 1024
 # A client's X-Request-Id is kept when it is a plain token (it goes into logs and response ids);
 # anything else is replaced by a generated one.

@@ -162,6 +162,26 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = Field(None, description="Present when stream_options.include_usage: null but in the last event")
 
 
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="The values, or with encoding_format base64 their float32 bytes")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """The inputs' embeddings, in their order: each the last token's final hidden state, L2-normalized."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]

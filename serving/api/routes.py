@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
+import math
 import re
+import sys
 import time
 import uuid
 import zlib
+from array import array
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -43,6 +47,7 @@ from serving.api.responses import (
     CompletionChunk,
     CompletionResponse,
     DetokenizeResponse,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     ResponseEvent,
@@ -53,6 +58,7 @@ from serving.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ResponsesRequest,
     TokenizeRequest,
     _Request,
@@ -147,15 +153,7 @@ def _fits(data: dict[str, Any]) -> None:
     if st.model is None:
         return
     limit = st.model.max_model_len
-    prompt = data.get("prompt")
-    if isinstance(prompt, list) and prompt:
-        several = isinstance(prompt[0], (str, list))
-        if several and len(prompt) > st.most_sequences:
-            raise too_many_sequences(st, f"{len(prompt)} prompts ask for at least as many sequences", "prompt")
-        lengths = [len(p) for p in prompt if isinstance(p, list)] if several else [len(prompt)]
-        longest = max(lengths, default=0)
-        if longest >= limit:
-            raise context_length_exceeded(limit, str(longest), "prompt")
+    _prompts_fit(st, data.get("prompt"), "prompt", limit - 1)  # and room for a token to generate
     for field in ("messages", "input"):  # every message or item, and each part of one, is at least a token
         items = data.get(field)
         if not isinstance(items, list):
@@ -168,6 +166,28 @@ def _fits(data: dict[str, Any]) -> None:
         raise bad_request(
             f"logit_bias has {len(bias)} entries; this model has {st.model.vocab_size} tokens", param="logit_bias"
         )
+
+
+def _prompts_fit(st: AppState, prompts: Any, param: str, longest_allowed: int) -> None:
+    """A list of prompts (texts or token id lists) no longer than one request may hold, and no token id list
+    longer than `longest_allowed`: checked on the raw body, before validation looks at every item."""
+    assert st.model is not None
+    if not isinstance(prompts, list) or not prompts:
+        return
+    several = isinstance(prompts[0], (str, list))
+    if several and len(prompts) > st.most_sequences:
+        raise too_many_sequences(st, f"{len(prompts)} {param}s ask for at least as many sequences", param)
+    lengths = [len(p) for p in prompts if isinstance(p, list)] if several else [len(prompts)]
+    longest = max(lengths, default=0)
+    if longest > longest_allowed:
+        raise context_length_exceeded(st.model.max_model_len, str(longest), param)
+
+
+def _embedding_inputs_fit(data: dict[str, Any]) -> None:
+    """_fits for /v1/embeddings: its inputs are prompts that generate nothing, so they may fill the context."""
+    st = state()
+    if st.model is not None:
+        _prompts_fit(st, data.get("input"), "input", st.model.max_model_len)
 
 
 def _tokens_fit(data: dict[str, Any]) -> None:
@@ -283,6 +303,17 @@ def check_model(st: AppState, name: str | None) -> None:
     assert st.model is not None
     if name is not None and name != st.model.name:
         raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+
+def check_generates(st: AppState) -> None:
+    """An embedding model's checkpoint has no output projection: generation is refused, not made up."""
+    assert st.model is not None
+    if not st.model.info.generates:
+        raise bad_request(
+            f"The model `{st.model.name}` serves embeddings only (its checkpoint has no output projection): use /v1/embeddings",
+            param="model",
+            code="embeddings_only",
+        )
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -438,6 +469,7 @@ async def completions():
     st = state()
     req = await parse_body(CompletionRequest, _fits)
     check_model(st, req.model)
+    check_generates(st)
     raw_prompts = req.prompts()
     check_n(st, req, len(raw_prompts))
     prompts = [await st.run_blocking(encode_completion_prompt, st, p, req.echo) for p in raw_prompts]
@@ -464,6 +496,7 @@ async def chat_completions():
     st = state()
     req = await parse_body(ChatCompletionRequest, _fits)
     check_model(st, req.model)
+    check_generates(st)
     check_n(st, req, 1)
     prompt = await st.run_blocking(encode_chat, st, req)
     explicit = req.completion_limit is not None
@@ -494,6 +527,7 @@ async def responses():
     st = state()
     req = await parse_body(ResponsesRequest, _fits)
     check_model(st, req.model)
+    check_generates(st)
     try:
         chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
     except ValidationError as exc:
@@ -535,6 +569,74 @@ async def responses():
             token_ids.extend(delta.token_ids)
             reason = delta.finish_reason or reason
     return shaper.whole("".join(text), token_ids, reason, response_usage(usage([prompt], tracker, 1)))
+
+
+@bp.post("/v1/embeddings")
+@documented(EmbeddingRequest, EmbeddingResponse, GENERATION_ERRORS)
+async def embeddings():
+    """Embeddings of texts or token ids
+
+    Each input's last token's final hidden state, L2-normalized (last-token pooling, what embedding
+    models built on decoders such as Qwen3-Embedding and e5-mistral are trained for; any served model
+    gives one). The inputs are prompts like any others: batched with generation, prefix-cached.
+    """
+    st = state()
+    req = await parse_body(EmbeddingRequest, _embedding_inputs_fit)
+    check_model(st, req.model)
+    assert st.model is not None
+    if req.dimensions is not None and req.dimensions > st.model.info.hidden_size:
+        raise bad_request(f"dimensions ({req.dimensions}) exceeds this model's {st.model.info.hidden_size}", param="dimensions")
+    inputs = req.inputs()
+    if len(inputs) > st.most_sequences:
+        raise too_many_sequences(st, f"{len(inputs)} inputs ask for as many sequences", "input")
+    prompts = [await st.run_blocking(_embedding_prompt, st, text) for text in inputs]
+    admit(st, len(prompts))
+    tracker: RequestTracker = g.tracker
+    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    params = SamplingParams(max_tokens=1, embed=True)
+    vectors: dict[int, bytes] = {}
+    async with aclosing(run_tracked(tracker, stream_choices(st, _engine_key(f"embd-{g.request_id}"), prompts, params, 1))) as deltas:
+        async for index, delta in deltas:
+            if delta.embedding is not None:
+                vectors[index] = delta.embedding
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encoded(vectors[i], req.dimensions, req.encoding_format)}
+        for i in range(len(prompts))
+    ]
+    return {"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tracker.prompt_tokens, "total_tokens": tracker.prompt_tokens}}
+
+
+def _embedding_prompt(st: AppState, text: str | list[int]) -> Prompt:
+    """An input's token ids, within the context (an embedding generates nothing: it may fill it)."""
+    assert st.model is not None
+    limit = st.model.max_model_len
+    if isinstance(text, str):
+        too_long = context_length_exceeded(limit, f"more than {limit}", "input")
+        ids = tokenize_within(st.model.tokenizer, text, limit, too_long)
+    else:
+        if bad := [t for t in text if t >= st.model.vocab_size]:
+            raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {st.model.vocab_size})", param="input")
+        ids = list(text)
+    if len(ids) > limit:
+        raise context_length_exceeded(limit, str(len(ids)), "input")
+    if not ids:
+        raise bad_request("an input has no tokens", param="input")
+    return Prompt(ids, "")
+
+
+def _encoded(raw: bytes, dimensions: int | None, encoding_format: str) -> list[float] | str:
+    """An engine embedding (float32 bytes, normalized) as the client asked: its first `dimensions`
+    normalized again, as floats or base64 of little-endian float32 (what the openai SDK decodes)."""
+    vector = array("f", raw)
+    if dimensions is not None and dimensions < len(vector):
+        del vector[dimensions:]
+        norm = math.sqrt(math.fsum(x * x for x in vector)) or 1.0
+        vector = array("f", (x / norm for x in vector))
+    if encoding_format == "float":
+        return vector.tolist()
+    if sys.byteorder != "little":
+        vector.byteswap()
+    return base64.b64encode(vector.tobytes()).decode("ascii")
 
 
 # -- models, tokenizer ----------------------------------------------------------------------

@@ -340,6 +340,22 @@ class _Request(_Body):
         return self
 
 
+def _one_each(p: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A prompt field (a text, texts, token ids, or lists of them) as a list of single prompts."""
+    if isinstance(p, str):
+        return [p]
+    if p and all(isinstance(x, int) for x in p):
+        return [list(p)]  # type: ignore[list-item]
+    return list(p)  # type: ignore[arg-type]
+
+
+def _none_empty(value: Any) -> Any:
+    """A prompt field's validator: neither it nor any prompt it holds is empty."""
+    if value == "" or value == [] or (isinstance(value, list) and any(v == [] for v in value)):
+        raise ValueError("must not be empty, nor hold an empty prompt")
+    return value
+
+
 def _prompts_schema(schema: dict[str, Any]) -> None:
     """Not empty at any level, and the forms that hold several prompts (of texts, of token id lists) marked
     for /openapi.json to bound their number."""
@@ -363,12 +379,7 @@ class CompletionRequest(_Request):
     )
     suffix: str | None = Field(None, json_schema_extra=_UNSET)
 
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty_prompt(cls, value):
-        if value == "" or value == [] or (isinstance(value, list) and any(v == [] for v in value)):
-            raise ValueError("the prompt must not be empty")
-        return value
+    _non_empty_prompt = field_validator("prompt")(_none_empty)
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -385,12 +396,7 @@ class CompletionRequest(_Request):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of single prompts (each text or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
+        return _one_each(self.prompt)
 
 
 class TextPart(_Body):
@@ -596,6 +602,25 @@ class TokenizeRequest(_Body):
             raise RuleError("prompt", "give exactly one of prompt or messages")
         _template_kwargs(self.chat_template_kwargs)
         return self
+
+
+class EmbeddingRequest(_Body):
+    """What /v1/embeddings takes (OpenAI's): one input or several, each a text or token ids."""
+
+    model: NonEmptyStr
+    input: str | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(json_schema_extra=_prompts_schema)
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each embedding as its float32 values' little-endian bytes"
+    )
+    dimensions: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
+        None, description="Keep the first this many dimensions, normalized again (Matryoshka-trained models)"
+    )
+    user: str | None = None
+
+    _non_empty_input = field_validator("input")(_none_empty)
+
+    def inputs(self) -> list[str | list[int]]:
+        return _one_each(self.input)
 
 
 class DetokenizeRequest(_Body):

@@ -214,6 +214,8 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
         name=model.name,
         max_model_len=model.max_model_len,
         vocab_size=runner.vocab_size,
+        hidden_size=runner.hidden_size,
+        generates=runner.generates,
         architecture=model.architecture,
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),

@@ -119,7 +119,7 @@ class LLMEngine:
             raise RequestRejected(f"duplicate request id {request_id}")
         if not prompt_token_ids:
             raise RequestRejected("the prompt must contain at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
+        if len(prompt_token_ids) > self.max_model_len - (0 if params.embed else 1):  # an embedding generates nothing
             raise RequestRejected(
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context length is {self.max_model_len}"
             )
@@ -216,7 +216,7 @@ class LLMEngine:
         outputs: list[SequenceOutput] = []
         if batch.chunks:
             try:
-                logits, score_rows, samplers = self._forward(batch.chunks)
+                logits, score_rows, samplers, hidden, embedders = self._forward(batch.chunks)
             except Exception as exc:  # the shared forward pass failed: its sequences fail, the server lives
                 check_device(exc)
                 log.exception("model step failed")
@@ -224,7 +224,7 @@ class LLMEngine:
                 outputs = [self._fail(c.seq, exc) for c in batch.chunks]
             else:
                 self.blocks.confirm_step()
-                outputs = self._outputs(logits, score_rows, samplers)
+                outputs = self._embedded(hidden, embedders) + self._outputs(logits, score_rows, samplers)
         self.last_stats = self._stats(batch, time.perf_counter() - started)
         return failed + outputs
 
@@ -250,12 +250,15 @@ class LLMEngine:
 
     def _forward(
         self, chunks: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor, list[tuple[Sequence, int, list[int]]], list[Sequence]]:
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, int, list[int]]], list[Sequence], torch.Tensor, list[Sequence]]:
         """One forward pass. Returns the logits of the rows asked for: first the prompt rows scored
-        for echo+logprobs ((seq, row count, target ids) each), then one row per sampling sequence."""
+        for echo+logprobs ((seq, row count, target ids) each), then one row per sampling sequence;
+        and the last hidden state of each embedding sequence whose prompt is done."""
         score_rows: list[tuple[Sequence, list[int], list[int]]] = []
         sample_rows: list[int] = []
         samplers: list[Sequence] = []
+        hidden_rows: list[int] = []
+        embedders: list[Sequence] = []
         forward: list[ForwardChunk] = []
         row = 0
         for c in chunks:
@@ -266,15 +269,40 @@ class LLMEngine:
             if scored:
                 targets = seq.token_ids[scored.start + 1 : scored.stop + 1]
                 score_rows.append((seq, [row + p - start for p in scored], targets))
-            if end == seq.num_tokens:
+            if end == seq.num_tokens and seq.params.embed:
+                hidden_rows.append(row + n - 1)
+                embedders.append(seq)
+            elif end == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
             row += n
         all_score_rows = [r for _, rows, _ in score_rows for r in rows]
-        logits = self.runner.execute(forward, all_score_rows + sample_rows)
+        logits, hidden = self.runner.run(forward, all_score_rows + sample_rows, hidden_rows)
         for c in chunks:
             c.seq.num_cached += c.num_tokens
-        return logits, [(seq, len(rows), targets) for seq, rows, targets in score_rows], samplers
+        return logits, [(seq, len(rows), targets) for seq, rows, targets in score_rows], samplers, hidden, embedders
+
+    def _embedded(self, hidden: torch.Tensor, embedders: list[Sequence]) -> list[SequenceOutput]:
+        """Embedding sequences whose prompt is computed: the last token's hidden state, L2-normalized
+        (last-token pooling, as Qwen3-Embedding and e5-mistral are trained for); they end here."""
+        if not embedders:
+            return []
+        vectors = torch.nn.functional.normalize(hidden, dim=-1).cpu()
+        outputs = []
+        for seq, vector in zip(embedders, vectors, strict=True):
+            outputs.append(
+                SequenceOutput(
+                    request_id=seq.request_id,
+                    index=seq.index,
+                    token_ids=[],
+                    logprobs=[],
+                    finish_reason="stop",
+                    cached_tokens=seq.cached_prompt_tokens or 0,
+                    embedding=vector.numpy().tobytes(),
+                )
+            )
+            self._retire(seq, "stop")
+        return outputs
 
     def _outputs(
         self, logits: torch.Tensor, score_rows: list[tuple[Sequence, int, list[int]]], samplers: list[Sequence]

@@ -33,6 +33,7 @@ class ChoiceDelta:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+    embedding: bytes | None = None  # an embedding request's (SequenceOutput.embedding)
 
     @property
     def finished(self) -> bool:
@@ -85,6 +86,7 @@ class ChoiceText:
             cached_tokens=out.cached_tokens,
             prompt_logprobs=out.prompt_logprobs,
             error=out.error,
+            embedding=out.embedding,
         )
 
     def _show(self, shown: list[tuple[int, TokenLogprob | None]], limit: int | None) -> None:

@@ -31,6 +31,8 @@ class ModelInfo:
     kv_cache_tokens: int
     prefix_caching: bool
     kv_block_size: int  # tokens per KV-cache block
+    hidden_size: int  # an embedding's dimensions (/v1/embeddings)
+    generates: bool = True  # False: an embedding model's checkpoint, with no output projection
     engine_threads: int = 1  # the engine's compute threads (torch's and the C kernels')
     engine_cpus: tuple[int, ...] = ()  # cores the engine pinned itself to (serving/cpus.py); () if none
 
@@ -60,6 +62,7 @@ class SequenceOutput:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first output
     error: str | None = None
+    embedding: bytes | None = None  # SamplingParams.embed: the prompt's embedding, float32 (native order)
 
     @property
     def finished(self) -> bool:

@@ -35,6 +35,7 @@ class SamplingParams:
     # A thinking model's (<think> id, </think> id, whether the prompt opened the block): the grammar holds
     # outside the block only, so the model thinks freely first. Unopened, the first token may open it.
     think: tuple[int, int, bool] | None = None
+    embed: bool = False  # no generation: the prompt's last hidden state, L2-normalized (/v1/embeddings)
     extra_eos_ids: tuple[int, ...] = field(default=())  # filled by the engine from the model
 
     @property

@@ -4,6 +4,7 @@ model (llama.py), and the builder that loads such a model from safetensors or GG
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import mmap
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ class NativeRunner:
         self.backend = backend  # attention: "torch" or "triton" (see attention.py)
         s = model.shape
         self.vocab_size = s.vocab_size
+        self.hidden_size = s.hidden_size
+        self.generates = True  # False for a checkpoint without an output projection (embeddings only)
         self.kv_bytes_per_token = kv_bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, dtype)
         self.block_size = 0
         self.scratch_block = 0
@@ -105,17 +108,28 @@ class NativeRunner:
     def release(self, key: int) -> None:
         """KV blocks belong to the engine's block manager; nothing is kept per stream here."""
 
-    @torch.inference_mode()
     def execute(self, chunks: list[ForwardChunk], logit_rows: list[int]) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.fits(chunks):
+        return self.run(chunks, logit_rows, [])[0]
+
+    @torch.inference_mode()
+    def run(
+        self, chunks: list[ForwardChunk], logit_rows: list[int], hidden_rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hidden_rows and self.graphs is not None and self.graphs.fits(chunks):
             logits = self.graphs.run(chunks)
-            if logit_rows == list(range(len(chunks))):
-                return logits
-            # Indexing with a list would copy it from pageable memory: a wait for the GPU.
-            return logits.index_select(0, to_device(torch.tensor(logit_rows), logits.device))
+            if logit_rows != list(range(len(chunks))):
+                # Indexing with a list would copy it from pageable memory: a wait for the GPU.
+                logits = logits.index_select(0, to_device(torch.tensor(logit_rows), logits.device))
+            return logits, _NO_ROWS
         step = StepInputs.build(chunks, logit_rows, self.block_size, self.backend, self.device)
         hidden = self.model(step.token_ids, step.positions, self.kv_cache, step.batch)
-        return self.model.logits(hidden.index_select(0, step.logit_rows)).float()
+        logits = self.model.logits(hidden.index_select(0, step.logit_rows)).float()
+        if not hidden_rows:
+            return logits, _NO_ROWS
+        return logits, hidden.index_select(0, to_device(torch.tensor(hidden_rows), hidden.device)).float()
+
+
+_NO_ROWS = torch.empty(0)
 
 
 @dataclass(slots=True)
@@ -235,14 +249,31 @@ def build_native_runner(
         _random_weights(model)
     elif plan is not None:
         _load_gguf(model, plan, dtype, optional, device)
-    else:
+    generates = True
+    if not dummy and plan is None:
         tensors, count = checkpoint_tensors(source.directory)
-        load_into(model, with_progress(tensors, count), optional, stacked=model.stacked_params())
+        absent_ok = () if model.shape.tie_word_embeddings else ("lm_head.weight",)
+        lacked = load_into(model, _as_causal_lm(with_progress(tensors, count)), optional, model.stacked_params(), absent_ok)
+        if lacked:  # a base model's checkpoint (an embedding model's): no output projection to generate with
+            logging.getLogger("fleetlm.loader").warning(
+                "the checkpoint has no output projection (lm_head): the model serves embeddings only"
+            )
+            model.lm_head.weight = model.model.embed_tokens.weight  # a defined forward pass; nothing samples from it
+            generates = False
     if quantization != "none":
         quantize_linears(model, quantization, skip=lambda name: name == "lm_head")
         quantize_linears(model, OUTPUT_SCHEME, skip=lambda name: name != "lm_head")  # untied output projection
         model.model.embed_tokens = quantize_embedding(model.model.embed_tokens, dtype)
-    return NativeRunner(model.eval(), device, dtype, backend)
+    runner = NativeRunner(model.eval(), device, dtype, backend)
+    runner.generates = generates
+    return runner
+
+
+def _as_causal_lm(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A base model's checkpoint (Qwen3Model's, MistralModel's: an embedding model's) names its tensors
+    without the causal LM's `model.` prefix: they are the same tensors."""
+    for name, tensor in tensors:
+        yield (name if name.startswith(("model.", "lm_head.")) else f"model.{name}"), tensor
 
 
 def _random_weights(model: nn.Module, seed: int = 0) -> None:

@@ -30,6 +30,8 @@ class ModelRunner(Protocol):
     model: torch.nn.Module
     device: torch.device
     vocab_size: int
+    hidden_size: int  # the width of run()'s hidden states: an embedding's dimensions
+    generates: bool  # False where the checkpoint has no output projection: embeddings only
     kv_bytes_per_token: int  # what one token's K and V cost across all layers
     supports_prefix_caching: bool  # whether chunks may start after blocks another stream computed
 
@@ -39,6 +41,13 @@ class ModelRunner(Protocol):
 
     def execute(self, chunks: list[ForwardChunk], logit_rows: list[int]) -> torch.Tensor:
         """Run the step; return float32 logits [len(logit_rows), vocab] for those packed-token rows."""
+        ...
+
+    def run(
+        self, chunks: list[ForwardChunk], logit_rows: list[int], hidden_rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """execute, and also the final (normed) hidden states [len(hidden_rows), hidden] of those rows,
+        float32: what embeddings are pooled from."""
         ...
 
     def release(self, key: int) -> None:

@@ -102,8 +102,10 @@ def load_into(
     tensors: Iterator[tuple[str, torch.Tensor]],
     optional: tuple[str, ...] = (),
     stacked: dict[str, tuple[str, int, int]] | None = None,
-) -> None:
-    """Copy checkpoint tensors into module's parameters by name; refuse missing or foreign ones.
+    absent_ok: tuple[str, ...] = (),
+) -> set[str]:
+    """Copy checkpoint tensors into module's parameters by name; refuse missing or foreign ones. Returns
+    those of `absent_ok`, parameters the checkpoint may lack, that it did lack (left as they were).
 
     `optional` names may be absent from the module (e.g. lm_head.weight when embeddings are tied).
     `stacked` maps a checkpoint name fragment (".q_proj.") to rows of a fused parameter
@@ -132,9 +134,12 @@ def load_into(
             destination.copy_(tensor)
         rows_loaded[target] = rows_loaded.get(target, 0) + destination.shape[0]
     missing = sorted(n for n, p in params.items() if rows_loaded.get(n, 0) != p.shape[0])
+    lacked = {n for n in missing if n in absent_ok and n not in rows_loaded}
+    missing = [n for n in missing if n not in lacked]
     if missing or unexpected:
         raise ValueError(
             "checkpoint does not match the model architecture: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    return lacked
