@@ -19,10 +19,30 @@ class Pet(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def chat():
+def server():
     with RunningServer(chat_template=TEST_CHAT_TEMPLATE) as s:
-        yield langchain_openai.ChatOpenAI(base_url=s.base_url + "/v1", api_key="unused", model=MODEL, max_tokens=120,
-                                          temperature=0, max_retries=0)  # fmt: skip
+        yield s
+
+
+@pytest.fixture(scope="module")
+def chat(server):
+    return langchain_openai.ChatOpenAI(base_url=server.base_url + "/v1", api_key="unused", model=MODEL, max_tokens=120,
+                                       temperature=0, max_retries=0)  # fmt: skip
+
+
+def test_embeddings(server):
+    """OpenAIEmbeddings as LangChain documents it for servers other than OpenAI's: texts sent as they are
+    (by default it sends tiktoken's token ids, which only OpenAI's models read)."""
+    import openai
+
+    embeddings = langchain_openai.OpenAIEmbeddings(
+        base_url=server.base_url + "/v1", api_key="unused", model=MODEL, check_embedding_ctx_length=False, max_retries=0
+    )
+    texts = ["Once upon a time", "there was a cat"]
+    vectors = embeddings.embed_documents(texts)
+    direct = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused").embeddings.create(model=MODEL, input=texts)
+    assert vectors == [d.embedding for d in direct.data] and len(vectors[0]) > 1
+    assert embeddings.embed_query(texts[1]) == pytest.approx(vectors[1], abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
