@@ -23,6 +23,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from serving.api.messages_api import AnthropicErrorResponse
 from serving.api.responses import ErrorResponse
 from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
 
@@ -62,8 +63,8 @@ def test_the_document_covers_every_route_and_the_docs_page_serves(server):
     doc = httpx.get(server.base_url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {
-        "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/models", "/v1/models/{name}",
-        "/tokenize", "/detokenize", "/health",
+        "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+        "/v1/embeddings", "/v1/models", "/v1/models/{name}", "/tokenize", "/detokenize", "/health",
     }  # fmt: skip
     completions = doc["paths"]["/v1/completions"]["post"]
     body = completions["requestBody"]["content"]["application/json"]["schema"]
@@ -99,8 +100,9 @@ def test_the_api_keeps_its_documented_contract(case):
     case.validate_response(
         response, checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     )
+    anthropic = case.path.startswith("/v1/messages")  # Anthropic's API: its error objects and events
     if response.status_code >= 400:
-        ErrorResponse.model_validate(response.json())
+        (AnthropicErrorResponse if anthropic else ErrorResponse).model_validate(response.json())
     elif any(v.startswith("text/event-stream") for k, vs in response.headers.items() if k.lower() == "content-type" for v in vs):
         # Each event's JSON was checked against its chunk schema above; the stream must also end
         # properly, unless schemathesis stopped reading a long one (stream_cut_short).
@@ -108,6 +110,9 @@ def test_the_api_keeps_its_documented_contract(case):
         if case.path == "/v1/responses":  # typed events, the last one the whole response (or an error)
             last = json.loads(events[-1]).get("type") if events else None
             assert response.stream_cut_short or last in ("response.completed", "response.incomplete", "error"), events[-3:]
+        elif anthropic:
+            last = json.loads(events[-1]).get("type") if events else None
+            assert response.stream_cut_short or last in ("message_stop", "error"), events[-3:]
         else:
             assert response.stream_cut_short or (events and events[-1] == "[DONE]"), events[-3:]
 

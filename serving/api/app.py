@@ -17,6 +17,8 @@ from quart_schema import document_response, hide
 from werkzeug.exceptions import HTTPException
 
 from serving.api.errors import APIError
+from serving.api.messages_api import MESSAGES_PATH
+from serving.api.messages_api import error_body as messages_error_body
 from serving.api.openapi import DOCS_PATH, OPENAPI_PATH, add_openapi, documented
 from serving.api.responses import HealthResponse
 from serving.api.routes import bp
@@ -32,6 +34,7 @@ GENERATION_PATHS = {
     "/v1/chat/completions": "chat.completions",
     "/v1/responses": "responses",
     "/v1/embeddings": "embeddings",
+    "/v1/messages": "messages",
 }
 _GZIP_MIN_BYTES = 1024
 # A client's X-Request-Id is kept when it is a plain token (it goes into logs and response ids);
@@ -42,7 +45,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 def _json_error(exc: APIError) -> Response:
     if (tracker := g.get("tracker")) is not None:
         tracker.error = exc.message
-    response = Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json")
+    body = messages_error_body(exc) if request.path.startswith(MESSAGES_PATH) else exc.body()  # Anthropic's API, Anthropic's errors
+    response = Response(json.dumps(body), status=exc.status, mimetype="application/json")
     for key, value in exc.headers.items():
         response.headers[key] = value
     return response
@@ -82,8 +86,11 @@ def create_app(state: AppState) -> Quart:
             # and logged by the tracker like any other ending.
             g.tracker = RequestTracker(state, g.request_id, GENERATION_PATHS[request.path])
         if cfg.api_key is not None:
-            # The scheme is case-insensitive (RFC 7235: "bearer x" is "Bearer x"); the token is not.
+            # The scheme is case-insensitive (RFC 7235: "bearer x" is "Bearer x"); the token is not. The
+            # anthropic SDK sends its key as X-Api-Key instead.
             scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+            if "X-Api-Key" in request.headers and "Authorization" not in request.headers:
+                scheme, token = "bearer", request.headers["X-Api-Key"]
             # The header's bytes as sent (HTTP headers arrive decoded as Latin-1), against the key's UTF-8.
             sent = token.strip().encode("latin-1", errors="replace")
             if scheme.lower() != "bearer" or not hmac.compare_digest(sent, cfg.api_key.encode()):

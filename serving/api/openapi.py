@@ -36,14 +36,15 @@ def documented(
     errors: tuple[int, ...] = (),
     streamed: type[BaseModel] | None = None,
     gated: bool = True,
+    error: type[BaseModel] = ErrorResponse,
 ) -> Callable[[F], F]:
     """Document a route: its JSON body, its 200 answer (and the event a streamed answer sends), and
-    the OpenAI error objects it may send (a gated route, behind the API key and the
-    loading/draining gate, may also send 401 and 503)."""
+    the error objects it may send, OpenAI's unless `error` says otherwise (a gated route, behind the API
+    key and the loading/draining gate, may also send 401 and 503)."""
 
     def wrap(func: F) -> F:
         for status in sorted({*errors, *(_ALWAYS if gated else ())}, reverse=True):
-            func = document_response(ErrorResponse, status)(func)
+            func = document_response(error, status)(func)
         func = document_response(response, 200)(func)
         if request is not None:
             func = document_request(request)(func)

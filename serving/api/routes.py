@@ -39,6 +39,17 @@ from serving.api.generation import (
     tokenize_within,
     too_many_sequences,
 )
+from serving.api.messages_api import (
+    MESSAGES_PATH,
+    AnthropicErrorResponse,
+    CountTokensRequest,
+    CountTokensResponse,
+    MessageEvent,
+    MessageObject,
+    MessageShaper,
+    MessagesRequest,
+)
+from serving.api.messages_api import error_body as messages_error_body
 from serving.api.openapi import GENERATION_ERRORS, documented
 from serving.api.response_api import ResponseShaper, response_usage
 from serving.api.responses import (
@@ -569,6 +580,79 @@ async def responses():
             token_ids.extend(delta.token_ids)
             reason = delta.finish_reason or reason
     return shaper.whole("".join(text), token_ids, reason, response_usage(usage([prompt], tracker, 1)))
+
+
+@bp.post(MESSAGES_PATH)
+@documented(MessagesRequest, MessageObject, GENERATION_ERRORS, streamed=MessageEvent, error=AnthropicErrorResponse)
+async def messages():
+    """Message (Anthropic's Messages API)
+
+    What the anthropic SDK sends, generated as the chat completion it amounts to: the system prompt,
+    content blocks (text, tool_use, tool_result, thinking), tools and tool_choice, stop_sequences, a
+    final assistant turn continued (prefill); streamed as Anthropic's events. Errors are Anthropic's
+    error objects.
+    """
+    st = state()
+    req = await parse_body(MessagesRequest, _fits)
+    check_model(st, req.model)
+    check_generates(st)
+    try:
+        chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+    prompt = await st.run_blocking(encode_chat, st, chat)
+    max_tokens = completion_budget(st, chat, chat.max_tokens, True, prompt, "messages")
+    grammar = await compile_grammar(st, chat)
+    thinking = thinking_from(st, prompt, grammar)
+    params = sampling_params(st, chat, max_tokens, None, False, grammar, think_param(st, grammar, thinking))
+    admit(st, 1)
+    message_id = f"msg_{g.request_id}"
+    parallel = chat.parallel_tool_calls is not False
+    shaper = MessageShaper(req, chat.tool_functions(), chat.tool_mode, parallel, st.config.tool_call_parser, message_id, thinking)
+    tracker: RequestTracker = g.tracker
+    tracker.prompt_tokens = len(prompt.token_ids)
+    deltas = run_tracked(tracker, stream_choices(st, _engine_key(message_id), [prompt], params, 1))
+
+    if req.stream:
+
+        def event(payload: dict[str, Any]) -> str:
+            return f"event: {payload['type']}\n{sse(payload)}"
+
+        async def events() -> AsyncIterator[str]:
+            for each in shaper.opening(len(prompt.token_ids)):
+                yield event(each)
+            async with aclosing(deltas):
+                async for _, delta in deltas:
+                    for each in shaper.streamed(delta):
+                        yield event(each)
+            for each in shaper.closing(usage([prompt], tracker, 1)):
+                yield event(each)
+
+        return streaming_response(tracker, events(), lambda exc: event(messages_error_body(exc)), done=None)
+
+    text: list[str] = []
+    reason = stop_string = None
+    async with aclosing(deltas):
+        async for _, delta in deltas:
+            text.append(delta.text)
+            reason = delta.finish_reason or reason
+            stop_string = delta.stop_string or stop_string
+    return shaper.whole("".join(text), reason, stop_string, usage([prompt], tracker, 1))
+
+
+@bp.post(MESSAGES_PATH + "/count_tokens")
+@documented(CountTokensRequest, CountTokensResponse, (400, 404, 413, 415), error=AnthropicErrorResponse)
+async def count_message_tokens():
+    """Tokens a message request's prompt holds (Anthropic's count_tokens), after the chat template"""
+    st = state()
+    req = await parse_body(CountTokensRequest, _fits)
+    check_model(st, req.model)
+    try:
+        chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+    prompt = await st.run_blocking(encode_chat, st, chat)
+    return {"input_tokens": len(prompt.token_ids)}
 
 
 @bp.post("/v1/embeddings")

@@ -51,6 +51,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all text decoded so far (cut at a stop string once one is found)
         self._emitted = 0
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that ended the text, once one has
 
     @property
     def emitted(self) -> int:
@@ -86,8 +87,9 @@ class IncrementalDetokenizer:
             return ""
         end = len(self.text)
         if self._stop:
-            cut = min((i for s in self._stop if (i := self.text.find(s, self._emitted)) >= 0), default=-1)
-            if cut >= 0:
+            found = [(i, s) for s in self._stop if (i := self.text.find(s, self._emitted)) >= 0]
+            if found:
+                cut, self.stop_string = min(found, key=lambda hit: hit[0])
                 self.text = self.text[:cut]
                 self.stopped = True
                 end = cut

@@ -319,7 +319,7 @@ class LLMEngine:
                 outputs.append(self._fail(seq, exc))
             offset += count
         rows, samplers = _unfinished(logits[offset:], samplers)
-        if any(s.constrained is not None for s in samplers):
+        if any(s.grammar is not None for s in samplers):
             # Constrained rows keep only what their grammar allows; the logprobs reported are then of
             # that masked distribution, the one the token is drawn from.
             try:

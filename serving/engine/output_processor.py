@@ -34,6 +34,7 @@ class ChoiceDelta:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
     embedding: bytes | None = None  # an embedding request's (SequenceOutput.embedding)
+    stop_string: str | None = None  # the stop string that ended the choice (finish_reason "stop")
 
     @property
     def finished(self) -> bool:
@@ -87,6 +88,7 @@ class ChoiceText:
             prompt_logprobs=out.prompt_logprobs,
             error=out.error,
             embedding=out.embedding,
+            stop_string=detok.stop_string if reason is not None else None,
         )
 
     def _show(self, shown: list[tuple[int, TokenLogprob | None]], limit: int | None) -> None:
