@@ -16,6 +16,7 @@ import zlib
 from array import array
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -539,47 +540,28 @@ async def responses():
     req = await parse_body(ResponsesRequest, _fits)
     check_model(st, req.model)
     check_generates(st)
-    try:
-        chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from exc
-    prompt = await st.run_blocking(encode_chat, st, chat, "input")
-    max_tokens = completion_budget(st, chat, chat.completion_limit, chat.completion_limit is not None, prompt, "input")
-    grammar = await compile_grammar(st, chat)
-    thinking = thinking_from(st, prompt, grammar)
-    params = sampling_params(st, chat, max_tokens, None, False, grammar, think_param(st, grammar, thinking))
-    admit(st, 1)
+    chat = _as_chat(req.chat_body())
     response_id = f"resp_{uuid.uuid4().hex}"
+    prompt, thinking, deltas = await _generate_as_chat(st, chat, "input", response_id)
+    assert st.model is not None
     shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()), thinking, st.model.think_ids)
     tracker: RequestTracker = g.tracker
-    tracker.prompt_tokens = len(prompt.token_ids)
-    deltas = run_tracked(tracker, stream_choices(st, _engine_key(response_id), [prompt], params, 1))
 
     if req.stream:
 
-        def event(payload: dict[str, Any]) -> str:
-            return f"event: {payload['type']}\n{sse(payload)}"
-
         async def events() -> AsyncIterator[str]:
             for opening in shaper.opening():
-                yield event(opening)
+                yield typed_sse(opening)
             async with aclosing(deltas):
                 async for _, delta in deltas:
                     for each in shaper.streamed(delta):
-                        yield event(each)
-            yield event(shaper.closing(response_usage(usage([prompt], tracker, 1))))
+                        yield typed_sse(each)
+            yield typed_sse(shaper.closing(response_usage(usage([prompt], tracker, 1))))
 
-        return streaming_response(tracker, events(), lambda exc: event(shaper.error_event(exc.body())), done=None)
+        return streaming_response(tracker, events(), lambda exc: typed_sse(shaper.error_event(exc.body())), done=None)
 
-    text: list[str] = []
-    token_ids: list[int] = []
-    reason = None
-    async with aclosing(deltas):
-        async for _, delta in deltas:
-            text.append(delta.text)
-            token_ids.extend(delta.token_ids)
-            reason = delta.finish_reason or reason
-    return shaper.whole("".join(text), token_ids, reason, response_usage(usage([prompt], tracker, 1)))
+    whole = await _whole(deltas)
+    return shaper.whole(whole.text, whole.token_ids, whole.reason, response_usage(usage([prompt], tracker, 1)))
 
 
 @bp.post(MESSAGES_PATH)
@@ -596,48 +578,81 @@ async def messages():
     req = await parse_body(MessagesRequest, _fits)
     check_model(st, req.model)
     check_generates(st)
+    chat = _as_chat(req.chat_body())
+    message_id = f"msg_{g.request_id}"
+    prompt, thinking, deltas = await _generate_as_chat(st, chat, "messages", message_id)
+    parallel = chat.parallel_tool_calls is not False
+    shaper = MessageShaper(req, chat.tool_functions(), chat.tool_mode, parallel, st.config.tool_call_parser, message_id, thinking)
+    tracker: RequestTracker = g.tracker
+
+    if req.stream:
+
+        async def events() -> AsyncIterator[str]:
+            for each in shaper.opening(len(prompt.token_ids)):
+                yield typed_sse(each)
+            async with aclosing(deltas):
+                async for _, delta in deltas:
+                    for each in shaper.streamed(delta):
+                        yield typed_sse(each)
+            for each in shaper.closing(usage([prompt], tracker, 1)):
+                yield typed_sse(each)
+
+        return streaming_response(tracker, events(), lambda exc: typed_sse(messages_error_body(exc)), done=None)
+
+    whole = await _whole(deltas)
+    return shaper.whole(whole.text, whole.reason, whole.stop_string, usage([prompt], tracker, 1))
+
+
+def _as_chat(body: dict[str, Any]) -> ChatCompletionRequest:
+    """Another API's request as the chat completion it amounts to (a 400 where that is not valid)."""
     try:
-        chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
+        return ChatCompletionRequest.model_validate(body, strict=True)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    prompt = await st.run_blocking(encode_chat, st, chat)
-    max_tokens = completion_budget(st, chat, chat.max_tokens, True, prompt, "messages")
+
+
+async def _generate_as_chat(
+    st: AppState, chat: ChatCompletionRequest, param: str, engine_id: str
+) -> tuple[Prompt, bool | None, AsyncIterator[tuple[int, ChoiceDelta]]]:
+    """One choice of a chat request, submitted (the Responses and Messages APIs' path): its prompt, whether
+    its think block is split off (thinking_from), and its deltas. `param` names the messages in errors."""
+    prompt = await st.run_blocking(encode_chat, st, chat, param)
+    limit = chat.completion_limit
+    max_tokens = completion_budget(st, chat, limit, limit is not None, prompt, param)
     grammar = await compile_grammar(st, chat)
     thinking = thinking_from(st, prompt, grammar)
     params = sampling_params(st, chat, max_tokens, None, False, grammar, think_param(st, grammar, thinking))
     admit(st, 1)
-    message_id = f"msg_{g.request_id}"
-    parallel = chat.parallel_tool_calls is not False
-    shaper = MessageShaper(req, chat.tool_functions(), chat.tool_mode, parallel, st.config.tool_call_parser, message_id, thinking)
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = len(prompt.token_ids)
-    deltas = run_tracked(tracker, stream_choices(st, _engine_key(message_id), [prompt], params, 1))
+    return prompt, thinking, run_tracked(tracker, stream_choices(st, _engine_key(engine_id), [prompt], params, 1))
 
-    if req.stream:
 
-        def event(payload: dict[str, Any]) -> str:
-            return f"event: {payload['type']}\n{sse(payload)}"
+@dataclass(slots=True)
+class _Whole:
+    text: str
+    token_ids: list[int]
+    reason: str | None
+    stop_string: str | None
 
-        async def events() -> AsyncIterator[str]:
-            for each in shaper.opening(len(prompt.token_ids)):
-                yield event(each)
-            async with aclosing(deltas):
-                async for _, delta in deltas:
-                    for each in shaper.streamed(delta):
-                        yield event(each)
-            for each in shaper.closing(usage([prompt], tracker, 1)):
-                yield event(each)
 
-        return streaming_response(tracker, events(), lambda exc: event(messages_error_body(exc)), done=None)
-
+async def _whole(deltas: AsyncIterator[tuple[int, ChoiceDelta]]) -> _Whole:
+    """One choice's deltas, read to the end."""
     text: list[str] = []
+    token_ids: list[int] = []
     reason = stop_string = None
     async with aclosing(deltas):
         async for _, delta in deltas:
             text.append(delta.text)
+            token_ids.extend(delta.token_ids)
             reason = delta.finish_reason or reason
             stop_string = delta.stop_string or stop_string
-    return shaper.whole("".join(text), reason, stop_string, usage([prompt], tracker, 1))
+    return _Whole("".join(text), token_ids, reason, stop_string)
+
+
+def typed_sse(payload: dict[str, Any]) -> str:
+    """A server-sent event named by its payload's type (the Responses and Messages APIs' streams)."""
+    return f"event: {payload['type']}\n{sse(payload)}"
 
 
 @bp.post(MESSAGES_PATH + "/count_tokens")
@@ -647,11 +662,7 @@ async def count_message_tokens():
     st = state()
     req = await parse_body(CountTokensRequest, _fits)
     check_model(st, req.model)
-    try:
-        chat = ChatCompletionRequest.model_validate(req.chat_body(), strict=True)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from exc
-    prompt = await st.run_blocking(encode_chat, st, chat)
+    prompt = await st.run_blocking(encode_chat, st, _as_chat(req.chat_body()))
     return {"input_tokens": len(prompt.token_ids)}
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -288,21 +289,7 @@ class LLMEngine:
         if not embedders:
             return []
         vectors = torch.nn.functional.normalize(hidden, dim=-1).cpu()
-        outputs = []
-        for seq, vector in zip(embedders, vectors, strict=True):
-            outputs.append(
-                SequenceOutput(
-                    request_id=seq.request_id,
-                    index=seq.index,
-                    token_ids=[],
-                    logprobs=[],
-                    finish_reason="stop",
-                    cached_tokens=seq.cached_prompt_tokens or 0,
-                    embedding=vector.numpy().tobytes(),
-                )
-            )
-            self._retire(seq, "stop")
-        return outputs
+        return [self._ended(seq, "stop", embedding=vector.numpy().tobytes()) for seq, vector in zip(embedders, vectors, strict=True)]
 
     def _outputs(
         self, logits: torch.Tensor, score_rows: list[tuple[Sequence, int, list[int]]], samplers: list[Sequence]
@@ -395,13 +382,17 @@ class LLMEngine:
         return out
 
     def _fail(self, seq: Sequence, exc: Exception) -> SequenceOutput:
-        self._retire(seq, "error")
+        return self._ended(seq, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _ended(self, seq: Sequence, reason: FinishReason, **extra: Any) -> SequenceOutput:
+        """Retire the sequence; its last output, without a token (an error, an embedding)."""
+        self._retire(seq, reason)
         return SequenceOutput(
             request_id=seq.request_id,
             index=seq.index,
             token_ids=[],
             logprobs=[],
-            finish_reason="error",
+            finish_reason=reason,
             cached_tokens=seq.cached_prompt_tokens or 0,
-            error=f"{type(exc).__name__}: {exc}",
+            **extra,
         )
