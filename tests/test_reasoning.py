@@ -239,3 +239,28 @@ def test_a_grammar_mask_lets_the_opening_tag_through_too(extra):
     more = apply_masks(logits, [matcher, None], [extra, None])
     assert extra not in allowed(plain[0]) and allowed(more[0]) == allowed(plain[0]) | {extra}
     assert torch.equal(more[1], logits[1])
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(client):
+    """The thinking model's template reads enable_thinking (Qwen3's way): none turns thinking off, any other
+    effort on; /v1/responses takes it as reasoning.effort."""
+    off = _chat(client, reasoning_effort="none").choices[0].message
+    assert off.model_extra.get("reasoning") is None and off.content.strip() == ANSWER
+    assert _chat(client, reasoning_effort="low").choices[0].message.model_extra["reasoning"] == THOUGHT
+    response = client.responses.create(model="thinking", input="Is the cat big?", reasoning={"effort": "none"})
+    assert [item.type for item in response.output] == ["message"]
+
+
+def test_effort_variables_follow_what_the_template_reads():
+    from types import SimpleNamespace
+
+    from serving.api.generation import effort_variables
+
+    gpt_oss = SimpleNamespace(chat_template="Reasoning: {{ reasoning_effort | default('medium') }}")
+    qwen3 = SimpleNamespace(chat_template="{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    both = SimpleNamespace(chat_template={"default": gpt_oss.chat_template, "tool_use": qwen3.chat_template})
+    plain = SimpleNamespace(chat_template="{{ messages }}")
+    assert effort_variables(gpt_oss, "high") == {"reasoning_effort": "high"}
+    assert effort_variables(qwen3, "none") == {"enable_thinking": False} and effort_variables(qwen3, "low") == {"enable_thinking": True}
+    assert effort_variables(both, "max") == {"reasoning_effort": "max", "enable_thinking": True}
+    assert effort_variables(plain, "high") == {} and effort_variables(gpt_oss, None) == {}

@@ -146,6 +146,7 @@ def render_chat(state: AppState, req: ChatCompletionRequest) -> str:
             code="chat_template_missing",
         )
     messages = [m.for_template() for m in req.messages]
+    variables = {**effort_variables(tokenizer, req.reasoning_effort), **(req.chat_template_kwargs or {})}
     try:
         tools = [{"type": "function", "function": f} for f in req.tool_functions()] if req.tool_mode != "none" else None
         return tokenizer.apply_chat_template(
@@ -154,12 +155,38 @@ def render_chat(state: AppState, req: ChatCompletionRequest) -> str:
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
-            **(req.chat_template_kwargs or {}),
+            **variables,
         )
     except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         # The template renders the client's messages: whatever it fails on in them (an undefined field
         # passed to tojson, a mapping where it wants a list) is the request's fault, a 400.
         raise bad_request(f"the chat template rejected these messages: {type(exc).__name__}: {exc}", param="messages") from exc
+
+
+def effort_variables(tokenizer: Any, effort: str | None) -> dict[str, Any]:
+    """reasoning_effort as the chat template's variables: itself where the template reads reasoning_effort
+    (gpt-oss's), and enable_thinking (false for none) where it reads that (Qwen3's); none where it reads
+    neither (check_effort refuses it then)."""
+    if effort is None:
+        return {}
+    template = tokenizer.chat_template
+    source = " ".join(template.values()) if isinstance(template, dict) else template or ""
+    variables: dict[str, Any] = {}
+    if "reasoning_effort" in source:
+        variables["reasoning_effort"] = effort
+    if "enable_thinking" in source:
+        variables["enable_thinking"] = effort != "none"
+    return variables
+
+
+def check_effort(state: AppState, req: ChatCompletionRequest, param: str = "reasoning_effort") -> None:
+    """A reasoning_effort the chat template would not read changes nothing: refused, not ignored."""
+    assert state.model is not None
+    if req.reasoning_effort is not None and not effort_variables(state.model.tokenizer, req.reasoning_effort):
+        raise bad_request(
+            "this model's chat template reads neither reasoning_effort nor enable_thinking: reasoning_effort would change nothing",
+            param=param,
+        )
 
 
 def completion_budget(state: AppState, req: _Request, requested: int | None, explicit: bool, prompt: Prompt, param: str) -> int:

@@ -125,7 +125,7 @@ class JSONOutputFormat(_Body):
 
 class OutputConfig(_Body):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = Field(
-        None, description="Reaches the chat template as reasoning_effort (templates that read it)"
+        None, description="As chat's reasoning_effort, but a hint: where the template reads neither variable, nothing changes"
     )
     format: JSONOutputFormat | None = None
 
@@ -205,14 +205,11 @@ class MessagesRequest(_Body):
                 body["parallel_tool_calls"] = False
         elif choice is not None and choice.type in ("any", "tool"):
             body["tool_choice"] = "required"  # no tools: the chat request's own 400 says so
-        kwargs: dict[str, Any] = {}
         if self.thinking is not None and self.thinking.type in ("enabled", "disabled"):
-            kwargs["enable_thinking"] = self.thinking.type == "enabled"
+            body["chat_template_kwargs"] = {"enable_thinking": self.thinking.type == "enabled"}
         output = self.output_config
         if output is not None and output.effort is not None:
-            kwargs["reasoning_effort"] = output.effort
-        if kwargs:
-            body["chat_template_kwargs"] = kwargs
+            body["reasoning_effort"] = output.effort  # a hint, as Anthropic's API takes it: not refused where unread
         if output is not None and output.format is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": output.format.schema_}}
         return body

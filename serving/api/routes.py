@@ -28,6 +28,7 @@ from serving.api.formats import ChatFormat, Choice, CompletionFormat, Format
 from serving.api.generation import (
     Prompt,
     admit,
+    check_effort,
     check_n,
     compile_grammar,
     completion_budget,
@@ -510,6 +511,7 @@ async def chat_completions():
     check_model(st, req.model)
     check_generates(st)
     check_n(st, req, 1)
+    check_effort(st, req)
     prompt = await st.run_blocking(encode_chat, st, req)
     explicit = req.completion_limit is not None
     max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, "messages")
@@ -541,6 +543,7 @@ async def responses():
     check_model(st, req.model)
     check_generates(st)
     chat = _as_chat(req.chat_body())
+    check_effort(st, chat, "reasoning")
     response_id = f"resp_{uuid.uuid4().hex}"
     prompt, thinking, deltas = await _generate_as_chat(st, chat, "input", response_id)
     assert st.model is not None

@@ -489,7 +489,8 @@ def _template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-_UNSUPPORTED_CHAT = ("functions", "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity")  # and function_call
+_UNSUPPORTED_CHAT = ("functions", "audio", "prediction", "web_search_options", "verbosity")  # and function_call
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class ChatCompletionRequest(_Request):
@@ -517,7 +518,11 @@ class ChatCompletionRequest(_Request):
     audio: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
     prediction: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
     web_search_options: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
-    reasoning_effort: str | None = Field(None, json_schema_extra=_UNSET)
+    reasoning_effort: ReasoningEffort | None = Field(
+        None,
+        description="Reaches the chat template as reasoning_effort where it reads one (gpt-oss's), and as enable_thinking "
+        "(none: false) where it reads that (Qwen3's); a 400 where it reads neither",
+    )
     verbosity: str | None = Field(None, json_schema_extra=_UNSET)
     # Extensions
     add_generation_prompt: bool = True
@@ -734,7 +739,15 @@ class TextOptions(_Body):
 
 
 # Refused when set (top_logprobs when above 0, max_tool_calls when given at all): documented so.
-_UNSUPPORTED_RESPONSES = ("previous_response_id", "conversation", "reasoning", "include", "prompt", "top_logprobs")
+_UNSUPPORTED_RESPONSES = ("previous_response_id", "conversation", "include", "prompt", "top_logprobs")
+
+
+class ReasoningOptions(_Body):
+    effort: ReasoningEffort | None = Field(None, description="As chat's reasoning_effort")
+    summary: Literal["auto", "concise", "detailed"] | None = Field(
+        None, description="Accepted: the reasoning item holds the whole reasoning as content, and no summary"
+    )
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # summary's older name
 
 
 class ResponsesRequest(_Body):
@@ -766,7 +779,7 @@ class ResponsesRequest(_Body):
     safety_identifier: str | None = None
     previous_response_id: str | None = Field(None, json_schema_extra=_UNSET)
     conversation: str | dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
-    reasoning: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
+    reasoning: ReasoningOptions | None = None
     include: list[str] | None = Field(None, json_schema_extra=_UNSET)
     prompt: dict[str, Any] | None = Field(None, json_schema_extra=_UNSET)
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = Field(None, json_schema_extra={"maximum": 0})
@@ -838,6 +851,8 @@ class ResponsesRequest(_Body):
             body["tool_choice"] = self.tool_choice
         if self.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.reasoning is not None and self.reasoning.effort is not None:
+            body["reasoning_effort"] = self.reasoning.effort
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_schema":
             schema = {"name": fmt.name, "schema": fmt.schema_, **({"strict": fmt.strict} if fmt.strict is not None else {})}
