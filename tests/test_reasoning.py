@@ -264,3 +264,10 @@ def test_effort_variables_follow_what_the_template_reads():
     assert effort_variables(qwen3, "none") == {"enable_thinking": False} and effort_variables(qwen3, "low") == {"enable_thinking": True}
     assert effort_variables(both, "max") == {"reasoning_effort": "max", "enable_thinking": True}
     assert effort_variables(plain, "high") == {} and effort_variables(gpt_oss, None) == {}
+
+
+def test_special_tags_are_not_split_on(model_dir):
+    """Where the tags are special tokens generated text leaves them out: no split, whatever the setting."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    assert not reasoning.enabled("auto", tokenizer) and not reasoning.enabled("deepseek_r1", tokenizer)

@@ -19,10 +19,12 @@ be a tag or whitespace at a block's edge (trimmed, as chat UIs show it).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
 OPEN, CLOSE = "<think>", "</think>"
+log = logging.getLogger("fleetlm.api")
 
 ReasoningParser = Literal["auto", "none", "deepseek_r1", "qwen3"]
 
@@ -37,10 +39,16 @@ def tag_ids(tokenizer: Any) -> tuple[int, int] | None:
 
 def enabled(setting: ReasoningParser, tokenizer: Any) -> bool:
     """--reasoning-parser: auto splits for models whose vocabulary has the tags; deepseek_r1 and qwen3 (vLLM's
-    names, one format) always; none never."""
+    names, one format) always; none never. Never where the tags are special tokens: generated text is decoded
+    without special tokens, so the block's edges would not be seen (and a prompt-opened block would take
+    the whole reply)."""
     if setting == "none":
         return False
-    return setting != "auto" or tag_ids(tokenizer) is not None
+    tags = tag_ids(tokenizer)
+    if tags is not None and set(tags) & set(tokenizer.all_special_ids):
+        log.warning("the think tags are special tokens, left out of generated text: reasoning is not split off")
+        return False
+    return setting != "auto" or tags is not None
 
 
 def opened_by_prompt(prompt: str) -> bool:
