@@ -134,3 +134,25 @@ def test_a_thinking_models_thinking_is_a_block_of_its_own(tmp_path):
         hidden = client.messages.create(model="thinking", max_tokens=32, messages=[{"role": "user", "content": "Big?"}],
                                         thinking={"type": "adaptive", "display": "omitted"})  # fmt: skip
         assert [(b.type, getattr(b, "thinking", None)) for b in hidden.content] == [("thinking", ""), ("text", None)]
+
+
+def test_max_tokens_is_a_bound_the_context_may_cut(tmp_path):
+    """Clients of Anthropic's API (Claude Code among them) ask for tens of thousands of tokens: beyond the
+    context's room that is no 400 but a reply that fills the room and stops there, saying so."""
+    from transformers import AutoTokenizer
+
+    model_dir = make_thinking_model(tmp_path)
+    ask = [{"role": "user", "content": "Big?"}]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(ask, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    room = 5  # the scripted reply is 12 tokens and an EOS
+    with RunningServer(model_path=str(model_dir), max_seq_len=len(prompt) + room) as s:
+        client = anthropic.Anthropic(base_url=s.base_url, api_key="unused", max_retries=0)
+        filled = client.messages.create(model="thinking", max_tokens=16000, messages=ask)  # the SDK streams above ~21k
+        assert (filled.stop_reason, filled.usage.output_tokens) == ("model_context_window_exceeded", room)
+        with client.messages.stream(model="thinking", max_tokens=64000, messages=ask) as stream:
+            assert stream.get_final_message().stop_reason == "model_context_window_exceeded"
+        assert client.messages.create(model="thinking", max_tokens=3, messages=ask).stop_reason == "max_tokens"
+        too_long = [{"role": "user", "content": "Big? " * 20}]
+        with pytest.raises(anthropic.BadRequestError):  # a prompt with no room left is still refused
+            client.messages.create(model="thinking", max_tokens=8, messages=too_long)

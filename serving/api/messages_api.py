@@ -6,7 +6,8 @@ messages; an assistant turn's tool_use blocks as its tool calls and its thinking
 final assistant turn is continued, Anthropic's prefill), its tools and tool_choice the chat's, `thinking`
 the template's enable_thinking. The reply's content blocks: a thinking model's reasoning (reasoning.py)
 as a thinking block, the text, and each tool call as a tool_use block; stop_reason end_turn, max_tokens,
-stop_sequence (naming it) or tool_use. A stream sends Anthropic's events: message_start, then per block
+stop_sequence (naming it), tool_use, or model_context_window_exceeded (max_tokens is a bound, as Anthropic's
+newer models take it: a reply may fill what the context has room for, and stops there). A stream sends Anthropic's events: message_start, then per block
 content_block_start, its deltas (thinking_delta, text_delta, input_json_delta) and content_block_stop,
 then message_delta (stop_reason, usage) and message_stop. Errors are Anthropic's error objects.
 """
@@ -275,7 +276,7 @@ class MessageObject(BaseModel):
     role: Literal["assistant"]
     content: list[OutputBlock]
     model: str
-    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "model_context_window_exceeded"] | None
     stop_sequence: str | None
     usage: MessageUsage
 
@@ -332,10 +333,13 @@ class MessageShaper:
         parser: str,
         message_id: str,
         thinking: bool | None,
+        window_bound: bool = False,
     ):
         self.req, self.functions, self.tool_mode, self.parallel, self.parser = req, functions, tool_mode, parallel, parser
         self.id = message_id
         self.thinking = thinking
+        # max_tokens asked for more than the context had room for: a length stop is the window's, not max_tokens'.
+        self.window_bound = window_bound
         self._splitter = reasoning.ThinkSplitter(thinking) if thinking is not None else None
         self._text = ""  # the content so far (after any think block)
         self._sent = 0  # of which streamed as text deltas
@@ -370,12 +374,11 @@ class MessageShaper:
                            "input": arguments if isinstance(arguments, dict) else {}})  # fmt: skip
         return text or "", blocks
 
-    @staticmethod
-    def _stop(reason: str | None, stop_string: str | None, calls: bool) -> tuple[str, str | None]:
+    def _stop(self, reason: str | None, stop_string: str | None, calls: bool) -> tuple[str, str | None]:
         if calls:
             return "tool_use", None
         if reason == "length":
-            return "max_tokens", None
+            return ("model_context_window_exceeded" if self.window_bound else "max_tokens"), None
         if stop_string is not None:
             return "stop_sequence", stop_string
         return "end_turn", None

@@ -545,7 +545,7 @@ async def responses():
     chat = _as_chat(req.chat_body())
     check_effort(st, chat, "reasoning")
     response_id = f"resp_{uuid.uuid4().hex}"
-    prompt, thinking, deltas = await _generate_as_chat(st, chat, "input", response_id)
+    prompt, thinking, deltas, _ = await _generate_as_chat(st, chat, "input", response_id)
     assert st.model is not None
     shaper = ResponseShaper(req, chat, st.config.tool_call_parser, response_id, int(time.time()), thinking, st.model.think_ids)
     tracker: RequestTracker = g.tracker
@@ -583,9 +583,12 @@ async def messages():
     check_generates(st)
     chat = _as_chat(req.chat_body())
     message_id = f"msg_{g.request_id}"
-    prompt, thinking, deltas = await _generate_as_chat(st, chat, "messages", message_id)
+    prompt, thinking, deltas, max_tokens = await _generate_as_chat(st, chat, "messages", message_id, bound=True)
     parallel = chat.parallel_tool_calls is not False
-    shaper = MessageShaper(req, chat.tool_functions(), chat.tool_mode, parallel, st.config.tool_call_parser, message_id, thinking)
+    shaper = MessageShaper(
+        req, chat.tool_functions(), chat.tool_mode, parallel, st.config.tool_call_parser, message_id, thinking,
+        window_bound=max_tokens < req.max_tokens,
+    )  # fmt: skip
     tracker: RequestTracker = g.tracker
 
     if req.stream:
@@ -615,20 +618,21 @@ def _as_chat(body: dict[str, Any]) -> ChatCompletionRequest:
 
 
 async def _generate_as_chat(
-    st: AppState, chat: ChatCompletionRequest, param: str, engine_id: str
-) -> tuple[Prompt, bool | None, AsyncIterator[tuple[int, ChoiceDelta]]]:
+    st: AppState, chat: ChatCompletionRequest, param: str, engine_id: str, bound: bool = False
+) -> tuple[Prompt, bool | None, AsyncIterator[tuple[int, ChoiceDelta]], int]:
     """One choice of a chat request, submitted (the Responses and Messages APIs' path): its prompt, whether
-    its think block is split off (thinking_from), and its deltas. `param` names the messages in errors."""
+    its think block is split off (thinking_from), its deltas and its max_tokens. `param` names the messages
+    in errors. `bound`: a max_tokens beyond the context's room is a bound, cut to that room, not a 400."""
     prompt = await st.run_blocking(encode_chat, st, chat, param)
     limit = chat.completion_limit
-    max_tokens = completion_budget(st, chat, limit, limit is not None, prompt, param)
+    max_tokens = completion_budget(st, chat, limit, limit is not None and not bound, prompt, param)
     grammar = await compile_grammar(st, chat)
     thinking = thinking_from(st, prompt, grammar)
     params = sampling_params(st, chat, max_tokens, None, False, grammar, think_param(st, grammar, thinking))
     admit(st, 1)
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = len(prompt.token_ids)
-    return prompt, thinking, run_tracked(tracker, stream_choices(st, _engine_key(engine_id), [prompt], params, 1))
+    return prompt, thinking, run_tracked(tracker, stream_choices(st, _engine_key(engine_id), [prompt], params, 1)), max_tokens
 
 
 @dataclass(slots=True)
