@@ -180,3 +180,22 @@ def test_a_base_models_checkpoint_serves_embeddings_and_refuses_generation(base_
         ):
             r = httpx.post(s.base_url + path, json={"model": "qwen3-embed", **body}, timeout=30)
             assert r.status_code == 400 and r.json()["error"]["code"] == "embeddings_only", r.text
+
+
+def test_truncate_prompt_tokens_embeds_an_inputs_first_tokens(server, model_dir):
+    def ask(**body):
+        r = httpx.post(server.base_url + "/v1/embeddings", json={"model": "qwen3", "encoding_format": "float", **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    limit = httpx.get(server.base_url + "/v1/models").json()["data"][0]["max_model_len"]
+    long_text = " ".join(TEXTS * 200)  # some 6,000 tokens: past the context
+    first = AutoTokenizer.from_pretrained(model_dir)(long_text, truncation=True, max_length=12).input_ids
+    cut = ask(input=long_text, truncate_prompt_tokens=12)
+    assert cut["usage"]["prompt_tokens"] == 12
+    torch.testing.assert_close(torch.tensor(cut["data"][0]["embedding"]), _expected(model_dir, first), atol=1e-4, rtol=1e-4)
+    assert ask(input=long_text, truncate_prompt_tokens=-1)["usage"]["prompt_tokens"] == limit
+    ids = [5] * (limit + 40)
+    assert ask(input=ids, truncate_prompt_tokens=-1)["data"][0]["embedding"] == ask(input=ids[:limit])["data"][0]["embedding"]
+    r = httpx.post(server.base_url + "/v1/embeddings", json={"model": "qwen3", "input": "a", "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"

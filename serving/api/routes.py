@@ -26,6 +26,8 @@ from serving.api import reasoning
 from serving.api.errors import APIError, bad_request, from_validation_error
 from serving.api.formats import ChatFormat, Choice, CompletionFormat, Format
 from serving.api.generation import (
+    PROBE_CHARS_PER_TOKEN,
+    PROBE_MARGIN,
     Prompt,
     admit,
     check_effort,
@@ -199,8 +201,9 @@ def _prompts_fit(st: AppState, prompts: Any, param: str, longest_allowed: int) -
 def _embedding_inputs_fit(data: dict[str, Any]) -> None:
     """_fits for /v1/embeddings: its inputs are prompts that generate nothing, so they may fill the context."""
     st = state()
-    if st.model is not None:
-        _prompts_fit(st, data.get("input"), "input", st.model.max_model_len)
+    if st.model is not None:  # with truncate_prompt_tokens an input may hold more than the context: it is cut
+        longest = 2**62 if data.get("truncate_prompt_tokens") is not None else st.model.max_model_len
+        _prompts_fit(st, data.get("input"), "input", longest)
 
 
 def _tokens_fit(data: dict[str, Any]) -> None:
@@ -688,10 +691,12 @@ async def embeddings():
     assert st.model is not None
     if req.dimensions is not None and req.dimensions > st.model.info.hidden_size:
         raise bad_request(f"dimensions ({req.dimensions}) exceeds this model's {st.model.info.hidden_size}", param="dimensions")
+    if req.truncate_prompt_tokens == 0:
+        raise bad_request("truncate_prompt_tokens must be -1 (the context) or at least 1", param="truncate_prompt_tokens")
     inputs = req.inputs()
     if len(inputs) > st.most_sequences:
         raise too_many_sequences(st, f"{len(inputs)} inputs ask for as many sequences", "input")
-    prompts = [await st.run_blocking(_embedding_prompt, st, text) for text in inputs]
+    prompts = [await st.run_blocking(_embedding_prompt, st, text, req.truncate_prompt_tokens) for text in inputs]
     admit(st, len(prompts))
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
@@ -708,14 +713,20 @@ async def embeddings():
     return {"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tracker.prompt_tokens, "total_tokens": tracker.prompt_tokens}}
 
 
-def _embedding_prompt(st: AppState, text: str | list[int]) -> Prompt:
-    """An input's token ids, within the context (an embedding generates nothing: it may fill it)."""
+def _embedding_prompt(st: AppState, text: str | list[int], truncate: int | None = None) -> Prompt:
+    """An input's token ids, within the context (an embedding generates nothing: it may fill it), or its
+    first `truncate` of them (-1: as many as the context holds)."""
     assert st.model is not None
     limit = st.model.max_model_len
-    if isinstance(text, str):
+    if truncate is not None:
+        truncate = limit if truncate == -1 else min(truncate, limit)
+    if isinstance(text, str) and truncate is not None:
+        ids = _first_tokens(st.model.tokenizer, text, truncate)
+    elif isinstance(text, str):
         too_long = context_length_exceeded(limit, f"more than {limit}", "input")
         ids = tokenize_within(st.model.tokenizer, text, limit, too_long)
     else:
+        text = text[:truncate] if truncate is not None else text
         if bad := [t for t in text if t >= st.model.vocab_size]:
             raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {st.model.vocab_size})", param="input")
         ids = list(text)
@@ -724,6 +735,21 @@ def _embedding_prompt(st: AppState, text: str | list[int]) -> Prompt:
     if not ids:
         raise bad_request("an input has no tokens", param="input")
     return Prompt(ids, "")
+
+
+def _first_tokens(tokenizer: Any, text: str, count: int) -> list[int]:
+    """The text's first `count` tokens, special ones the tokenizer adds included (an EOS an embedding model
+    appends stays last), from as much of the text as holds them: a 30 MB document is not tokenized whole
+    to keep its first thousand tokens."""
+    probe = PROBE_CHARS_PER_TOKEN * count
+    while probe < len(text):
+        cut = text.rfind(" ", probe // 2, probe)
+        part = text[: cut if cut > 0 else probe]
+        if len(tokenizer(part).input_ids) > count + PROBE_MARGIN:
+            text = part  # its first tokens are the whole's: cut before a word, well past the last one kept
+            break
+        probe *= 4
+    return tokenizer(text, truncation=True, max_length=count).input_ids
 
 
 def _encoded(raw: bytes, dimensions: int | None, encoding_format: str) -> list[float] | str:

@@ -621,6 +621,10 @@ class EmbeddingRequest(_Body):
         None, description="Keep the first this many dimensions, normalized again (Matryoshka-trained models)"
     )
     user: str | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1), INTEGRAL] | None = Field(
+        None, description="vLLM's: embed each input's first this many tokens (-1: as many as the context holds) "
+        "instead of refusing a longer one"
+    )
 
     _non_empty_input = field_validator("input")(_none_empty)
 
