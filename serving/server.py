@@ -51,9 +51,9 @@ async def _start_engine(state: AppState, engine: AsyncEngine) -> None:
         log.error("model failed to load", extra={"error": state.load_error})
         return
     engine.set_tokenizer(tokenizer)
-    thinks = reasoning.enabled(cfg.reasoning_parser, tokenizer)
-    tags = reasoning.tag_ids(tokenizer) if thinks else None
-    served = ServedModel(info, tokenizer, thinks, tags if tags and max(tags) < info.vocab_size else None)
+    tags = reasoning.tag_ids(tokenizer)  # the vocabulary read once
+    thinks = reasoning.enabled(cfg.reasoning_parser, tokenizer, tags)
+    served = ServedModel(info, tokenizer, thinks, tags if thinks and tags and max(tags) < info.vocab_size else None)
     freeze_startup_heap()  # before /health says ready: its one full collection pauses this loop
     state.engine = engine
     state.model = served

@@ -159,9 +159,12 @@ def test_template_kwargs_may_not_replace_what_the_server_sets(server, key):
 
 def test_auto_turns_on_for_tokenizers_with_the_tags(model_dir):
     thinking, demo = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(demo_model_dir())
-    assert reasoning.enabled("auto", thinking) and not reasoning.enabled("auto", demo)
-    assert reasoning.enabled("qwen3", demo) and reasoning.enabled("deepseek_r1", demo)
-    assert not reasoning.enabled("none", thinking)
+    def enabled(setting, tokenizer):
+        return reasoning.enabled(setting, tokenizer, reasoning.tag_ids(tokenizer))
+
+    assert enabled("auto", thinking) and not enabled("auto", demo)
+    assert enabled("qwen3", demo) and enabled("deepseek_r1", demo)
+    assert not enabled("none", thinking)
 
 
 @pytest.mark.parametrize(
@@ -270,4 +273,5 @@ def test_special_tags_are_not_split_on(model_dir):
     """Where the tags are special tokens generated text leaves them out: no split, whatever the setting."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
-    assert not reasoning.enabled("auto", tokenizer) and not reasoning.enabled("deepseek_r1", tokenizer)
+    tags = reasoning.tag_ids(tokenizer)
+    assert not reasoning.enabled("auto", tokenizer, tags) and not reasoning.enabled("deepseek_r1", tokenizer, tags)

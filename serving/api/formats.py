@@ -28,6 +28,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
+    stop_string: str | None = None  # the stop string that ended it, where one did
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text.append(delta.text)
@@ -35,6 +36,7 @@ class Choice:
         self.logprobs.extend(delta.logprobs)
         self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = delta.finish_reason or self.finish_reason
+        self.stop_string = delta.stop_string or self.stop_string
 
 
 class Format(ABC):
@@ -202,7 +204,7 @@ class _Thinking:
 
     splitter: reasoning.ThinkSplitter
     entries: list[TokenLogprob] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)  # the choice's, for usage's reasoning_tokens
+    token_ids: list[int] = field(default_factory=list)  # the choice's, counted for usage once it ends
 
 
 @dataclass(slots=True)
@@ -238,7 +240,7 @@ class ChatFormat(Format):
         # from the content alone.
         self.thinking, self.include_reasoning = thinking, include_reasoning
         self._thoughts: dict[int, _Thinking] = {}
-        self._thought_tokens: dict[int, int] = {}  # a whole response's reasoning_tokens, per choice
+        self._thought_tokens: dict[int, int] = {}  # each ended choice's reasoning_tokens
         # With tools, what may still become a call is held until the choice ends and is then parsed:
         # tool calls go out as one delta each, which the openai SDK accumulates; under "auto", the
         # text before anything that could be a call streams as content (tools.streamable).
@@ -294,6 +296,8 @@ class ChatFormat(Format):
         state.entries.extend(delta.logprobs)
         state.token_ids.extend(delta.token_ids)
         thought, content = state.splitter.feed(delta.text, final=delta.finish_reason is not None)
+        if delta.finish_reason is not None:
+            self._thought_tokens[index] = self._count_thought(state.token_ids)
         entries: list[TokenLogprob] = []
         if not state.splitter.holding:
             entries, state.entries = state.entries, []
@@ -335,10 +339,7 @@ class ChatFormat(Format):
     def usage_details(self) -> dict[str, Any]:
         if self.thinking is None:
             return {}
-        counts = self._thought_tokens.values() if self._thought_tokens else [
-            self._count_thought(state.token_ids) for state in self._thoughts.values()
-        ]  # fmt: skip
-        return {"completion_tokens_details": {"reasoning_tokens": sum(counts)}}
+        return {"completion_tokens_details": {"reasoning_tokens": sum(self._thought_tokens.values())}}
 
     def finished(self, index: int, choice: Choice) -> dict[str, Any]:
         if self.thinking is not None:

@@ -93,36 +93,58 @@ PROBE_CHARS_PER_TOKEN = 8
 PROBE_MARGIN = 16  # tokens a part may count beyond the whole's first ones, where it was cut
 
 
+def _part_holding(tokenizer: Any, text: str, count: int, **kwargs: Any) -> str | None:
+    """A first part of text that already holds more than `count` tokens (its first ones are the whole's), or
+    None where no part shorter than the text does. Parts grow fourfold, so a text of unusually long tokens
+    costs at most a third more than tokenizing it once."""
+    probe = PROBE_CHARS_PER_TOKEN * count
+    while probe < len(text):
+        cut = text.rfind(" ", probe // 2, probe)  # before a word: the part's tokens are the whole's first ones
+        part = text[: cut if cut > 0 else probe]
+        if len(tokenizer(part, **kwargs).input_ids) > count + PROBE_MARGIN:
+            return part
+        probe *= 4
+    return None
+
+
 def tokenize_within(tokenizer: Any, text: str, limit: int, too_long: APIError, **kwargs: Any) -> list[int]:
     """text's token ids, unless a first part of it already holds more than `limit` tokens: then `too_long`,
     without tokenizing the rest (a 30 MB prompt took a worker thread minutes to be told it was too long,
-    while other requests queued for the thread). Parts grow fourfold, so a text of unusually long tokens
-    costs at most a third more than tokenizing it once."""
-    probe = PROBE_CHARS_PER_TOKEN * limit
-    while probe < len(text):
-        cut = text.rfind(" ", probe // 2, probe)  # before a word: the part's tokens are the whole's first ones
-        counted = len(tokenizer(text[: cut if cut > 0 else probe], **kwargs).input_ids)
-        if counted > limit + PROBE_MARGIN:
-            raise too_long
-        probe *= 4
+    while other requests queued for the thread)."""
+    if _part_holding(tokenizer, text, limit, **kwargs) is not None:
+        raise too_long
     return tokenizer(text, **kwargs).input_ids
 
 
-def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: bool) -> Prompt:
+def first_tokens(tokenizer: Any, text: str, count: int) -> list[int]:
+    """The text's first `count` tokens, special ones the tokenizer adds included (an EOS an embedding model
+    appends stays last), from as much of the text as holds them: a 30 MB document is not tokenized whole
+    to keep its first thousand tokens."""
+    part = _part_holding(tokenizer, text, count)
+    return tokenizer(text if part is None else part, truncation=True, max_length=count).input_ids
+
+
+def check_vocabulary(state: AppState, ids: list[int], param: str, code: str | None = None) -> None:
+    """Token ids the client gave are the model's: a 400 naming the first that is not."""
+    assert state.model is not None
+    vocab = state.model.vocab_size
+    if bad := [t for t in ids if t >= vocab]:
+        raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {vocab})", param=param, code=code)
+
+
+def encode_completion_prompt(state: AppState, prompt: str | list[int], echo: bool, param: str = "prompt") -> Prompt:
+    """A prompt (text or token ids) as the engine takes it; `param` names it in errors."""
     assert state.model is not None
     tokenizer = state.model.tokenizer
     if isinstance(prompt, str):
         limit = state.model.max_model_len
-        ids = tokenize_within(tokenizer, prompt, limit, context_length_exceeded(limit, f"more than {limit}", "prompt"))
+        ids = tokenize_within(tokenizer, prompt, limit, context_length_exceeded(limit, f"more than {limit}", param))
         if not echo:
             return Prompt(ids, prompt)
         if (spans := _text_pieces(tokenizer, prompt, ids)) is not None:
             return Prompt(ids, prompt, *spans)
         return Prompt(ids, prompt, _added_ahead(tokenizer, ids, prompt))
-    vocab = state.model.vocab_size
-    bad = [t for t in prompt if t >= vocab]
-    if bad:
-        raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {vocab})", param="prompt")
+    check_vocabulary(state, prompt, param)
     return Prompt(list(prompt), tokenizer.decode(prompt) if echo else "")
 
 
@@ -276,11 +298,9 @@ def sampling_params(
     think: tuple[int, int, bool] | None = None,
 ) -> SamplingParams:
     assert state.model is not None
-    vocab = state.model.vocab_size
     bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
     for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", req.stop_token_ids or [])):
-        if bad := [t for t in ids if t >= vocab]:
-            raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {vocab})", param=param, code="invalid_value")
+        check_vocabulary(state, ids, param, code="invalid_value")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,

@@ -321,6 +321,10 @@ def error_body(exc: APIError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
+# What a streamed block of each kind holds when content_block_start announces it.
+_EMPTY_BLOCKS: dict[str, dict[str, str]] = {"thinking": {"thinking": "", "signature": ""}, "text": {"text": ""}}
+
+
 class MessageShaper:
     """The one choice's deltas as a message, whole or as a stream of events."""
 
@@ -421,7 +425,8 @@ class MessageShaper:
         return [{"type": "content_block_stop", "index": self._index}]
 
     def _delta(self, kind: str, delta: dict[str, Any]) -> list[dict[str, Any]]:
-        events = [] if self._block == kind else self._open({"type": kind, **{"thinking": {"thinking": "", "signature": ""}, "text": {"text": ""}}[kind]})
+        """A delta of a thinking or text block, opening the block first unless it is open."""
+        events = [] if self._block == kind else self._open({"type": kind, **_EMPTY_BLOCKS[kind]})
         return events + [{"type": "content_block_delta", "index": self._index, "delta": delta}]
 
     def streamed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
@@ -433,13 +438,13 @@ class MessageShaper:
                 events += self._delta("thinking", {"type": "thinking_delta", "thinking": thought if self.req.shows_thinking else ""})
         self._text += text
         if not delta.finish_reason:
-            safe = tools.sendable(self._text, self.tool_mode, self.parser) if self.tool_mode != "none" else len(self._text)
+            safe = tools.sendable(self._text, self.tool_mode, self.parser)
             if safe > self._sent:
                 piece, self._sent = self._text[self._sent : safe], safe
                 events += self._delta("text", {"type": "text_delta", "text": piece})
             return events
         content, calls = self._calls(self._text)
-        rest = tools.content_rest(content, self._text, self._sent) if self.tool_mode != "none" else self._text[self._sent :]
+        rest = tools.content_rest(content, self._text, self._sent)
         if rest:
             events += self._delta("text", {"type": "text_delta", "text": rest})
         for call in calls:

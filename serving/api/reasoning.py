@@ -37,14 +37,13 @@ def tag_ids(tokenizer: Any) -> tuple[int, int] | None:
     return None if opening is None or closing is None else (opening, closing)
 
 
-def enabled(setting: ReasoningParser, tokenizer: Any) -> bool:
-    """--reasoning-parser: auto splits for models whose vocabulary has the tags; deepseek_r1 and qwen3 (vLLM's
-    names, one format) always; none never. Never where the tags are special tokens: generated text is decoded
-    without special tokens, so the block's edges would not be seen (and a prompt-opened block would take
-    the whole reply)."""
+def enabled(setting: ReasoningParser, tokenizer: Any, tags: tuple[int, int] | None) -> bool:
+    """--reasoning-parser, for a tokenizer with these tag_ids: auto splits for models whose vocabulary has the
+    tags; deepseek_r1 and qwen3 (vLLM's names, one format) always; none never. Never where the tags are special
+    tokens: generated text is decoded without special tokens, so the block's edges would not be seen (and a
+    prompt-opened block would take the whole reply)."""
     if setting == "none":
         return False
-    tags = tag_ids(tokenizer)
     if tags is not None and set(tags) & set(tokenizer.all_special_ids):
         log.warning("the think tags are special tokens, left out of generated text: reasoning is not split off")
         return False

@@ -117,6 +117,11 @@ class ResponseShaper:
         """The output index of the item after the reasoning."""
         return 1 if self._thought else 0
 
+    def _thought_status(self, reason: str | None) -> str:
+        """The reasoning item's status once the choice ended for `reason`: incomplete where the length ran
+        out before the block did (no content followed it)."""
+        return "incomplete" if reason == "length" and not self._text else "completed"
+
     def _reasoning_item(self, status: str) -> dict[str, Any]:
         content = [{"type": "reasoning_text", "text": self._thought}]
         return {"type": "reasoning", "id": self.reasoning_id, "status": status, "summary": [], "content": content}
@@ -142,8 +147,7 @@ class ResponseShaper:
             }
             for call in calls
         ]
-        cut = self._reason == "length" and not self._text  # the length ran out before the block ended
-        thought = [self._reasoning_item("incomplete" if cut else "completed")] if self._thought else []
+        thought = [self._reasoning_item(self._thought_status(self._reason))] if self._thought else []
         self._output = thought + ([self._message(content, status)] if content else []) + items
         return content, items
 
@@ -213,9 +217,9 @@ class ResponseShaper:
             thought, text = self._splitter.feed(text, final=delta.finish_reason is not None)
             if thought:
                 events += self._reasoning_delta(thought)
-            if self._thinking_open and (text or delta.finish_reason):
-                events += self._reasoning_done("incomplete" if delta.finish_reason == "length" and not text else "completed")
         self._text += text
+        if self._thinking_open and (text or delta.finish_reason):
+            events += self._reasoning_done(self._thought_status(delta.finish_reason))
         if not delta.finish_reason:
             safe = tools.sendable(self._text, self.tool_mode, self.parser)
             if safe <= self._sent:

@@ -16,7 +16,6 @@ import zlib
 from array import array
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -26,8 +25,6 @@ from serving.api import reasoning
 from serving.api.errors import APIError, bad_request, from_validation_error
 from serving.api.formats import ChatFormat, Choice, CompletionFormat, Format
 from serving.api.generation import (
-    PROBE_CHARS_PER_TOKEN,
-    PROBE_MARGIN,
     Prompt,
     admit,
     check_effort,
@@ -37,6 +34,7 @@ from serving.api.generation import (
     context_length_exceeded,
     encode_chat,
     encode_completion_prompt,
+    first_tokens,
     render_chat,
     sampling_params,
     stream_choices,
@@ -567,7 +565,7 @@ async def responses():
         return streaming_response(tracker, events(), lambda exc: typed_sse(shaper.error_event(exc.body())), done=None)
 
     whole = await _whole(deltas)
-    return shaper.whole(whole.text, whole.token_ids, whole.reason, response_usage(usage([prompt], tracker, 1)))
+    return shaper.whole("".join(whole.text), whole.token_ids, whole.finish_reason, response_usage(usage([prompt], tracker, 1)))
 
 
 @bp.post(MESSAGES_PATH)
@@ -609,7 +607,7 @@ async def messages():
         return streaming_response(tracker, events(), lambda exc: typed_sse(messages_error_body(exc)), done=None)
 
     whole = await _whole(deltas)
-    return shaper.whole(whole.text, whole.reason, whole.stop_string, usage([prompt], tracker, 1))
+    return shaper.whole("".join(whole.text), whole.finish_reason, whole.stop_string, usage([prompt], tracker, 1))
 
 
 def _as_chat(body: dict[str, Any]) -> ChatCompletionRequest:
@@ -638,26 +636,13 @@ async def _generate_as_chat(
     return prompt, thinking, run_tracked(tracker, stream_choices(st, _engine_key(engine_id), [prompt], params, 1)), max_tokens
 
 
-@dataclass(slots=True)
-class _Whole:
-    text: str
-    token_ids: list[int]
-    reason: str | None
-    stop_string: str | None
-
-
-async def _whole(deltas: AsyncIterator[tuple[int, ChoiceDelta]]) -> _Whole:
+async def _whole(deltas: AsyncIterator[tuple[int, ChoiceDelta]]) -> Choice:
     """One choice's deltas, read to the end."""
-    text: list[str] = []
-    token_ids: list[int] = []
-    reason = stop_string = None
+    choice = Choice()
     async with aclosing(deltas):
         async for _, delta in deltas:
-            text.append(delta.text)
-            token_ids.extend(delta.token_ids)
-            reason = delta.finish_reason or reason
-            stop_string = delta.stop_string or stop_string
-    return _Whole("".join(text), token_ids, reason, stop_string)
+            choice.add(delta)
+    return choice
 
 
 def typed_sse(payload: dict[str, Any]) -> str:
@@ -720,36 +705,13 @@ def _embedding_prompt(st: AppState, text: str | list[int], truncate: int | None 
     limit = st.model.max_model_len
     if truncate is not None:
         truncate = limit if truncate == -1 else min(truncate, limit)
-    if isinstance(text, str) and truncate is not None:
-        ids = _first_tokens(st.model.tokenizer, text, truncate)
-    elif isinstance(text, str):
-        too_long = context_length_exceeded(limit, f"more than {limit}", "input")
-        ids = tokenize_within(st.model.tokenizer, text, limit, too_long)
-    else:
-        text = text[:truncate] if truncate is not None else text
-        if bad := [t for t in text if t >= st.model.vocab_size]:
-            raise bad_request(f"token id {bad[0]} is out of the vocabulary (size {st.model.vocab_size})", param="input")
-        ids = list(text)
-    if len(ids) > limit:
-        raise context_length_exceeded(limit, str(len(ids)), "input")
-    if not ids:
+        text = text[:truncate] if isinstance(text, list) else first_tokens(st.model.tokenizer, text, truncate)
+    prompt = encode_completion_prompt(st, text, False, "input")
+    if len(prompt.token_ids) > limit:
+        raise context_length_exceeded(limit, str(len(prompt.token_ids)), "input")
+    if not prompt.token_ids:
         raise bad_request("an input has no tokens", param="input")
-    return Prompt(ids, "")
-
-
-def _first_tokens(tokenizer: Any, text: str, count: int) -> list[int]:
-    """The text's first `count` tokens, special ones the tokenizer adds included (an EOS an embedding model
-    appends stays last), from as much of the text as holds them: a 30 MB document is not tokenized whole
-    to keep its first thousand tokens."""
-    probe = PROBE_CHARS_PER_TOKEN * count
-    while probe < len(text):
-        cut = text.rfind(" ", probe // 2, probe)
-        part = text[: cut if cut > 0 else probe]
-        if len(tokenizer(part).input_ids) > count + PROBE_MARGIN:
-            text = part  # its first tokens are the whole's: cut before a word, well past the last one kept
-            break
-        probe *= 4
-    return tokenizer(text, truncation=True, max_length=count).input_ids
+    return prompt
 
 
 def _encoded(raw: bytes, dimensions: int | None, encoding_format: str) -> list[float] | str:
