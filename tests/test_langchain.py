@@ -41,7 +41,10 @@ def test_embeddings(server):
     texts = ["Once upon a time", "there was a cat"]
     vectors = embeddings.embed_documents(texts)
     direct = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused").embeddings.create(model=MODEL, input=texts)
-    assert vectors == [d.embedding for d in direct.data] and len(vectors[0]) > 1
+    # equal up to float rounding: how the engine batches the two texts with other work may change the matmul's order
+    assert len(vectors) == 2 and len(vectors[0]) > 1
+    for got, want in zip(vectors, direct.data, strict=True):
+        assert got == pytest.approx(want.embedding, abs=1e-5)
     assert embeddings.embed_query(texts[1]) == pytest.approx(vectors[1], abs=1e-5)
 
 
