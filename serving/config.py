@@ -7,13 +7,14 @@ result, so a bad value is rejected with the same message whichever source it cam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "LLM_"
 ARCHITECTURES = ("auto", "llama", "mistral", "qwen2", "qwen3", "phi3", "transformers")
@@ -21,6 +22,32 @@ ARCHITECTURES = ("auto", "llama", "mistral", "qwen2", "qwen3", "phi3", "transfor
 
 class ConfigError(ValueError):
     """A setting is invalid or cannot be honoured on this machine."""
+
+
+class LoraModule(BaseModel):
+    """A LoRA adapter served beside the base model, as vLLM's --lora-modules takes one: `name=path` or
+    the JSON object {"name": ..., "path": ...} (path: a PEFT adapter's directory, or a Hub id)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    base_model_name: str | None = None  # vLLM's field: accepted; this server has one base model
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("{"):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not a JSON object: {exc}") from None
+        name, equals, path = value.partition("=")
+        if not equals:
+            raise ValueError(f"{value!r} is neither name=path nor a JSON object")
+        return {"name": name.strip(), "path": path.strip()}
 
 
 class ServeConfig(BaseModel):
@@ -117,12 +144,33 @@ class ServeConfig(BaseModel):
         "(--no-prefix-caching turns it off)",
     )
     download_dir: str | None = Field(None, description="where Hub models are stored (default: ~/.cache/fleetlm)")
+    lora_modules: tuple[LoraModule, ...] = Field(
+        (),
+        description="LoRA adapters (PEFT format) served beside the model, each as NAME=PATH or a JSON object "
+        '{"name": ..., "path": ...}; PATH is a directory or a Hub id; clients send NAME as the model',
+    )
     cors_origins: str = Field("*", description="comma-separated origins allowed by CORS ('' disables CORS)")
 
     @field_validator("model_path", "tokenizer_path", "served_model_name", "api_key", "chat_template", "revision", "gguf_file")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _adapter_list(cls, value: Any) -> Any:
+        """One string (an LLM_LORA_MODULES variable): a JSON list, else entries separated by spaces."""
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else value.split()
+        return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _adapter_names_differ(cls, value: tuple[LoraModule, ...]) -> tuple[LoraModule, ...]:
+        names = [m.name for m in value]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"adapter name {twice[0]!r} is given twice")
+        return value
 
     @field_validator("chat_template")
     @classmethod
@@ -174,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in ServeConfig.model_fields.items():
         env = f"env {ENV_PREFIX}{name.upper()}"
         description = field.description or ""
-        if "(default" in description or field.default is None:  # the description says it, or it is unset
+        if "(default" in description or field.default in (None, ()):  # the description says it, or it is unset
             help_text = f"{description} ({env})"
         else:
             default = {True: "on", False: "off"}.get(field.default, field.default) if field.annotation is bool else field.default
@@ -183,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [_flag(name)] + ([VLLM_ALIASES[name]] if name in VLLM_ALIASES else [])
         if field.annotation is bool:  # --prefix-caching / --no-prefix-caching
             parser.add_argument(*flags, dest=name, help=help_text, action=argparse.BooleanOptionalAction)
+        elif get_origin(field.annotation) is tuple:  # --lora-modules a=/x b=/y
+            parser.add_argument(*flags, dest=name, help=help_text, metavar=name.upper(), nargs="+")
         elif choices:  # listed in the help; checked by the model, which names the flag in its error
             parser.add_argument(*flags, dest=name, help=help_text, metavar="{" + ",".join(choices) + "}")
         else:

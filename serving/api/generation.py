@@ -320,6 +320,7 @@ def sampling_params(
         logit_bias=bias,
         grammar=grammar,
         think=think,
+        adapter=state.model.adapter_id(req.model) or 0,
     )
 
 

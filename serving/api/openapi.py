@@ -74,7 +74,7 @@ class _Provider(OpenAPIProvider):
         doc = super().schema()
         state = self._app.extensions["fleetlm"]
         model = state.model
-        served = model.name if model is not None else None
+        served = model.names if model is not None else None
         _bound_marked(
             doc,
             model.vocab_size if model is not None else None,
@@ -178,14 +178,14 @@ def decimal_at_most(limit: int) -> str:
     return "(?:" + "|".join(options) + ")"
 
 
-def _only_model(body: dict[str, Any], served: str) -> None:
-    """This server answers for one model: its document says so (any other name is a 404)."""
+def _only_model(body: dict[str, Any], served: list[str]) -> None:
+    """This server answers for one model and its LoRA adapters: its document says so (any other name is a 404)."""
     model = body.get("properties", {}).get("model")
     if model is None:
         return
     for option in model.get("anyOf", [model]):
         if option.get("type") == "string":
-            option["enum"] = [served]
+            option["enum"] = served
 
 
 def add_openapi(app: Quart, version: str, api_key: bool) -> None:

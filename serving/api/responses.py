@@ -188,6 +188,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    root: str | None = Field(None, description="a LoRA adapter's source: its directory or Hub id")
+    parent: str | None = Field(None, description="a LoRA adapter's base model")
 
 
 class ModelList(BaseModel):

@@ -315,7 +315,7 @@ def think_param(st: AppState, grammar: GrammarSpec | None, thinking: bool | None
 
 def check_model(st: AppState, name: str | None) -> None:
     assert st.model is not None
-    if name is not None and name != st.model.name:
+    if st.model.adapter_id(name) is None:
         raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
 
@@ -685,7 +685,7 @@ async def embeddings():
     admit(st, len(prompts))
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    params = SamplingParams(max_tokens=1, embed=True)
+    params = SamplingParams(max_tokens=1, embed=True, adapter=st.model.adapter_id(req.model) or 0)
     vectors: dict[int, bytes] = {}
     async with aclosing(run_tracked(tracker, stream_choices(st, _engine_key(f"embd-{g.request_id}"), prompts, params, 1))) as deltas:
         async for index, delta in deltas:
@@ -732,22 +732,23 @@ def _encoded(raw: bytes, dimensions: int | None, encoding_format: str) -> list[f
 # -- models, tokenizer ----------------------------------------------------------------------
 
 
-def model_card(st: AppState) -> dict[str, Any]:
+def model_card(st: AppState, name: str) -> dict[str, Any]:
+    """The model, or one of its LoRA adapters (vLLM's card: `parent` the base model, `root` where it came from)."""
     assert st.model is not None
-    return {
-        "id": st.model.name,
-        "object": "model",
-        "created": st.started,
-        "owned_by": "fleetlm",
-        "max_model_len": st.model.max_model_len,
-    }
+    card = {"id": name, "object": "model", "created": st.started, "owned_by": "fleetlm", "max_model_len": st.model.max_model_len}
+    adapter = next((a for a in st.model.info.adapters if a.name == name), None)
+    if adapter is not None:
+        card.update(root=adapter.source, parent=st.model.name)
+    return card
 
 
 @bp.get("/v1/models")
 @documented(None, ModelList)
 async def list_models():
-    """The served model"""
-    return {"object": "list", "data": [model_card(state())]}
+    """The served model, and its LoRA adapters"""
+    st = state()
+    assert st.model is not None
+    return {"object": "list", "data": [model_card(st, name) for name in st.model.names]}
 
 
 @bp.get("/v1/models/<path:name>")
@@ -756,7 +757,7 @@ async def get_model(name: str):
     """One model, by name"""
     st = state()
     check_model(st, name)
-    return model_card(st)
+    return model_card(st, name)
 
 
 # A text far beyond the context is counted whole up to this many contexts: enough to say how much to cut,

@@ -34,6 +34,18 @@ class ServedModel:
         return self.info.name
 
     @property
+    def names(self) -> list[str]:
+        """What clients may send as `model`: the model's name, then its LoRA adapters'."""
+        return [self.info.name, *(a.name for a in self.info.adapters)]
+
+    def adapter_id(self, name: str | None) -> int | None:
+        """SamplingParams.adapter for a request's `model`: 0 for the model itself (or no name), None for a
+        name served here by nothing."""
+        if name is None or name == self.info.name:
+            return 0
+        return next((a.id for a in self.info.adapters if a.name == name), None)
+
+    @property
     def max_model_len(self) -> int:
         return self.info.max_model_len
 

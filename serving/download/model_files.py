@@ -20,6 +20,7 @@ SUPPORT_FILES = frozenset(
         "added_tokens.json",
         "chat_template.jinja",
         "chat_template.json",
+        "adapter_config.json",  # a LoRA adapter's repo (its weights are adapter_model.safetensors)
     }
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -5,8 +5,9 @@ block may be held by several sequences at once (reference counted) when they sha
 
 Prefix caching: once a full block's K/V are computed, the block is registered under a content hash
 chained over the whole prefix, hash(parent block's hash, the block's token ids). The K/V of a token
-depend only on the tokens before it (the model and its dtype are fixed for the process), so a new
-sequence whose prompt starts with the same tokens takes those blocks instead of recomputing them.
+depend only on the tokens before it and the LoRA adapter it runs with (the model and its dtype are
+fixed for the process; the chain starts from the adapter's id), so a new sequence of that adapter
+whose prompt starts with the same tokens takes those blocks instead of recomputing them.
 Blocks stay registered after their sequences finish and are evicted least recently freed first,
 only when a block is needed; blocks that hold nothing reusable are handed out before any of them.
 
@@ -23,6 +24,11 @@ from array import array
 from collections import OrderedDict
 
 from serving.engine.sequence import Sequence
+
+
+def _root(adapter: int) -> bytes:
+    """What a stream's first block hash chains from: a LoRA adapter computes other K/V for the same tokens."""
+    return adapter.to_bytes(8, "little") if adapter else b""
 
 
 def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
@@ -64,7 +70,7 @@ class BlockManager:
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else b"", seq.token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(block_hash(hashes[-1] if hashes else _root(seq.params.adapter), seq.token_ids[i * bs : (i + 1) * bs]))
         return hashes[:num_blocks]
 
     def match_prefix(self, seq: Sequence) -> list[int]:

@@ -14,13 +14,15 @@ from serving.config import ConfigError, ServeConfig
 from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
 from serving.engine.llm_engine import LLMEngine
-from serving.engine.protocol import ModelInfo
+from serving.engine.protocol import AdapterInfo, ModelInfo
 from serving.engine.sampler import prompt_logprobs, sample
 from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from serving.engine.scheduler import SCORED_ROWS_PER_STEP
 from serving.engine.sequence import Sequence
 from serving.models.loader import LoadedModel, load_model, load_tokenizer
+from serving.models.lora import AdapterError, read_adapter
 from serving.models.native import NativeRunner
+from serving.models.source import resolve_adapter
 
 log = logging.getLogger("fleetlm.engine")
 
@@ -178,8 +180,32 @@ class BuiltEngine:
     model: LoadedModel
 
 
+def load_adapters(cfg: ServeConfig, model: LoadedModel) -> tuple[AdapterInfo, ...]:
+    """--lora-modules, read and given to the runner under ids 1, 2, ... (before the KV cache is sized: their
+    memory is the weights')."""
+    if not cfg.lora_modules:
+        return ()
+    runner = model.runner
+    if not isinstance(runner, NativeRunner):
+        raise ConfigError(f"--lora-modules: LoRA adapters are served by the native runner, not by {model.architecture}'s")
+    adapters = []
+    for adapter_id, module in enumerate(cfg.lora_modules, start=1):
+        if module.name == model.name:
+            raise ConfigError(f"--lora-modules: adapter name {module.name!r} is the served model's name")
+        directory = resolve_adapter(cfg, module)
+        try:
+            adapter = read_adapter(directory)
+            runner.add_adapter(adapter_id, adapter)
+        except AdapterError as exc:
+            raise ConfigError(f"--lora-modules {module.name}: {exc}") from None
+        adapters.append(AdapterInfo(module.name, adapter_id, module.path, adapter.rank))
+        log.info("LoRA adapter loaded", extra={"adapter": module.name, "source": module.path, "rank": adapter.rank})
+    return tuple(adapters)
+
+
 def build_engine(cfg: ServeConfig) -> BuiltEngine:
     model = load_model(cfg)
+    adapters = load_adapters(cfg, model)
     runner = model.runner
     batched = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
     batched = max(batched, cfg.max_batch_size)
@@ -224,6 +250,7 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
         kv_cache_tokens=num_blocks * BLOCK_SIZE,
         kv_block_size=BLOCK_SIZE,
         prefix_caching=prefix_caching,
+        adapters=adapters,
     )
     log.info(
         "model loaded",

@@ -265,7 +265,7 @@ class LLMEngine:
         for c in chunks:
             seq, n = c.seq, c.num_tokens
             start, end = seq.num_cached, seq.num_cached + n
-            forward.append(ForwardChunk(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, c.decode))
+            forward.append(ForwardChunk(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, c.decode, seq.params.adapter))
             scored = seq.scored_positions(start, end)
             if scored:
                 targets = seq.token_ids[scored.start + 1 : scored.stop + 1]

@@ -17,6 +17,16 @@ from serving.engine.sampling_params import SamplingParams
 
 
 @dataclass(slots=True, frozen=True)
+class AdapterInfo:
+    """A LoRA adapter served beside the model (--lora-modules)."""
+
+    name: str  # what clients send as `model`
+    id: int  # SamplingParams.adapter
+    source: str  # its directory or Hub id
+    rank: int
+
+
+@dataclass(slots=True, frozen=True)
 class ModelInfo:
     """What the API process needs to know about the loaded model."""
 
@@ -35,6 +45,7 @@ class ModelInfo:
     generates: bool = True  # False: an embedding model's checkpoint, with no output projection
     engine_threads: int = 1  # the engine's compute threads (torch's and the C kernels')
     engine_cpus: tuple[int, ...] = ()  # cores the engine pinned itself to (serving/cpus.py); () if none
+    adapters: tuple[AdapterInfo, ...] = ()  # LoRA adapters, served under their own names
 
 
 @dataclass(slots=True)

@@ -36,6 +36,7 @@ class SamplingParams:
     # outside the block only, so the model thinks freely first. Unopened, the first token may open it.
     think: tuple[int, int, bool] | None = None
     embed: bool = False  # no generation: the prompt's last hidden state, L2-normalized (/v1/embeddings)
+    adapter: int = 0  # the LoRA adapter it runs with (ModelInfo.adapters' id); 0: the base model
     extra_eos_ids: tuple[int, ...] = field(default=())  # filled by the engine from the model
 
     @property

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.models import cpu_ops
+from serving.models.lora import LoraStep
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class AttentionBatch:
     prefills: list[PrefillChunk] = field(default_factory=list)
     backend: str = "torch"  # "torch" (this module) or "triton" (triton_attention.py)
     packed_prefills: PackedPrefills | None = None  # the prefill chunks, for the Triton backend
+    lora: LoraStep | None = None  # rows of LoRA adapters' sequences (not attention's: every projection's)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:

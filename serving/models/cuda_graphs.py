@@ -63,7 +63,8 @@ class DecodeGraphs:
             self._capture()
 
     def fits(self, chunks: list[ForwardChunk]) -> bool:
-        return 0 < len(chunks) <= self.buckets[-1] and all(c.decode for c in chunks)
+        # LoRA adapters' rows are grouped by adapter anew each step: such steps run eagerly.
+        return 0 < len(chunks) <= self.buckets[-1] and all(c.decode and not c.adapter for c in chunks)
 
     def _batch(self, b: int) -> AttentionBatch:
         return AttentionBatch(

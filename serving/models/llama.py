@@ -18,6 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from serving.models import cpu_ops
 from serving.models.attention import AttentionBatch, PagedAttention
+from serving.models.lora import LoraStep, LoraWeights
 from serving.models.quant import BlockQuantEmbedding
 
 NATIVE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -201,6 +202,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, shape.rms_norm_eps)
         self.qk_norm = shape.qk_norm
         self.attn = PagedAttention(h, kvh, d, d**-0.5, window)
+        self.lora = {"qkv_proj": LoraWeights(), "o_proj": LoraWeights()}  # LoRA adapters' pairs (lora.py)
 
     def forward(
         self,
@@ -210,7 +212,10 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         h, kvh = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, self.head_dim)
+        qkv = self.qkv_proj(x)
+        if batch.lora is not None:
+            batch.lora.add_(qkv, x, self.lora["qkv_proj"])
+        qkv = qkv.view(-1, h + 2 * kvh, self.head_dim)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h : h + kvh])), dim=1)
         else:
@@ -223,7 +228,11 @@ class Attention(nn.Module):
         else:
             rope.apply_(qk, h + kvh)  # q and k heads rotate together
             out = self.attn.forward(qk[:, :h], qk[:, h : h + kvh], v, kv[0], kv[1], batch)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = out.reshape(-1, self.q_size)
+        projected = self.o_proj(out)
+        if batch.lora is not None:
+            batch.lora.add_(projected, out, self.lora["o_proj"])
+        return projected
 
 
 class MLP(nn.Module):
@@ -233,15 +242,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
         self.silu = shape.hidden_act == "silu"
         self.act = ACT2FN[shape.hidden_act]
+        self.lora = {"gate_up_proj": LoraWeights(), "down_proj": LoraWeights()}  # LoRA adapters' pairs (lora.py)
 
-    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, triton: bool = False, lora: LoraStep | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.add_(gate_up, x, self.lora["gate_up_proj"])
         if self.silu and triton:
-            return self.down_proj(_triton_ops().silu_mul(gate_up))
-        if self.silu:  # one pass over the rows on CPU
-            return self.down_proj(cpu_ops.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+            h = _triton_ops().silu_mul(gate_up)
+        elif self.silu:  # one pass over the rows on CPU
+            h = cpu_ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        out = self.down_proj(h)
+        if lora is not None:
+            lora.add_(out, h, self.lora["down_proj"])
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -270,7 +287,7 @@ class DecoderLayer(nn.Module):
         else:
             h = self.input_layernorm.add_forward(x, residual, triton)
         h = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, kv, batch), residual, triton)
-        return self.mlp(h, triton), residual
+        return self.mlp(h, triton, batch.lora), residual
 
 
 class DecoderModel(nn.Module):

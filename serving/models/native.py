@@ -21,6 +21,7 @@ from serving.models.cuda_graphs import DecodeGraphs
 from serving.models.gguf import BlockRows
 from serving.models.host_inputs import HostInts, cache_slot, cache_slots, to_device
 from serving.models.llama import LlamaForCausalLM
+from serving.models.lora import Adapter, LoraStep, install, uninstall
 from serving.models.quant import (
     OUTPUT_SCHEME,
     BlockQuantEmbedding,
@@ -108,6 +109,13 @@ class NativeRunner:
     def release(self, key: int) -> None:
         """KV blocks belong to the engine's block manager; nothing is kept per stream here."""
 
+    def add_adapter(self, adapter_id: int, adapter: Adapter) -> None:
+        """Serve LoRA adapter `adapter` to chunks with this id (raises AdapterError for another model's)."""
+        install(self.model, adapter_id, adapter, self.device, self.dtype)
+
+    def remove_adapter(self, adapter_id: int) -> None:
+        uninstall(self.model, adapter_id)
+
     def execute(self, chunks: list[ForwardChunk], logit_rows: list[int]) -> torch.Tensor:
         return self.run(chunks, logit_rows, [])[0]
 
@@ -156,8 +164,11 @@ class StepInputs:
         decode_rows: list[int] = []
         decoding: list[ForwardChunk] = []
         prefill: list[tuple[int, ForwardChunk]] = []
+        adapted: dict[int, list[int]] = {}  # LoRA adapter -> its rows
         for chunk in chunks:
             start, row = chunk.start, len(token_ids)
+            if chunk.adapter:
+                adapted.setdefault(chunk.adapter, []).extend(range(row, row + len(chunk.token_ids)))
             if chunk.decode:  # most rows of most steps: one token, no ranges
                 token_ids.append(chunk.token_ids[0])
                 positions.append(start)
@@ -188,8 +199,11 @@ class StepInputs:
             )
         elif prefill:
             p_context = [ints.add(cache_slots(c.block_table, 0, c.start + len(c.token_ids), block_size)) for _, c in prefill]
+        lora_rows = {adapter: ints.add(rows) for adapter, rows in adapted.items()}
         on = ints.to(device)
         batch = AttentionBatch(slot_mapping=on(t_slots), block_size=block_size, backend=backend)
+        if lora_rows:
+            batch.lora = LoraStep([(adapter, on(rows)) for adapter, rows in lora_rows.items()])
         if decoding:
             batch.decode_rows, batch.decode_blocks, batch.decode_lens = on(d_rows), on(d_tables), on(d_lens)
             batch.decodes_first = decode_rows == list(range(len(decode_rows)))

@@ -24,6 +24,7 @@ class ForwardChunk:
     block_table: Sequence[int]  # the stream's KV-cache blocks, covering start + len(token_ids) tokens (an
     # array('q') from the engine: step inputs copy it as raw memory)
     decode: bool  # the scheduler's word: one new token after a fully cached context, never inferred
+    adapter: int = 0  # the LoRA adapter its stream runs with (lora.py); 0: the base model
 
 
 class ModelRunner(Protocol):

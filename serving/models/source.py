@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from serving.config import ConfigError, ServeConfig
+from serving.config import ConfigError, LoraModule, ServeConfig
 from serving.models import gguf
 from serving.models.weights import safetensors_files
 
@@ -92,3 +92,15 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
             gguf_file = None if safetensors_files(directory) else gguf.find_gguf_file(directory)
         return ModelSource(directory, gguf_file, served_name(cfg))
     raise ConfigError(f"--model-path {cfg.model_path}: no such file or directory, and not a Hub id (org/name)")
+
+
+def resolve_adapter(cfg: ServeConfig, module: LoraModule) -> Path:
+    """A LoRA adapter's directory: local, or a Hub repo's snapshot (main) fetched into --download-dir."""
+    path = Path(module.path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not is_hub_id(module.path):
+        raise ConfigError(f"--lora-modules {module.name}: {module.path} is neither a directory nor a Hub id (org/name)")
+    from serving.download import download_model
+
+    return download_model(module.path, None, hub_cache_dir(cfg, module.path) / "main", token=hub_token())
