@@ -149,6 +149,11 @@ class ServeConfig(BaseModel):
         description="LoRA adapters (PEFT format) served beside the model, each as NAME=PATH or a JSON object "
         '{"name": ..., "path": ...}; PATH is a directory or a Hub id; clients send NAME as the model',
     )
+    allow_runtime_lora_updating: bool = Field(
+        False,
+        description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes) load and unload LoRA "
+        "adapters while the server runs (they read any path the server can)",
+    )
     cors_origins: str = Field("*", description="comma-separated origins allowed by CORS ('' disables CORS)")
 
     @field_validator("model_path", "tokenizer_path", "served_model_name", "api_key", "chat_template", "revision", "gguf_file")

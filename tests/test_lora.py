@@ -214,3 +214,76 @@ def test_an_adapter_is_fetched_from_the_hub(fake_hub, model_dir, adapters, tmp_p
         assert _text(s, "hub-lora", PROMPTS[1]) != _text(s, "tiny", PROMPTS[1])
     fetched = {p.name for p in (cache / "acme--tiny-lora" / "main").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= fetched
+
+
+@pytest.fixture(scope="module")
+def updatable(model_dir):
+    with RunningServer(model_path=str(model_dir), served_model_name="tiny", allow_runtime_lora_updating=True) as s:
+        yield s
+
+
+def _post(server, path: str, **body) -> httpx.Response:
+    return httpx.post(server.base_url + path, json=body, timeout=60)
+
+
+def _scores(server, model: str) -> list[float]:
+    r = _post(server, "/v1/completions", model=model, prompt=PROMPTS[0], max_tokens=1, echo=True, logprobs=0)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(PROMPTS[0])]
+
+
+def test_adapters_load_and_unload_at_run_time(updatable, model_dir, adapters, tmp_path):
+    every, attention = adapters["every-projection"], adapters["attention-only"]
+    r = _post(updatable, "/v1/load_lora_adapter", lora_name="live", lora_path=str(every))
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "live" and r.json()["parent"] == "tiny"
+    assert [m["id"] for m in httpx.get(updatable.base_url + "/v1/models").json()["data"]] == ["tiny", "live"]
+    assert _scores(updatable, "live") == pytest.approx(peft_prompt_logprobs(model_dir, every, PROMPTS[0]), abs=1e-3)
+
+    again = _post(updatable, "/v1/load_lora_adapter", lora_name="live", lora_path=str(attention))
+    assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+    replaced = _post(updatable, "/v1/load_lora_adapter", lora_name="live", lora_path=str(attention), load_inplace=True)
+    assert replaced.status_code == 200, replaced.text
+    assert _scores(updatable, "live") == pytest.approx(peft_prompt_logprobs(model_dir, attention, PROMPTS[0]), abs=1e-3)
+
+    assert _post(updatable, "/v1/unload_lora_adapter", lora_name="live").status_code == 200
+    gone = _post(updatable, "/v1/completions", model="live", prompt="Once", max_tokens=2)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert _post(updatable, "/v1/unload_lora_adapter", lora_name="live").status_code == 404
+    assert _scores(updatable, "tiny") == pytest.approx(peft_prompt_logprobs(model_dir, None, PROMPTS[0]), abs=1e-3)
+
+
+def test_a_bad_adapter_is_a_400_and_the_server_goes_on(updatable, model_dir, tmp_path):
+    other = make_tiny_model(tmp_path, "llama", hidden_size=32, intermediate_size=48)
+    foreign = make_adapter(other, tmp_path / "foreign", ["q_proj"], 4, 8, False, seed=3)
+    for path, words in ((foreign, "another base model"), (tmp_path / "missing", "neither a directory"), (other, "adapter_config.json")):
+        r = _post(updatable, "/v1/load_lora_adapter", lora_name="bad", lora_path=str(path))
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "lora_path"
+    assert _post(updatable, "/v1/load_lora_adapter", lora_name="tiny", lora_path=str(foreign)).status_code == 400
+    assert _post(updatable, "/v1/load_lora_adapter", lora_name="x").status_code == 400  # no lora_path
+    assert [m["id"] for m in httpx.get(updatable.base_url + "/v1/models").json()["data"]] == ["tiny"]
+    assert _post(updatable, "/v1/completions", model="tiny", prompt="Once", max_tokens=2).status_code == 200
+
+
+def test_an_adapter_unloaded_mid_generation_finishes_it_then_goes(model_dir, adapters):
+    engine, _ = _engine(model_dir, {})
+    assert engine.load_adapter(7, str(adapters["every-projection"])) == 8
+    expected = peft_greedy(model_dir, adapters["every-projection"], PROMPTS[1], 12)
+    engine.add_request("r", PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, adapter=7))
+    got = [t for out in engine.step() + engine.step() for t in out.token_ids]
+    assert got and engine.has_work
+    engine.unload_adapter(7)
+    qkv = engine.runner.model.model.layers[0].self_attn.lora["qkv_proj"]
+    assert 7 in qkv.pairs  # still running with it
+    while engine.has_work:
+        got += [t for out in engine.step() for t in out.token_ids]
+    assert got == expected
+    assert 7 not in qkv.pairs
+
+
+def test_run_time_updates_are_off_unless_allowed(server, adapters):
+    r = _post(server, "/v1/load_lora_adapter", lora_name="x", lora_path=str(adapters["every-projection"]))
+    assert r.status_code == 404 and "--allow-runtime-lora-updating" in r.json()["error"]["message"]
+    assert _post(server, "/v1/unload_lora_adapter", lora_name="every-projection").status_code == 404
+    assert "every-projection" in [m["id"] for m in httpx.get(server.base_url + "/v1/models").json()["data"]]

@@ -16,6 +16,7 @@ from quart.wrappers.response import DataBody
 from quart_schema import document_response, hide
 from werkzeug.exceptions import HTTPException
 
+from serving.api import lora_routes
 from serving.api.errors import APIError
 from serving.api.messages_api import MESSAGES_PATH
 from serving.api.messages_api import error_body as messages_error_body
@@ -66,6 +67,7 @@ def create_app(state: AppState) -> Quart:
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
     app.register_blueprint(bp)
+    app.register_blueprint(lora_routes.bp)
     add_openapi(app, _version(), api_key=state.config.api_key is not None)
     cfg = state.config
     origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]

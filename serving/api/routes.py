@@ -736,7 +736,7 @@ def model_card(st: AppState, name: str) -> dict[str, Any]:
     """The model, or one of its LoRA adapters (vLLM's card: `parent` the base model, `root` where it came from)."""
     assert st.model is not None
     card = {"id": name, "object": "model", "created": st.started, "owned_by": "fleetlm", "max_model_len": st.model.max_model_len}
-    adapter = next((a for a in st.model.info.adapters if a.name == name), None)
+    adapter = st.model.adapters.get(name)
     if adapter is not None:
         card.update(root=adapter.source, parent=st.model.name)
     return card

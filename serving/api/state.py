@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,7 +17,7 @@ from serving.api.grammar_check import GrammarCheck, TokenizerSource
 from serving.config import ServeConfig
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.grammar import Grammars
-from serving.engine.protocol import ModelInfo
+from serving.engine.protocol import AdapterInfo, ModelInfo
 from serving.metrics import Metrics
 
 
@@ -28,6 +30,15 @@ class ServedModel:
     reasoning: bool = False  # chat outputs' <think> blocks are returned apart (--reasoning-parser)
     # ... and the tags' token ids, where each is one token: a grammar then holds after the block only.
     think_ids: tuple[int, int] | None = None
+    # LoRA adapters by name: --lora-modules', then those loaded at run time (/v1/load_lora_adapter).
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+    # Ids for adapters loaded at run time: never one an adapter had (prefix-cache blocks are keyed by it).
+    adapter_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    @classmethod
+    def of(cls, info: ModelInfo, tokenizer: PreTrainedTokenizerBase, reasoning: bool, think_ids: tuple[int, int] | None) -> ServedModel:
+        first = max((a.id for a in info.adapters), default=0) + 1
+        return cls(info, tokenizer, reasoning, think_ids, {a.name: a for a in info.adapters}, itertools.count(first))
 
     @property
     def name(self) -> str:
@@ -36,14 +47,15 @@ class ServedModel:
     @property
     def names(self) -> list[str]:
         """What clients may send as `model`: the model's name, then its LoRA adapters'."""
-        return [self.info.name, *(a.name for a in self.info.adapters)]
+        return [self.info.name, *self.adapters]
 
     def adapter_id(self, name: str | None) -> int | None:
         """SamplingParams.adapter for a request's `model`: 0 for the model itself (or no name), None for a
         name served here by nothing."""
         if name is None or name == self.info.name:
             return 0
-        return next((a.id for a in self.info.adapters if a.name == name), None)
+        adapter = self.adapters.get(name)
+        return None if adapter is None else adapter.id
 
     @property
     def max_model_len(self) -> int:
@@ -69,6 +81,7 @@ class AppState:
     _grammars: Grammars | None = None
     _special: frozenset[int] | None = None
     grammar_check: GrammarCheck = field(init=False)
+    adapter_changes: asyncio.Lock = field(default_factory=asyncio.Lock)  # /v1/load_lora_adapter and unload
 
     def __post_init__(self) -> None:
         self.grammar_check = GrammarCheck(self.tokenizer_source)

@@ -26,8 +26,10 @@ from serving.engine.detokenizer import Decoder, fast_decoder
 from serving.engine.output_processor import ChoiceDelta, ChoiceText
 from serving.engine.protocol import (
     AbortRequest,
+    AdapterLoaded,
     AddRequest,
     Idle,
+    LoadAdapter,
     LoadFailed,
     ModelInfo,
     Ready,
@@ -37,6 +39,7 @@ from serving.engine.protocol import (
     Shutdown,
     StepOutputs,
     StepStats,
+    UnloadAdapter,
     merge_outputs,
 )
 from serving.engine.sampling_params import SamplingParams
@@ -154,6 +157,7 @@ class AsyncEngine:
         self._running = 0
         self._dead: str | None = None
         self._stopping = False
+        self._adapter_loads: dict[str, asyncio.Future[AdapterLoaded]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -267,6 +271,28 @@ class AsyncEngine:
             async for delta in deltas:
                 yield delta
 
+    async def load_adapter(self, adapter_id: int, directory: str) -> int:
+        """Have the engine serve the LoRA adapter in `directory` under adapter_id; its rank. RequestRejected
+        says why it cannot be (another model's adapter, say)."""
+        if not self.healthy:
+            raise EngineStoppedError(self._dead or "the engine is not running")
+        assert self._loop is not None
+        request_id = f"lora-{adapter_id}"
+        reply = self._adapter_loads[request_id] = self._loop.create_future()
+        try:
+            self._commands.send(LoadAdapter(request_id, adapter_id, directory))
+            loaded = await reply
+        finally:
+            self._adapter_loads.pop(request_id, None)
+        if loaded.error is not None:
+            raise RequestRejected(loaded.error)
+        return loaded.rank
+
+    def unload_adapter(self, adapter_id: int) -> None:
+        """The engine drops the adapter once its sequences in flight have finished."""
+        if self.healthy:
+            self._commands.send(UnloadAdapter(adapter_id))
+
     def _abort(self, request_id: str, indices: tuple[int, ...] | None = None) -> None:
         self._commands.send(AbortRequest(request_id) if indices is None else AbortRequest(request_id, indices))
 
@@ -280,7 +306,12 @@ class AsyncEngine:
         except (EOFError, OSError):
             self._engine_died()
 
-    def _handle(self, msg: StepOutputs | Idle | Rejected) -> None:
+    def _handle(self, msg: StepOutputs | Idle | Rejected | AdapterLoaded) -> None:
+        if isinstance(msg, AdapterLoaded):
+            reply = self._adapter_loads.get(msg.request_id)
+            if reply is not None and not reply.done():
+                reply.set_result(msg)
+            return
         if isinstance(msg, Rejected):
             queue = self._streams.get(msg.request_id)
             if queue is not None:
@@ -327,6 +358,9 @@ class AsyncEngine:
         log.error(self._dead)
         for queue in self._streams.values():
             queue.put_nowait(EngineStoppedError(self._dead))
+        for reply in self._adapter_loads.values():
+            if not reply.done():
+                reply.set_exception(EngineStoppedError(self._dead))
         if self._on_death is not None:
             self._on_death(self._dead)
 

@@ -192,11 +192,11 @@ def load_adapters(cfg: ServeConfig, model: LoadedModel) -> tuple[AdapterInfo, ..
     for adapter_id, module in enumerate(cfg.lora_modules, start=1):
         if module.name == model.name:
             raise ConfigError(f"--lora-modules: adapter name {module.name!r} is the served model's name")
-        directory = resolve_adapter(cfg, module)
         try:
+            directory = resolve_adapter(cfg, module)
             adapter = read_adapter(directory)
             runner.add_adapter(adapter_id, adapter)
-        except AdapterError as exc:
+        except (AdapterError, ConfigError) as exc:
             raise ConfigError(f"--lora-modules {module.name}: {exc}") from None
         adapters.append(AdapterInfo(module.name, adapter_id, module.path, adapter.rank))
         log.info("LoRA adapter loaded", extra={"adapter": module.name, "source": module.path, "rank": adapter.rank})

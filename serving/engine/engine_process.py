@@ -26,8 +26,10 @@ from serving.cpus import COMPUTE_BOUND_WEIGHT_BYTES, default_threads, engine_cpu
 from serving.engine.llm_engine import DeviceLost, LLMEngine, check_device
 from serving.engine.protocol import (
     AbortRequest,
+    AdapterLoaded,
     AddRequest,
     Idle,
+    LoadAdapter,
     LoadFailed,
     Ready,
     Rejected,
@@ -35,10 +37,12 @@ from serving.engine.protocol import (
     SequenceOutput,
     Shutdown,
     StepOutputs,
+    UnloadAdapter,
     coalesce,
 )
 from serving.heap import freeze_startup_heap
 from serving.logs import setup_logging
+from serving.models.lora import AdapterError
 
 log = logging.getLogger("fleetlm.engine")
 
@@ -114,6 +118,10 @@ def _serve(engine: LLMEngine, commands: Connection, outputs: Connection) -> None
                 return
             if isinstance(msg, AbortRequest):
                 engine.abort_request(msg.request_id, msg.indices)
+            elif isinstance(msg, LoadAdapter):
+                outputs.send(_load_adapter(engine, msg))
+            elif isinstance(msg, UnloadAdapter):
+                engine.unload_adapter(msg.adapter_id)
             elif isinstance(msg, AddRequest):
                 received += msg.n
                 try:
@@ -131,6 +139,17 @@ def _serve(engine: LLMEngine, commands: Connection, outputs: Connection) -> None
                 assert engine.last_stats is not None
                 outputs.send(StepOutputs(coalesce(held) if held_steps > 1 else held, engine.last_stats, received))
                 held, held_steps = [], 0
+
+
+def _load_adapter(engine: LLMEngine, msg: LoadAdapter) -> AdapterLoaded:
+    try:
+        return AdapterLoaded(msg.request_id, engine.load_adapter(msg.adapter_id, msg.directory))
+    except AdapterError as exc:
+        return AdapterLoaded(msg.request_id, 0, str(exc))
+    except Exception as exc:  # unreadable files and the like: the adapter's fault, and the engine goes on
+        check_device(exc)
+        log.warning("loading a LoRA adapter failed", exc_info=True)
+        return AdapterLoaded(msg.request_id, 0, f"{type(exc).__name__}: {exc}")
 
 
 def _writable(conn: Connection) -> bool:

@@ -13,6 +13,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from serving.engine.sampler import SampleResult, prompt_logprobs, sample
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import ScheduledBatch, ScheduledChunk, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
+from serving.models.lora import AdapterError, read_adapter
+from serving.models.native import NativeRunner
 from serving.models.runner import ForwardChunk, ModelRunner
 
 log = logging.getLogger("fleetlm.engine")
@@ -94,6 +97,7 @@ class LLMEngine:
         self.grammars = grammars
         # Sequences whose grammar is being compiled (in a worker thread): scheduled once it is ready.
         self._compiling: list[tuple[Future, list[Sequence]]] = []
+        self._unloading: set[int] = set()  # LoRA adapters to drop once no sequence of theirs is left
 
     @property
     def has_work(self) -> bool:
@@ -170,6 +174,27 @@ class LLMEngine:
                 self._retire(seq, "abort")
         self._compiling = [(f, seqs) for f, seqs in self._compiling if not all(s.is_finished for s in seqs)]
 
+    def load_adapter(self, adapter_id: int, directory: str) -> int:
+        """Serve the PEFT LoRA adapter in `directory` to requests of this id; its rank (AdapterError: why not)."""
+        if not isinstance(self.runner, NativeRunner):
+            raise AdapterError("LoRA adapters are served by the native runner only, not by the transformers runner")
+        adapter = read_adapter(Path(directory))
+        self.runner.add_adapter(adapter_id, adapter)
+        return adapter.rank
+
+    def unload_adapter(self, adapter_id: int) -> None:
+        """Drop an adapter's weights once its sequences in flight have finished (no new ones come: the API
+        no longer knows its name). Its prefix-cache blocks age out: ids are never reused."""
+        self._unloading.add(adapter_id)
+        self._drop_unloaded()
+
+    def _drop_unloaded(self) -> None:
+        assert isinstance(self.runner, NativeRunner)
+        in_use = {seq.params.adapter for seqs in self._requests.values() for seq in seqs if not seq.is_finished}
+        for adapter_id in self._unloading - in_use:
+            self.runner.remove_adapter(adapter_id)
+        self._unloading &= in_use
+
     def _admit_compiled(self) -> list[SequenceOutput]:
         """Schedule the sequences whose grammar is ready; fail those whose grammar failed. With nothing
         else to do, wait a moment for a compilation rather than spin."""
@@ -226,6 +251,8 @@ class LLMEngine:
             else:
                 self.blocks.confirm_step()
                 outputs = self._embedded(hidden, embedders) + self._outputs(logits, score_rows, samplers)
+        if self._unloading:
+            self._drop_unloaded()
         self.last_stats = self._stats(batch, time.perf_counter() - started)
         return failed + outputs
 

@@ -139,6 +139,20 @@ class AbortRequest:
 
 
 @dataclass(slots=True, frozen=True)
+class LoadAdapter:
+    """Serve the LoRA adapter in `directory` under `adapter_id` (answered with AdapterLoaded)."""
+
+    request_id: str
+    adapter_id: int
+    directory: str
+
+
+@dataclass(slots=True, frozen=True)
+class UnloadAdapter:
+    adapter_id: int
+
+
+@dataclass(slots=True, frozen=True)
 class Shutdown:
     pass
 
@@ -167,6 +181,13 @@ class StepOutputs:
 class Idle:
     stats: StepStats
     received: int
+
+
+@dataclass(slots=True, frozen=True)
+class AdapterLoaded:
+    request_id: str
+    rank: int
+    error: str | None = None  # the adapter cannot be served, and why (the client's fault: a 400)
 
 
 @dataclass(slots=True, frozen=True)

@@ -95,12 +95,17 @@ def resolve_source(cfg: ServeConfig) -> ModelSource:
 
 
 def resolve_adapter(cfg: ServeConfig, module: LoraModule) -> Path:
-    """A LoRA adapter's directory: local, or a Hub repo's snapshot (main) fetched into --download-dir."""
-    path = Path(module.path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or not is_hub_id(module.path):
-        raise ConfigError(f"--lora-modules {module.name}: {module.path} is neither a directory nor a Hub id (org/name)")
+    """A LoRA adapter's directory: local, or a Hub repo's snapshot (main) fetched into --download-dir
+    (ConfigError: neither; DownloadError: the fetch failed)."""
+    try:
+        path = Path(module.path).expanduser()
+        if path.is_dir():
+            return path
+        found = path.exists()
+    except (OSError, RuntimeError) as exc:  # a name too long, ~user of no user
+        raise ConfigError(f"{module.path[:200]}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    if found or not is_hub_id(module.path):
+        raise ConfigError(f"{module.path} is neither a directory nor a Hub id (org/name)")
     from serving.download import download_model
 
     return download_model(module.path, None, hub_cache_dir(cfg, module.path) / "main", token=hub_token())
