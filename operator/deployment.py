@@ -20,6 +20,8 @@ HTTP_PORT = 8080
 MODELS_DIR = "/models"
 USER_ID = 1000
 DOWNLOAD_CONTAINER = "model-download"
+# The init container fetching spec.model.adapters[i] is ADAPTER_DOWNLOAD_PREFIX + i; it runs after the model's.
+ADAPTER_DOWNLOAD_PREFIX = "adapter-download-"
 SERVER_CONTAINER = "server"
 STARTUP_PERIOD_S = 10
 # On SIGTERM the server answers new requests 503 while the endpoints controller and kube-proxy remove the
@@ -112,7 +114,9 @@ def pod_template(
         "volumes": _volumes(owner, spec),
     }
     if spec.model.hf is not None:
-        pod["initContainers"] = [_downloader(spec, image, hub)]
+        pod["initContainers"] = [_downloader(spec, image, hub)] + [
+            _adapter_downloader(spec, image, hub, i) for i in range(len(spec.model.adapters))
+        ]
     _schedule(pod, spec)
     if colocate:
         _colocate(pod, owner)
@@ -169,6 +173,8 @@ def _server(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict
         args += ["--gguf-file", spec.model.hf.gguf_file]
     if spec.model.tokenizer:
         args += ["--tokenizer-path", spec.model.tokenizer]
+    if spec.model.adapters:
+        args += ["--lora-modules", *(f"{a.name}={MODELS_DIR}/{naming.adapter_cache_dir(a)}" for a in spec.model.adapters)]
     # A pod shares its node's cores: pinning the engine to "its own" core would put every pod's
     # engine on the same one. And without a CPU limit the server would count the node's cores, so
     # a CPU pod tells it its request; the server sizes its engine threads from that and the model.
@@ -222,6 +228,21 @@ def _server(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     return container
+
+
+def _adapter_downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin, index: int) -> dict[str, Any]:
+    """spec.model.adapters[index], fetched as the model is (endpoint, CA, token, env): an adapter's repo is
+    a model repo's config and weights files. Never --cache-root: an adapter evicts nothing."""
+    adapter = spec.model.adapters[index]
+    container = _downloader(spec, image, hub)
+    container["name"] = f"{ADAPTER_DOWNLOAD_PREFIX}{index}"
+    container["args"] = ["--model", adapter.repo, "--revision", adapter.revision, "--dest", f"{MODELS_DIR}/{naming.adapter_cache_dir(adapter)}"]
+    return container
+
+
+def is_download(container_name: str | None) -> bool:
+    """Whether an init container of a serving pod fetches from the Hub (the model or an adapter)."""
+    return container_name == DOWNLOAD_CONTAINER or (container_name or "").startswith(ADAPTER_DOWNLOAD_PREFIX)
 
 
 def _downloader(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict[str, Any]:

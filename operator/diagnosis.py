@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_operator import naming
-from llm_operator.deployment import DOWNLOAD_CONTAINER, SERVER_CONTAINER
+from llm_operator.deployment import DOWNLOAD_CONTAINER, SERVER_CONTAINER, is_download
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ def _diagnose_pod(pod: dict[str, Any], current: bool, report: PodReport) -> None
         report.add(Problem("Unschedulable", f"pod {name}: {message}"))
 
     for cs in status.get("initContainerStatuses", []):
-        if cs.get("name") != DOWNLOAD_CONTAINER:
+        if not is_download(cs.get("name")):
             continue
         state, last = cs.get("state", {}), cs.get("lastState", {})
         # States are keyed by presence: "running" may be an empty object.
@@ -100,9 +100,10 @@ def _diagnose_pod(pod: dict[str, Any], current: bool, report: PodReport) -> None
         if "running" in state:
             report.downloading = report.downloading or current
         elif finished is not None and finished.get("exitCode") == 0:
-            report.downloaded = report.downloaded or current
+            if cs.get("name") == DOWNLOAD_CONTAINER:  # the model's (its cache is what `downloaded` reports)
+                report.downloaded = report.downloaded or current
         elif finished is not None:
-            report.add(_download_failure(name, finished))
+            report.add(_download_failure(name, finished, cs["name"]))
         elif state.get("waiting", {}).get("reason") in IMAGE_PULL | CONFIG_ERRORS:
             report.add(_waiting_problem(name, cs, state["waiting"]))
 
@@ -155,7 +156,7 @@ def _claim_pending(claim: dict[str, Any], pod: str, message: str) -> Problem:
     return Problem("CacheClaimPending", text)
 
 
-def _download_failure(pod: str, terminated: dict[str, Any]) -> Problem:
+def _download_failure(pod: str, terminated: dict[str, Any], container: str) -> Problem:
     code = terminated.get("exitCode")
     if terminated.get("reason") == "OOMKilled":
         return Problem("DownloadOutOfMemory", f"pod {pod}: the downloader ran out of memory")
@@ -163,7 +164,8 @@ def _download_failure(pod: str, terminated: dict[str, Any]) -> Problem:
         code, ("DownloadFailed", "the downloader failed unexpectedly: see its logs")
     )
     said = last_logged_error(terminated.get("message"))
-    return Problem(reason, f"pod {pod}: model download exited with code {code}: {advice}" + (f" (it said: {said})" if said else ""))
+    what = "model download" if container == DOWNLOAD_CONTAINER else f"LoRA adapter download ({container})"
+    return Problem(reason, f"pod {pod}: {what} exited with code {code}: {advice}" + (f" (it said: {said})" if said else ""))
 
 
 def last_logged_error(message: Any) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llm_operator.spec import LLMDeploymentSpec
+from llm_operator.spec import AdapterSource, LLMDeploymentSpec
 
 GROUP = "fleetlm.dev"
 VERSION = "v1alpha1"
@@ -120,6 +120,11 @@ def hf_cache_dir(spec: LLMDeploymentSpec, commit: str | None = None) -> str:
         # deployments of one repo's Q4 and Q8 on a shared claim deleted each other's.
         revision += "--" + spec.model.hf.gguf_file.replace("/", "--")
     return f"hf/{repo}/{revision}"
+
+
+def adapter_cache_dir(adapter: AdapterSource) -> str:
+    """Where in the cache volume a LoRA adapter lives: as a model does, one directory per repo and revision."""
+    return f"hf/{adapter.repo.replace('/', '--')}/{adapter.revision.replace('/', '--')}"
 
 
 def served_name(spec: LLMDeploymentSpec) -> str:

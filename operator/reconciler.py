@@ -31,7 +31,7 @@ from llm_operator.children import (
     referenced_claims,
 )
 from llm_operator.config import OperatorConfig
-from llm_operator.deployment import DOWNLOAD_CONTAINER, desired_replicas
+from llm_operator.deployment import desired_replicas
 from llm_operator.diagnosis import Problem, diagnose, unscheduled
 from llm_operator.drift import drifted
 from llm_operator.hub import Resolver
@@ -474,9 +474,9 @@ class Reconciler:
         if pod is None:
             return None
         log_tail = None
-        if startup.downloading(pod):
+        if (container := startup.downloading(pod)) is not None:
             try:
-                log_tail = self.kube.pod_log(namespace, pod["metadata"]["name"], DOWNLOAD_CONTAINER, LOG_TAIL_LINES)
+                log_tail = self.kube.pod_log(namespace, pod["metadata"]["name"], container, LOG_TAIL_LINES)
             except ApiException as error:  # pods/log forbidden, or not yet readable: times only
                 logger.debug(f"no download progress from the log: {api_error_message(error)}")
         return startup.timeline(pod, log_tail)

@@ -107,12 +107,21 @@ class ApiKeySecretRef(_Model):
     key: str = "api-key"
 
 
+class AdapterSource(_Model):
+    """A LoRA adapter served beside the model: a Hub repo the pod fetches into the cache volume."""
+
+    name: str
+    repo: str
+    revision: str = "main"
+
+
 class ModelSpec(_Model):
     hf: HfSource | None = None
     pvc: PvcSource | None = None
     served_name: str | None = None
     tokenizer: str | None = None
     token_secret_ref: TokenSecretRef | None = None
+    adapters: tuple[AdapterSource, ...] = ()
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -120,6 +129,14 @@ class ModelSpec(_Model):
             raise ValueError("model needs exactly one source: hf or pvc")
         if self.token_secret_ref is not None and self.hf is None:
             raise ValueError("tokenSecretRef applies to hf models only")
+        if self.adapters and self.hf is None:
+            raise ValueError("adapters come from the Hub beside an hf model")
+        names = [a.name for a in self.adapters]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"adapters: the name {twice[0]!r} is given twice")
+        served = self.served_name or (self.hf.repo if self.hf is not None else None)
+        if served in names:
+            raise ValueError(f"adapters: {served!r} is the model's served name")
         return self
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llm_operator.deployment import DOWNLOAD_CONTAINER, SERVER_CONTAINER
+from llm_operator.deployment import DOWNLOAD_CONTAINER, SERVER_CONTAINER, is_download
 
 PROGRESS_LINE = "download progress"
 
@@ -75,7 +75,7 @@ def timeline(pod: dict[str, Any], log_tail: str | None = None) -> dict[str, Any]
         phase = "Ready"
     elif "serverStartedAt" in out:
         phase = "LoadingWeights"
-    elif init.get("state", {}).get("running") is not None:
+    elif downloading(pod) is not None:
         phase = "Downloading"
         progress = download_progress(log_tail)
         if progress:
@@ -88,5 +88,7 @@ def timeline(pod: dict[str, Any], log_tail: str | None = None) -> dict[str, Any]
     return out
 
 
-def downloading(pod: dict[str, Any]) -> bool:
-    return _container(pod, "initContainerStatuses", DOWNLOAD_CONTAINER).get("state", {}).get("running") is not None
+def downloading(pod: dict[str, Any]) -> str | None:
+    """The init container fetching the pod's model or one of its LoRA adapters now, if any."""
+    statuses = pod.get("status", {}).get("initContainerStatuses", [])
+    return next((c["name"] for c in statuses if is_download(c.get("name")) and c.get("state", {}).get("running") is not None), None)

@@ -41,6 +41,7 @@ SPECS = {
             "hf": {"repo": "org/m", "revision": "refs/pr/1"},
             "tokenizer": "org/tok",
             "tokenSecretRef": {"name": "hf"},
+            "adapters": [{"name": "sql", "repo": "org/sql-lora"}, {"name": "tone", "repo": "org/tone-lora", "revision": "v2"}],
         },
         engine={
             "apiKeySecretRef": {"name": "keys"},
@@ -520,6 +521,45 @@ def test_a_gguf_file_of_a_multi_quant_repo_reaches_the_downloader() -> None:
     for bad in ("../m.gguf", "/abs/m.gguf", "m.bin"):
         with pytest.raises(InvalidSpec, match="ggufFile"):
             parse_spec(llmd(model={"hf": {"repo": "org/m-GGUF", "ggufFile": bad}})["spec"])
+
+
+def test_lora_adapters_are_fetched_into_the_cache_after_the_model_and_served_by_name() -> None:
+    body = llmd(
+        model={
+            "hf": {"repo": "org/m", "endpoint": "https://hub.mirror.local", "caBundle": {"configMapName": "ca"}},
+            "tokenSecretRef": {"name": "hf"},
+            "adapters": [{"name": "sql", "repo": "org/sql-lora"}, {"name": "acme/tone", "repo": "org/tone-lora", "revision": "v2"}],
+        }
+    )
+    children = build(body)
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["model-download", "adapter-download-0", "adapter-download-1"]
+    model, sql, tone = pod["initContainers"]
+    assert args(sql) == {"--model": "org/sql-lora", "--revision": "main", "--dest": "/models/hf/org--sql-lora/main"}
+    assert args(tone)["--dest"] == "/models/hf/org--tone-lora/v2" and "--cache-root" in args(model)  # adapters evict nothing
+    for adapter in (sql, tone):  # the model's Hub access: mirror, CA, token
+        env = {e["name"]: e for e in adapter["env"]}
+        assert env["HF_ENDPOINT"]["value"] == "https://hub.mirror.local" and "HF_TOKEN" in env and "FLEETLM_EXTRA_CA_FILE" in env
+        assert adapter["volumeMounts"] == model["volumeMounts"]
+    flags = container(children)["args"]
+    modules = flags[flags.index("--lora-modules") + 1 : flags.index("--lora-modules") + 3]
+    assert modules == ["sql=/models/hf/org--sql-lora/main", "acme/tone=/models/hf/org--tone-lora/v2"]
+    assert "--lora-modules" not in container(build(llmd()))["args"]
+    kubernetes_validate.validate(children["Deployment"], desired_version="1.29", strict=True)
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ({"pvc": {"claimName": "w"}, "adapters": [{"name": "a", "repo": "org/a"}]}, "beside an hf model"),
+        ({"hf": {"repo": "org/m"}, "adapters": [{"name": "a", "repo": "org/a"}, {"name": "a", "repo": "org/b"}]}, "given twice"),
+        ({"hf": {"repo": "org/m"}, "adapters": [{"name": "org/m", "repo": "org/a"}]}, "served name"),
+        ({"hf": {"repo": "org/m"}, "servedName": "m", "adapters": [{"name": "m", "repo": "org/a"}]}, "served name"),
+    ],
+)
+def test_adapters_the_server_could_not_serve_are_an_invalid_spec(model: dict[str, Any], words: str) -> None:
+    with pytest.raises(InvalidSpec, match=words):
+        parse_spec(llmd(model=model)["spec"])
 
 
 def test_empty_toleration_fields_are_left_out_as_the_api_stores_them() -> None:

@@ -67,6 +67,11 @@ BAD = {
         "tokenSecretRef applies to hf models only",
         True,
     ),
+    "adapters for pvc": (
+        _with("spec.model", {"pvc": {"claimName": "w"}, "adapters": [{"name": "a", "repo": "org/a"}]}),
+        "adapters come from the Hub beside an hf model",
+        True,
+    ),
     "min above max": (
         _with("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2}),
         "must not exceed",

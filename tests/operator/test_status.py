@@ -153,6 +153,22 @@ def test_download_exit_codes_become_reasons(code: int, reason: str) -> None:
         assert s["phase"] == "Degraded"
 
 
+def test_a_failed_adapter_download_is_named_and_its_progress_is_the_startups() -> None:
+    from llm_operator import startup
+
+    model_done = {"name": "model-download", "state": {"terminated": {"exitCode": 0, "startedAt": "t1", "finishedAt": "t2"}}}
+    failed = {"name": "adapter-download-1", "state": {"terminated": {"exitCode": 4}}, "lastState": {}}
+    s = status([pod({"initContainerStatuses": [model_done, failed]})], deployment())
+    degraded = next(c for c in s["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "ModelNotFound" and "LoRA adapter download (adapter-download-1)" in degraded["message"]
+    running = {"name": "adapter-download-0", "state": {"running": {"startedAt": "t3"}}}
+    fetching = pod({"initContainerStatuses": [model_done, running]})
+    assert startup.downloading(fetching) == "adapter-download-0"
+    timeline = startup.timeline(fetching)
+    assert timeline["phase"] == "Downloading" and timeline["downloadedAt"] == "t2"  # the model's
+    assert startup.downloading(pod({"initContainerStatuses": [model_done]})) is None
+
+
 def test_a_failed_containers_last_logged_error_is_quoted() -> None:
     """The containers keep their last log lines as their termination message (FallbackToLogsOnError): the
     downloader's own reason (a ggufFile not in the repo, which exit 2 alone called "rejected arguments"),
