@@ -41,3 +41,17 @@ def test_rendered_pods_speak_the_serving_cli(path):
             assert args.model == body["spec"]["model"]["hf"]["repo"]
             if args.cache_root is not None:  # the directory of models the destination is among
                 assert args.cache_root in args.dest.parents
+
+
+def test_adapters_are_served_from_where_their_init_containers_put_them():
+    body = {
+        "metadata": {"name": "m", "namespace": "ml", "uid": "uid-1"},
+        "spec": {"model": {"hf": {"repo": "org/m"}, "adapters": [{"name": "sql", "repo": "org/sql"}, {"name": "t", "repo": "org/t", "revision": "v2"}]}},
+    }
+    pod = deployment(Owner.of(body), parse_spec(body["spec"]), "img")["spec"]["template"]["spec"]
+    cfg = load_config(pod["containers"][0]["args"], {})
+    fetched = {}
+    for init in pod["initContainers"][1:]:
+        args = download_parser().parse_args(init["args"])
+        fetched[args.model] = str(args.dest)
+    assert {m.name: m.path for m in cfg.lora_modules} == {"sql": fetched["org/sql"], "t": fetched["org/t"]}
