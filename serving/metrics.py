@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -93,6 +95,17 @@ class Metrics:
         self.vllm_cache_config = Gauge(
             "vllm:cache_config_info", "The KV cache's layout (labels; value 1)", ["block_size", "num_gpu_blocks"], registry=r
         )
+        # vLLM's LoRA gauge, which LoRA-aware routers (vLLM's production-stack router) read: its labels say which
+        # adapters have sequences running and waiting, its value when that was last seen. One series at a time
+        # (vLLM keeps every combination it ever saw); none where no adapter is served.
+        self.vllm_lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "LoRA adapters with sequences running and waiting (labels: comma-separated names; max_lora: adapters "
+            "loaded); the value is when this was seen (Unix time)",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        )
+        self._lora_labels: tuple[str, str, str] | None = None
         self.model = model
         self._totals: dict[str, int] = {}  # the engine's running totals already counted
         every = (
@@ -133,6 +146,15 @@ class Metrics:
         if stats.batch_size:
             self.batch_size.labels(m).observe(stats.batch_size)
             self.step_duration.labels(m).observe(stats.duration)
+        if stats.adapters_loaded or self._lora_labels is not None:
+            self._observe_adapters(stats)
+
+    def _observe_adapters(self, stats: StepStats) -> None:
+        labels = (",".join(stats.running_adapters), ",".join(stats.waiting_adapters), str(stats.adapters_loaded))
+        if labels != self._lora_labels:
+            self.vllm_lora_info.clear()
+            self._lora_labels = labels
+        self.vllm_lora_info.labels(*labels).set(time.time())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -111,6 +111,17 @@ def test_each_adapter_generates_what_peft_generates_in_one_mixed_batch(model_dir
     expected = {r: peft_greedy(model_dir, adapters.get(r.split("/")[0]), prompt, 12) for r, (_, prompt) in requests.items()}
     assert expected["every-projection/0"] != expected["base/0"] != expected["attention-only/0"]
     assert got == expected
+    assert engine.last_stats.adapters_loaded == 2 and engine.last_stats.running_adapters == ()
+
+
+def test_step_stats_name_the_adapters_running_and_waiting(model_dir, adapters):
+    engine, ids = _engine(model_dir, adapters, max_batch_size=1)
+    for name in ("attention-only", "every-projection"):
+        engine.add_request(name, PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0, adapter=ids[name]))
+    engine.add_request("base", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0))
+    engine.step()
+    stats = engine.last_stats
+    assert (stats.running_adapters, stats.waiting_adapters) == (("attention-only",), ("every-projection",))
 
 
 def test_the_prefix_cache_keeps_each_adapters_kv_apart(model_dir, adapters):
@@ -268,7 +279,7 @@ def test_a_bad_adapter_is_a_400_and_the_server_goes_on(updatable, model_dir, tmp
 
 def test_an_adapter_unloaded_mid_generation_finishes_it_then_goes(model_dir, adapters):
     engine, _ = _engine(model_dir, {})
-    assert engine.load_adapter(7, str(adapters["every-projection"])) == 8
+    assert engine.load_adapter(7, str(adapters["every-projection"]), "late") == 8
     expected = peft_greedy(model_dir, adapters["every-projection"], PROMPTS[1], 12)
     engine.add_request("r", PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, adapter=7))
     got = [t for out in engine.step() + engine.step() for t in out.token_ids]

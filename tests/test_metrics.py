@@ -44,3 +44,16 @@ def test_cache_config_info_names_the_block_size_and_count_once_the_engine_is_loa
     assert _scrape(metrics)["vllm:cache_config_info"] == ("gauge", {})  # not before the engine says
     metrics.describe_cache(16, 2048)
     assert _scrape(metrics)["vllm:cache_config_info"] == ("gauge", {(("block_size", "16"), ("num_gpu_blocks", "2048")): 1.0})
+
+
+def test_lora_requests_info_names_the_adapters_running_and_waiting_in_one_series():
+    from dataclasses import replace
+
+    metrics = Metrics("m")
+    metrics.observe_step(_stats(0, 1, 0.1))
+    assert _scrape(metrics)["vllm:lora_requests_info"] == ("gauge", {})  # no adapters served: no series
+    for running, waiting in ((("sql",), ()), (("sql", "tone"), ("tone",)), ((), ())):
+        metrics.observe_step(replace(_stats(len(waiting), len(running), 0.1), running_adapters=running, waiting_adapters=waiting, adapters_loaded=2))
+        (labels, seen), = _scrape(metrics)["vllm:lora_requests_info"][1].items()
+        assert dict(labels) == {"running_lora_adapters": ",".join(running), "waiting_lora_adapters": ",".join(waiting), "max_lora": "2"}
+        assert seen > 1.7e9  # when, as vLLM's

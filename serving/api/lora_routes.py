@@ -68,7 +68,7 @@ async def load_lora_adapter():
             raise bad_request(str(exc), param="lora_path") from None
         adapter_id = next(st.model.adapter_ids)
         try:
-            rank = await st.engine.load_adapter(adapter_id, str(directory))
+            rank = await st.engine.load_adapter(adapter_id, str(directory), req.lora_name)
         except RequestRejected as exc:
             raise bad_request(f"The lora adapter '{req.lora_name}' cannot be served: {exc}", param="lora_path") from None
         st.model.adapters[req.lora_name] = AdapterInfo(req.lora_name, adapter_id, req.lora_path, rank)

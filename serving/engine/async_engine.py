@@ -271,7 +271,7 @@ class AsyncEngine:
             async for delta in deltas:
                 yield delta
 
-    async def load_adapter(self, adapter_id: int, directory: str) -> int:
+    async def load_adapter(self, adapter_id: int, directory: str, name: str) -> int:
         """Have the engine serve the LoRA adapter in `directory` under adapter_id; its rank. RequestRejected
         says why it cannot be (another model's adapter, say)."""
         if not self.healthy:
@@ -280,7 +280,7 @@ class AsyncEngine:
         request_id = f"lora-{adapter_id}"
         reply = self._adapter_loads[request_id] = self._loop.create_future()
         try:
-            self._commands.send(LoadAdapter(request_id, adapter_id, directory))
+            self._commands.send(LoadAdapter(request_id, adapter_id, directory, name))
             loaded = await reply
         finally:
             self._adapter_loads.pop(request_id, None)

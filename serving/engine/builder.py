@@ -236,6 +236,7 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
             lambda: load_tokenizer(cfg, model.directory, model.gguf_file), runner.vocab_size, model.eos_token_ids
         ),
     )
+    engine.adapter_names.update((a.id, a.name) for a in adapters)
     info = ModelInfo(
         name=model.name,
         max_model_len=model.max_model_len,

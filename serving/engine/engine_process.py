@@ -143,7 +143,7 @@ def _serve(engine: LLMEngine, commands: Connection, outputs: Connection) -> None
 
 def _load_adapter(engine: LLMEngine, msg: LoadAdapter) -> AdapterLoaded:
     try:
-        return AdapterLoaded(msg.request_id, engine.load_adapter(msg.adapter_id, msg.directory))
+        return AdapterLoaded(msg.request_id, engine.load_adapter(msg.adapter_id, msg.directory, msg.name))
     except AdapterError as exc:
         return AdapterLoaded(msg.request_id, 0, str(exc))
     except Exception as exc:  # unreadable files and the like: the adapter's fault, and the engine goes on

@@ -11,6 +11,7 @@ import concurrent.futures
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -98,6 +99,7 @@ class LLMEngine:
         # Sequences whose grammar is being compiled (in a worker thread): scheduled once it is ready.
         self._compiling: list[tuple[Future, list[Sequence]]] = []
         self._unloading: set[int] = set()  # LoRA adapters to drop once no sequence of theirs is left
+        self.adapter_names: dict[int, str] = {}  # the LoRA adapters served, by id
 
     @property
     def has_work(self) -> bool:
@@ -115,8 +117,22 @@ class LLMEngine:
         preempted, queries, hits = self._totals
         return StepStats(
             0, 0, self.num_waiting, self.num_running, self.blocks.usage, 0, 0.0,
-            preempted_total=preempted, prefix_queries_total=queries, prefix_hits_total=hits,
+            preempted_total=preempted, prefix_queries_total=queries, prefix_hits_total=hits, **self._adapter_stats(),
         )  # fmt: skip
+
+    def _adapter_stats(self) -> dict[str, Any]:
+        """StepStats' LoRA fields: nothing to compute where no adapter is served."""
+        if not self.adapter_names:
+            return {}
+
+        def names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
+            return tuple(sorted({self.adapter_names[s.params.adapter] for s in seqs if s.params.adapter in self.adapter_names}))
+
+        return {
+            "running_adapters": names(self.scheduler.running),
+            "waiting_adapters": names(self.scheduler.waiting),
+            "adapters_loaded": len(self.adapter_names) - len(self._unloading),
+        }
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> None:
         """Queue n sequences for the prompt, or none of them (RequestRejected)."""
@@ -174,12 +190,13 @@ class LLMEngine:
                 self._retire(seq, "abort")
         self._compiling = [(f, seqs) for f, seqs in self._compiling if not all(s.is_finished for s in seqs)]
 
-    def load_adapter(self, adapter_id: int, directory: str) -> int:
+    def load_adapter(self, adapter_id: int, directory: str, name: str) -> int:
         """Serve the PEFT LoRA adapter in `directory` to requests of this id; its rank (AdapterError: why not)."""
         if not isinstance(self.runner, NativeRunner):
             raise AdapterError("LoRA adapters are served by the native runner only, not by the transformers runner")
         adapter = read_adapter(Path(directory))
         self.runner.add_adapter(adapter_id, adapter)
+        self.adapter_names[adapter_id] = name
         return adapter.rank
 
     def unload_adapter(self, adapter_id: int) -> None:
@@ -193,6 +210,7 @@ class LLMEngine:
         in_use = {seq.params.adapter for seqs in self._requests.values() for seq in seqs if not seq.is_finished}
         for adapter_id in self._unloading - in_use:
             self.runner.remove_adapter(adapter_id)
+            self.adapter_names.pop(adapter_id, None)
         self._unloading &= in_use
 
     def _admit_compiled(self) -> list[SequenceOutput]:
@@ -274,6 +292,7 @@ class LLMEngine:
             preempted_total=totals[0],
             prefix_queries_total=totals[1],
             prefix_hits_total=totals[2],
+            **self._adapter_stats(),
         )
 
     def _forward(

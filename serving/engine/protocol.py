@@ -115,6 +115,11 @@ class StepStats:
     preempted_total: int = 0
     prefix_queries_total: int = 0
     prefix_hits_total: int = 0
+    # LoRA adapters with sequences running, and waiting (names, sorted), and how many are loaded: only
+    # where adapters are served (vllm:lora_requests_info, which LoRA-aware routers read).
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    adapters_loaded: int = 0
 
 
 class RequestRejected(Exception):
@@ -145,6 +150,7 @@ class LoadAdapter:
     request_id: str
     adapter_id: int
     directory: str
+    name: str
 
 
 @dataclass(slots=True, frozen=True)
