@@ -28,7 +28,7 @@ ADAPTERS = {
 }
 
 
-def make_adapter(model_dir: Path, out: Path, targets: list[str], r: int, alpha: int, rslora: bool, seed: int) -> Path:
+def make_adapter(model_dir: Path, out: Path, targets: list[str] | str, r: int, alpha: int, rslora: bool, seed: int) -> Path:
     """A PEFT LoRA adapter of the model, with random A and B (a trained adapter's B is far from zero too)."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
@@ -112,6 +112,18 @@ def test_each_adapter_generates_what_peft_generates_in_one_mixed_batch(model_dir
     assert expected["every-projection/0"] != expected["base/0"] != expected["attention-only/0"]
     assert got == expected
     assert engine.last_stats.adapters_loaded == 2 and engine.last_stats.running_adapters == ()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_each_architecture_serves_peft_adapters_of_all_its_linear_layers(tmp_path, arch):
+    """PEFT's "all-linear": q/k/v separately where we fuse them (Qwen, Mistral), Phi-3's own fused qkv_proj
+    and gate_up_proj as they are; Qwen3's q/k norms after the adapted projection."""
+    model_dir = make_tiny_model(tmp_path, arch)
+    adapter = make_adapter(model_dir, tmp_path / "adapter", "all-linear", 4, 8, False, seed=5)
+    engine, ids = _engine(model_dir, {"a": adapter})
+    got = _greedy(engine, {"a": (ids["a"], PROMPTS[0]), "base": (0, PROMPTS[0])}, 8)
+    assert got == {"a": peft_greedy(model_dir, adapter, PROMPTS[0], 8), "base": peft_greedy(model_dir, None, PROMPTS[0], 8)}
+    assert got["a"] != got["base"]
 
 
 def test_step_stats_name_the_adapters_running_and_waiting(model_dir, adapters):
