@@ -115,7 +115,7 @@ async def _one(client: openai.AsyncOpenAI, model: str, req: Request, ignore_eos:
 
 async def run_load(
     base_url: str,
-    model: str,
+    model: str | list[str],
     workload: list[Request],
     concurrency: int,
     system: str = "fleetlm",
@@ -123,19 +123,21 @@ async def run_load(
     keepalive: bool = True,
 ) -> RunSummary:
     """keepalive=False: a new connection per request (llama.cpp's server closes a kept-alive connection
-    after a few requests, and a request sent on it just then fails without a response)."""
+    after a few requests, and a request sent on it just then fails without a response). Several models:
+    the requests take them in turn (LoRA adapters of one server, say)."""
+    models = [model] if isinstance(model, str) else model
     idle = concurrency + 4 if keepalive else 0
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=idle)
     async with httpx.AsyncClient(limits=limits, timeout=600) as http:
         client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", http_client=http, max_retries=0)
         semaphore = asyncio.Semaphore(concurrency)
 
-        async def bounded(req: Request) -> RequestResult:
+        async def bounded(req: Request, name: str) -> RequestResult:
             async with semaphore:
-                return await _one(client, model, req, ignore_eos)
+                return await _one(client, name, req, ignore_eos)
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(bounded(r) for r in workload))
+        results = await asyncio.gather(*(bounded(r, models[i % len(models)]) for i, r in enumerate(workload)))
         return RunSummary.from_results(system, concurrency, list(results), time.perf_counter() - started)
 
 

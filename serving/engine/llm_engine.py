@@ -308,6 +308,8 @@ class LLMEngine:
         embedders: list[Sequence] = []
         forward: list[ForwardChunk] = []
         row = 0
+        if self.adapter_names:  # each LoRA adapter's rows side by side (decodes still first): its matmuls take slices
+            chunks = sorted(chunks, key=lambda c: (not c.decode, c.seq.params.adapter))
         for c in chunks:
             seq, n = c.seq, c.num_tokens
             start, end = seq.num_cached, seq.num_cached + n

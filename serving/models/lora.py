@@ -105,7 +105,8 @@ def _tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class LoraWeights:
-    """One projection's adapters: adapter id -> (A [r, in], B [out, r]), on the projection's device."""
+    """One projection's adapters: adapter id -> (A transposed [in, r], B transposed [r, out]), on the
+    projection's device, laid out for x @ A^T and then (x @ A^T) @ B^T."""
 
     __slots__ = ("pairs",)
 
@@ -117,15 +118,30 @@ class LoraWeights:
 class LoraStep:
     """Which packed rows of a step use which adapter (the base model's rows are in no group)."""
 
-    groups: list[tuple[int, torch.Tensor]]  # (adapter id, its rows [n] on the device)
+    # (adapter id, its rows): a slice where they are consecutive (one adapter's decodes, a prefill chunk:
+    # two matmuls on views of x and out), else their indices [n] on the device (gathered, then added back).
+    groups: list[tuple[int, slice | torch.Tensor]]
 
     def add_(self, out: torch.Tensor, x: torch.Tensor, weights: LoraWeights) -> None:
-        """out += B @ A @ x for the rows of each adapter that adapts this projection."""
-        for adapter, rows in self.groups:
-            pair = weights.pairs.get(adapter)
-            if pair is not None:
-                a, b = pair
-                out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+        """out += B @ A @ x for the rows of each adapter that adapts this projection. On CPU in one thread:
+        these matmuls are too small to share, and torch's worker threads, left spinning after each, would take
+        the cores from the C kernels of the next projection (measured: a third of the step on 2 cores)."""
+        threads = torch.get_num_threads() if x.is_cpu else 1
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            for adapter, rows in self.groups:
+                pair = weights.pairs.get(adapter)
+                if pair is None:
+                    continue
+                a_t, b_t = pair
+                if isinstance(rows, slice):
+                    out[rows].addmm_(x[rows].mm(a_t), b_t)
+                else:
+                    out.index_add_(0, rows, x.index_select(0, rows).mm(a_t).mm(b_t))
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
 
 
 def install(model: nn.Module, adapter_id: int, adapter: Adapter, device: torch.device, dtype: torch.dtype) -> None:
@@ -159,7 +175,7 @@ def install(model: nn.Module, adapter_id: int, adapter: Adapter, device: torch.d
         for first, rows, part_a, part_b in parts:
             b[first : first + rows, col : col + part_a.shape[0]] = part_b
             col += part_a.shape[0]
-        owner.lora[ours].pairs[adapter_id] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
+        owner.lora[ours].pairs[adapter_id] = (a.t().to(device, dtype).contiguous(), b.t().to(device, dtype).contiguous())
 
 
 def uninstall(model: nn.Module, adapter_id: int) -> None:

@@ -199,11 +199,11 @@ class StepInputs:
             )
         elif prefill:
             p_context = [ints.add(cache_slots(c.block_table, 0, c.start + len(c.token_ids), block_size)) for _, c in prefill]
-        lora_rows = {adapter: ints.add(rows) for adapter, rows in adapted.items()}
+        lora_rows = {adapter: _consecutive(rows) or ints.add(rows) for adapter, rows in adapted.items()}
         on = ints.to(device)
         batch = AttentionBatch(slot_mapping=on(t_slots), block_size=block_size, backend=backend)
         if lora_rows:
-            batch.lora = LoraStep([(adapter, on(rows)) for adapter, rows in lora_rows.items()])
+            batch.lora = LoraStep([(a, rows if isinstance(rows, slice) else on(rows)) for a, rows in lora_rows.items()])
         if decoding:
             batch.decode_rows, batch.decode_blocks, batch.decode_lens = on(d_rows), on(d_tables), on(d_lens)
             batch.decodes_first = decode_rows == list(range(len(decode_rows)))
@@ -216,6 +216,11 @@ class StepInputs:
                 for (row, c), context in zip(prefill, p_context, strict=True)
             ]
         return cls(on(t_ids), on(t_pos), on(t_rows), batch)
+
+
+def _consecutive(rows: list[int]) -> slice | None:
+    """rows as a slice, where they are one run (rows are ascending)."""
+    return slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else None
 
 
 @contextlib.contextmanager
