@@ -32,6 +32,7 @@ class LoraModule(BaseModel):
 
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
+    revision: str | None = Field(None, min_length=1)  # a Hub path's branch, tag or commit (default main)
     base_model_name: str | None = None  # vLLM's field: accepted; this server has one base model
 
     @model_validator(mode="before")
@@ -147,7 +148,8 @@ class ServeConfig(BaseModel):
     lora_modules: tuple[LoraModule, ...] = Field(
         (),
         description="LoRA adapters (PEFT format) served beside the model, each as NAME=PATH or a JSON object "
-        '{"name": ..., "path": ...}; PATH is a directory or a Hub id; clients send NAME as the model',
+        '{"name": ..., "path": ..., "revision": ...}; PATH is a directory or a Hub id (revision: its branch, tag or '
+        "commit, default main); clients send NAME as the model",
     )
     allow_runtime_lora_updating: bool = Field(
         False,

@@ -230,12 +230,12 @@ def test_adapters_that_cannot_be_served_stop_the_start_with_the_reason(model_dir
 
 def test_an_adapter_is_fetched_from_the_hub(fake_hub, model_dir, adapters, tmp_path):
     adapter = adapters["attention-only"]
-    fake_hub.add_repo("acme/tiny-lora", {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()})
+    fake_hub.add_repo("acme/tiny-lora", {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()}, refs=("v1",))
     cache = tmp_path / "cache"
-    modules = ['{"name": "hub-lora", "path": "acme/tiny-lora"}']
+    modules = ['{"name": "hub-lora", "path": "acme/tiny-lora", "revision": "v1"}']
     with RunningServer(model_path=str(model_dir), served_model_name="tiny", lora_modules=modules, download_dir=str(cache)) as s:
         assert _text(s, "hub-lora", PROMPTS[1]) != _text(s, "tiny", PROMPTS[1])
-    fetched = {p.name for p in (cache / "acme--tiny-lora" / "main").iterdir()}
+    fetched = {p.name for p in (cache / "acme--tiny-lora" / "v1").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= fetched
 
 

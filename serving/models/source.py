@@ -108,4 +108,5 @@ def resolve_adapter(cfg: ServeConfig, module: LoraModule) -> Path:
         raise ConfigError(f"{module.path} is neither a directory nor a Hub id (org/name)")
     from serving.download import download_model
 
-    return download_model(module.path, None, hub_cache_dir(cfg, module.path) / "main", token=hub_token())
+    revision = module.revision or "main"
+    return download_model(module.path, revision, hub_cache_dir(cfg, module.path) / revision.replace("/", "--"), token=hub_token())
