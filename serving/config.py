@@ -68,7 +68,11 @@ class ServeConfig(BaseModel):
     )
     tokenizer_path: str | None = Field(None, description="tokenizer directory or Hub id (default: the model's)")
     gguf_file: str | None = Field(None, description="the GGUF file to serve where the model's directory or Hub repo holds several")
-    served_model_name: str | None = Field(None, description="model name clients use (default: from the path)")
+    served_model_name: tuple[str, ...] = Field(
+        (),
+        description="model name clients use (default: from the path); more names after it are aliases clients may "
+        "send too, as vLLM takes them",
+    )
     max_batch_size: int = Field(16, ge=1, le=1024, description="most sequences decoded together")
     max_seq_len: int = Field(2048, ge=16, description="context length (prompt + completion), capped by the model's")
     max_num_batched_tokens: int | None = Field(
@@ -158,10 +162,25 @@ class ServeConfig(BaseModel):
     )
     cors_origins: str = Field("*", description="comma-separated origins allowed by CORS ('' disables CORS)")
 
-    @field_validator("model_path", "tokenizer_path", "served_model_name", "api_key", "chat_template", "revision", "gguf_file")
+    @field_validator("model_path", "tokenizer_path", "api_key", "chat_template", "revision", "gguf_file")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """One string (a variable, a TOML key) is one name; empty ones are none."""
+        if value is None or isinstance(value, str):
+            return (value,) if value else ()
+        return tuple(v for v in value if v) if isinstance(value, list | tuple) else value
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _names_differ(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) < len(value):
+            raise ValueError("a name is given twice")
+        return value
 
     @field_validator("lora_modules", mode="before")
     @classmethod

@@ -53,7 +53,8 @@ async def _start_engine(state: AppState, engine: AsyncEngine) -> None:
     engine.set_tokenizer(tokenizer)
     tags = reasoning.tag_ids(tokenizer)  # the vocabulary read once
     thinks = reasoning.enabled(cfg.reasoning_parser, tokenizer, tags)
-    served = ServedModel.of(info, tokenizer, thinks, tags if thinks and tags and max(tags) < info.vocab_size else None)
+    think_ids = tags if thinks and tags and max(tags) < info.vocab_size else None
+    served = ServedModel.of(info, tokenizer, thinks, think_ids, cfg.served_model_name[1:])
     freeze_startup_heap()  # before /health says ready: its one full collection pauses this loop
     state.engine = engine
     state.model = served

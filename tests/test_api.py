@@ -29,6 +29,21 @@ def test_models_lists_the_served_model(client):
     assert client.models.retrieve(MODEL).id == MODEL
 
 
+def test_more_served_names_are_aliases_of_the_model():
+    """vLLM's --served-model-name a b: clients may send either (a tool that asks for a fixed name, say)."""
+    from tests.server_util import RunningServer
+
+    with RunningServer(served_model_name=["demo", "gpt-4o-mini"]) as s:
+        client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["demo", "gpt-4o-mini"]
+        for name in ("demo", "gpt-4o-mini"):
+            out = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+            assert out.model == name and GREEDY.startswith(out.choices[0].text)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert s.metrics()['vllm:num_requests_running{model_name="demo"}'] == 0  # series under the first name
+
+
 def test_completion_greedy_matches_the_reference_text(client):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0)
     assert out.object == "text_completion" and out.id.startswith("cmpl-")

@@ -52,7 +52,7 @@ async def load_lora_adapter():
     _allowed(st)
     req = await parse_body(LoadLoraAdapterRequest)
     assert st.model is not None and st.engine is not None
-    if req.lora_name == st.model.name:
+    if req.lora_name in (st.model.name, *st.model.aliases):
         raise bad_request(f"{req.lora_name!r} is the served model's name", param="lora_name")
     async with st.adapter_changes:  # one at a time: a load and an unload of one name must not interleave
         old = st.model.adapters.get(req.lora_name)

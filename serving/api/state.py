@@ -34,11 +34,16 @@ class ServedModel:
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
     # Ids for adapters loaded at run time: never one an adapter had (prefix-cache blocks are keyed by it).
     adapter_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    aliases: tuple[str, ...] = ()  # other names of the model (--served-model-name's after the first)
 
     @classmethod
-    def of(cls, info: ModelInfo, tokenizer: PreTrainedTokenizerBase, reasoning: bool, think_ids: tuple[int, int] | None) -> ServedModel:
+    def of(
+        cls, info: ModelInfo, tokenizer: PreTrainedTokenizerBase, reasoning: bool, think_ids: tuple[int, int] | None,
+        aliases: tuple[str, ...] = (),
+    ) -> ServedModel:  # fmt: skip
         first = max((a.id for a in info.adapters), default=0) + 1
-        return cls(info, tokenizer, reasoning, think_ids, {a.name: a for a in info.adapters}, itertools.count(first))
+        adapters = {a.name: a for a in info.adapters}
+        return cls(info, tokenizer, reasoning, think_ids, adapters, itertools.count(first), tuple(a for a in aliases if a != info.name))
 
     @property
     def name(self) -> str:
@@ -46,13 +51,13 @@ class ServedModel:
 
     @property
     def names(self) -> list[str]:
-        """What clients may send as `model`: the model's name, then its LoRA adapters'."""
-        return [self.info.name, *self.adapters]
+        """What clients may send as `model`: the model's name and aliases, then its LoRA adapters'."""
+        return [self.info.name, *self.aliases, *self.adapters]
 
     def adapter_id(self, name: str | None) -> int | None:
         """SamplingParams.adapter for a request's `model`: 0 for the model itself (or no name), None for a
         name served here by nothing."""
-        if name is None or name == self.info.name:
+        if name is None or name == self.info.name or name in self.aliases:
             return 0
         adapter = self.adapters.get(name)
         return None if adapter is None else adapter.id

@@ -190,7 +190,7 @@ def load_adapters(cfg: ServeConfig, model: LoadedModel) -> tuple[AdapterInfo, ..
         raise ConfigError(f"--lora-modules: LoRA adapters are served by the native runner, not by {model.architecture}'s")
     adapters = []
     for adapter_id, module in enumerate(cfg.lora_modules, start=1):
-        if module.name == model.name:
+        if module.name in (model.name, *cfg.served_model_name):
             raise ConfigError(f"--lora-modules: adapter name {module.name!r} is the served model's name")
         try:
             directory = resolve_adapter(cfg, module)

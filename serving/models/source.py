@@ -50,7 +50,7 @@ def check_model_path(cfg: ServeConfig) -> None:
 def served_name(cfg: ServeConfig) -> str:
     """The name clients send as `model`, known before the model is loaded."""
     if cfg.served_model_name:
-        return cfg.served_model_name
+        return cfg.served_model_name[0]
     if cfg.model_path is None:
         return DEMO_NAME
     path = Path(cfg.model_path).expanduser()
