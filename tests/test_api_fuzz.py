@@ -32,6 +32,11 @@ messages = st.lists(
     max_size=3,
 )
 
+OPTIONS = st.dictionaries(
+    st.sampled_from(["temperature", "top_p", "top_k", "min_p", "seed", "num_predict", "stop", "repeat_penalty", "num_ctx"]),
+    values,
+    max_size=4,
+)
 COMMON = [
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
     "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
@@ -42,13 +47,22 @@ ROUTES = {
     "/v1/chat/completions": (["messages", "top_logprobs", "max_completion_tokens", "tools", *COMMON], {"messages": messages}),
     "/tokenize": (["prompt", "messages", "add_special_tokens"], {"prompt": values, "messages": messages}),
     "/detokenize": (["tokens"], {"tokens": st.lists(st.integers(min_value=-5, max_value=70000), max_size=8)}),
+    # Ollama's: sampling settings inside options, streamed unless stream is false.
+    "/api/chat": (["messages", "format", "think", "tools", "stream", "keep_alive"], {"messages": messages, "options": OPTIONS}),
+    "/api/generate": (["prompt", "system", "raw", "format", "think", "suffix", "context", "images", "stream"], {"prompt": values, "options": OPTIONS}),
+    "/api/embed": (["input", "truncate", "dimensions"], {"input": values}),
 }
 
 
 def bodies(route: str):
     fields, special = ROUTES[route]
     # Mostly sensible bodies (the model and a small max_tokens, so generation runs) with fuzzed fields.
-    base = st.fixed_dictionaries({"model": st.just(MODEL), "max_tokens": st.integers(1, 4)}) if route.startswith("/v1") else st.just({})
+    if route.startswith("/v1"):
+        base = st.fixed_dictionaries({"model": st.just(MODEL), "max_tokens": st.integers(1, 4)})
+    elif route.startswith("/api/"):  # Ollama's: the length inside options, which the fuzzed ones may replace
+        base = st.just({"model": MODEL, "options": {"num_predict": 4}})
+    else:
+        base = st.just({})
     extra = st.dictionaries(st.sampled_from(fields), values, max_size=5)
     chosen = st.fixed_dictionaries({}, optional={k: v for k, v in special.items()})
     return st.tuples(base, chosen, extra).map(lambda parts: {**parts[0], **parts[1], **parts[2]})
@@ -72,9 +86,14 @@ def test_fuzzed_bodies_never_get_a_5xx(server, route):
         raw = json.dumps(body, allow_nan=False).encode()
         r = client.post(route, content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code < 500, (body, r.text)
-        if r.status_code >= 400:
+        if r.status_code >= 400 and route.startswith("/api/"):  # Ollama's error: {"error": "..."}
+            assert isinstance(r.json()["error"], str) and r.json()["error"], r.text
+        elif r.status_code >= 400:
             error = r.json()["error"]
             assert isinstance(error["message"], str) and error["message"] and "type" in error, r.text
+        elif route.startswith("/api/") and r.headers["content-type"].startswith("application/x-ndjson"):
+            lines = [json.loads(line) for line in r.text.splitlines()]
+            assert lines[-1].get("done") is True or isinstance(lines[-1].get("error"), str), r.text[-300:]
 
     check()
     assert client.post("/v1/completions", json=PLAIN).json()["choices"][0]["text"] == expected

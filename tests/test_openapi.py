@@ -24,6 +24,7 @@ from schemathesis.checks import (
 )
 
 from serving.api.messages_api import AnthropicErrorResponse
+from serving.api.ollama_api import OllamaError
 from serving.api.responses import ErrorResponse
 from tests.server_util import TEST_CHAT_TEMPLATE, RunningServer
 
@@ -66,6 +67,7 @@ def test_the_document_covers_every_route_and_the_docs_page_serves(server):
         "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
         "/v1/embeddings", "/v1/models", "/v1/models/{name}", "/tokenize", "/detokenize", "/health",
         "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+        "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/tags", "/api/ps", "/api/show", "/api/version",
     }  # fmt: skip
     completions = doc["paths"]["/v1/completions"]["post"]
     body = completions["requestBody"]["content"]["application/json"]["schema"]
@@ -102,8 +104,12 @@ def test_the_api_keeps_its_documented_contract(case):
         response, checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     )
     anthropic = case.path.startswith("/v1/messages")  # Anthropic's API: its error objects and events
+    ollama = case.path.startswith("/api/")  # Ollama's: its {"error": "..."} and NDJSON lines
     if response.status_code >= 400:
-        (AnthropicErrorResponse if anthropic else ErrorResponse).model_validate(response.json())
+        (AnthropicErrorResponse if anthropic else OllamaError if ollama else ErrorResponse).model_validate(response.json())
+    elif ollama and any(v.startswith("application/x-ndjson") for k, vs in response.headers.items() if k.lower() == "content-type" for v in vs):
+        lines = [json.loads(line) for line in response.text.splitlines() if line]
+        assert response.stream_cut_short or (lines and (lines[-1].get("done") is True or "error" in lines[-1])), lines[-3:]
     elif any(v.startswith("text/event-stream") for k, vs in response.headers.items() if k.lower() == "content-type" for v in vs):
         # Each event's JSON was checked against its chunk schema above; the stream must also end
         # properly, unless schemathesis stopped reading a long one (stream_cut_short).

@@ -16,7 +16,7 @@ from quart.wrappers.response import DataBody
 from quart_schema import document_response, hide
 from werkzeug.exceptions import HTTPException
 
-from serving.api import lora_routes
+from serving.api import lora_routes, ollama_api
 from serving.api.errors import APIError
 from serving.api.messages_api import MESSAGES_PATH
 from serving.api.messages_api import error_body as messages_error_body
@@ -36,6 +36,10 @@ GENERATION_PATHS = {
     "/v1/responses": "responses",
     "/v1/embeddings": "embeddings",
     "/v1/messages": "messages",
+    "/api/chat": "ollama.chat",
+    "/api/generate": "ollama.generate",
+    "/api/embed": "ollama.embed",
+    "/api/embeddings": "ollama.embeddings",
 }
 _GZIP_MIN_BYTES = 1024
 # A client's X-Request-Id is kept when it is a plain token (it goes into logs and response ids);
@@ -46,7 +50,12 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 def _json_error(exc: APIError) -> Response:
     if (tracker := g.get("tracker")) is not None:
         tracker.error = exc.message
-    body = messages_error_body(exc) if request.path.startswith(MESSAGES_PATH) else exc.body()  # Anthropic's API, Anthropic's errors
+    if request.path.startswith(MESSAGES_PATH):  # Anthropic's API, Anthropic's errors; Ollama's, Ollama's
+        body = messages_error_body(exc)
+    elif request.path.startswith(ollama_api.PREFIX):
+        body = ollama_api.error_body(exc)
+    else:
+        body = exc.body()
     response = Response(json.dumps(body), status=exc.status, mimetype="application/json")
     for key, value in exc.headers.items():
         response.headers[key] = value
@@ -68,6 +77,7 @@ def create_app(state: AppState) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
     app.register_blueprint(bp)
     app.register_blueprint(lora_routes.bp)
+    app.register_blueprint(ollama_api.bp)
     add_openapi(app, _version(), api_key=state.config.api_key is not None)
     cfg = state.config
     origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]

@@ -28,6 +28,7 @@ _ALWAYS = (401, 503)
 # a body over the size limit, a Content-Encoding other than gzip or deflate, a full queue.
 GENERATION_ERRORS = (400, 404, 408, 413, 415, 429)
 STREAMED = "x-fleetlm-streamed"
+NDJSON = "x-fleetlm-ndjson"
 
 
 def documented(
@@ -37,6 +38,7 @@ def documented(
     streamed: type[BaseModel] | None = None,
     gated: bool = True,
     error: type[BaseModel] = ErrorResponse,
+    ndjson: type[BaseModel] | None = None,
 ) -> Callable[[F], F]:
     """Document a route: its JSON body, its 200 answer (and the event a streamed answer sends), and
     the error objects it may send, OpenAI's unless `error` says otherwise (a gated route, behind the API
@@ -50,6 +52,8 @@ def documented(
             func = document_request(request)(func)
         if streamed is not None:
             setattr(func, STREAMED, streamed)
+        if ndjson is not None:  # a stream of JSON lines, each this model (Ollama's)
+            setattr(func, NDJSON, ndjson)
         return func
 
     return wrap
@@ -95,6 +99,10 @@ class _Provider(OpenAPIProvider):
                         response["description"] = self._REASONS[status]
                 if view is not None and (chunk := getattr(view, STREAMED, None)) is not None:
                     responses[200]["content"]["text/event-stream"] = {"schema": self._event(doc, chunk)}
+                if view is not None and (line := getattr(view, NDJSON, None)) is not None:
+                    responses[200]["content"]["application/x-ndjson"] = {
+                        "schema": {"type": "string", "description": f"lines of JSON, each a {line.__name__} or an error object"}
+                    }
         return doc
 
     @staticmethod

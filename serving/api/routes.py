@@ -482,6 +482,12 @@ async def completions():
     """
     st = state()
     req = await parse_body(CompletionRequest, _fits)
+    prompts, params, fmt = await completion_generation(st, req)
+    return await generate(st, req, prompts, params, fmt)
+
+
+async def completion_generation(st: AppState, req: CompletionRequest) -> tuple[list[Prompt], SamplingParams, CompletionFormat]:
+    """What a completion request generates: its prompts, their sampling and the output's format (checked)."""
     check_model(st, req.model)
     check_generates(st)
     raw_prompts = req.prompts()
@@ -495,8 +501,7 @@ async def completions():
     grammar = await compile_grammar(st, req)
     # best_of ranks its choices by their tokens' logprobs: the sampled token's is wanted even when not shown.
     scored = req.logprobs if req.candidates == req.n else (req.logprobs or 0)
-    params = sampling_params(st, req, min(budgets), scored, fmt.prompt_logprobs, grammar)
-    return await generate(st, req, prompts, params, fmt)
+    return prompts, sampling_params(st, req, min(budgets), scored, fmt.prompt_logprobs, grammar), fmt
 
 
 @bp.post("/v1/chat/completions")
@@ -509,13 +514,22 @@ async def chat_completions():
     """
     st = state()
     req = await parse_body(ChatCompletionRequest, _fits)
+    prompts, params, fmt = await chat_generation(st, req)
+    return await generate(st, req, prompts, params, fmt)
+
+
+async def chat_generation(
+    st: AppState, req: ChatCompletionRequest, param: str = "messages"
+) -> tuple[list[Prompt], SamplingParams, ChatFormat]:
+    """What a chat request generates: its prompt, its sampling and the output's format (checked). `param`
+    names the messages in errors."""
     check_model(st, req.model)
     check_generates(st)
     check_n(st, req, 1)
     check_effort(st, req)
-    prompt = await st.run_blocking(encode_chat, st, req)
+    prompt = await st.run_blocking(encode_chat, st, req, param)
     explicit = req.completion_limit is not None
-    max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, "messages")
+    max_tokens = completion_budget(st, req, req.completion_limit, explicit, prompt, param)
     top = (req.top_logprobs or 0) if req.logprobs else None
     if req.logprobs:
         await st.run_blocking(st.grammars.token_bytes)  # the tokens' bytes, read once, off the event loop
@@ -526,7 +540,7 @@ async def chat_completions():
         st, req.n, bool(req.logprobs), req.tool_functions(), req.tool_mode, req.parallel_tool_calls is not False, req.echoed,
         thinking, req.include_reasoning,
     )  # fmt: skip
-    return await generate(st, req, [prompt], params, fmt)
+    return [prompt], params, fmt
 
 
 @bp.post("/v1/responses")
@@ -678,24 +692,31 @@ async def embeddings():
         raise bad_request(f"dimensions ({req.dimensions}) exceeds this model's {st.model.info.hidden_size}", param="dimensions")
     if req.truncate_prompt_tokens == 0:
         raise bad_request("truncate_prompt_tokens must be -1 (the context) or at least 1", param="truncate_prompt_tokens")
-    inputs = req.inputs()
+    vectors = await embed(st, req.model, req.inputs(), req.truncate_prompt_tokens)
+    data = [
+        {"object": "embedding", "index": i, "embedding": encoded(vector, req.dimensions, req.encoding_format)}
+        for i, vector in enumerate(vectors)
+    ]
+    tokens = g.tracker.prompt_tokens
+    return {"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def embed(st: AppState, model: str | None, inputs: list[str] | list[list[int]], truncate: int | None) -> list[bytes]:
+    """Each input's embedding (float32 bytes, normalized), in order; the request's tracker counts their tokens."""
+    assert st.model is not None
     if len(inputs) > st.most_sequences:
         raise too_many_sequences(st, f"{len(inputs)} inputs ask for as many sequences", "input")
-    prompts = [await st.run_blocking(_embedding_prompt, st, text, req.truncate_prompt_tokens) for text in inputs]
+    prompts = [await st.run_blocking(_embedding_prompt, st, text, truncate) for text in inputs]
     admit(st, len(prompts))
     tracker: RequestTracker = g.tracker
     tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    params = SamplingParams(max_tokens=1, embed=True, adapter=st.model.adapter_id(req.model) or 0)
+    params = SamplingParams(max_tokens=1, embed=True, adapter=st.model.adapter_id(model) or 0)
     vectors: dict[int, bytes] = {}
     async with aclosing(run_tracked(tracker, stream_choices(st, _engine_key(f"embd-{g.request_id}"), prompts, params, 1))) as deltas:
         async for index, delta in deltas:
             if delta.embedding is not None:
                 vectors[index] = delta.embedding
-    data = [
-        {"object": "embedding", "index": i, "embedding": _encoded(vectors[i], req.dimensions, req.encoding_format)}
-        for i in range(len(prompts))
-    ]
-    return {"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tracker.prompt_tokens, "total_tokens": tracker.prompt_tokens}}
+    return [vectors[i] for i in range(len(prompts))]
 
 
 def _embedding_prompt(st: AppState, text: str | list[int], truncate: int | None = None) -> Prompt:
@@ -714,7 +735,7 @@ def _embedding_prompt(st: AppState, text: str | list[int], truncate: int | None 
     return prompt
 
 
-def _encoded(raw: bytes, dimensions: int | None, encoding_format: str) -> list[float] | str:
+def encoded(raw: bytes, dimensions: int | None, encoding_format: str) -> list[float] | str:
     """An engine embedding (float32 bytes, normalized) as the client asked: its first `dimensions`
     normalized again, as floats or base64 of little-endian float32 (what the openai SDK decodes)."""
     vector = array("f", raw)
