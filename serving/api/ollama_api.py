@@ -31,6 +31,7 @@ from serving.api.routes import (
     _engine_key,
     _fits,
     chat_generation,
+    check_embedding,
     check_generates,
     check_model,
     completion_generation,
@@ -468,10 +469,7 @@ async def embed_route():
     """Embeddings (Ollama's API): each input's, L2-normalized; truncate cuts an input to the context"""
     st = state()
     req = await parse_body(EmbedRequest, _embedding_inputs_fit)
-    check_model(st, req.model)
-    assert st.model is not None
-    if req.dimensions is not None and req.dimensions > st.model.info.hidden_size:
-        raise bad_request(f"dimensions ({req.dimensions}) exceeds this model's {st.model.info.hidden_size}", param="dimensions")
+    check_embedding(st, req.model, req.dimensions)
     inputs = [req.input] if isinstance(req.input, str) else req.input
     if not inputs:
         raise bad_request("input holds no text", param="input")

@@ -686,10 +686,7 @@ async def embeddings():
     """
     st = state()
     req = await parse_body(EmbeddingRequest, _embedding_inputs_fit)
-    check_model(st, req.model)
-    assert st.model is not None
-    if req.dimensions is not None and req.dimensions > st.model.info.hidden_size:
-        raise bad_request(f"dimensions ({req.dimensions}) exceeds this model's {st.model.info.hidden_size}", param="dimensions")
+    check_embedding(st, req.model, req.dimensions)
     if req.truncate_prompt_tokens == 0:
         raise bad_request("truncate_prompt_tokens must be -1 (the context) or at least 1", param="truncate_prompt_tokens")
     vectors = await embed(st, req.model, req.inputs(), req.truncate_prompt_tokens)
@@ -699,6 +696,14 @@ async def embeddings():
     ]
     tokens = g.tracker.prompt_tokens
     return {"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def check_embedding(st: AppState, model: str | None, dimensions: int | None) -> None:
+    """An embedding request's model is served here, and has at least the dimensions asked for."""
+    check_model(st, model)
+    assert st.model is not None
+    if dimensions is not None and dimensions > st.model.info.hidden_size:
+        raise bad_request(f"dimensions ({dimensions}) exceeds this model's {st.model.info.hidden_size}", param="dimensions")
 
 
 async def embed(st: AppState, model: str | None, inputs: list[str] | list[list[int]], truncate: int | None) -> list[bytes]:
