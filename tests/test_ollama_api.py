@@ -127,7 +127,10 @@ def test_models_show_ps_and_version(client, server):
     assert shown.modelinfo["general.architecture"] == "llama" and shown.modelinfo["llama.context_length"] == context
     assert "completion" in shown.capabilities and shown.details.family == "llama"
     assert [m.model for m in client.ps().models] == [MODEL, "demo:latest"]
-    assert httpx.get(str(client._client.base_url) + "/api/version").json()["version"]
+    assert httpx.get(server.base_url + "/api/version").json()["version"]
+    root = httpx.get(server.base_url + "/")  # what clients check before anything else
+    assert root.status_code == 200 and "running" in root.text
+    assert httpx.get(server.base_url + "/version").json()["version"]  # vLLM's
 
 
 def test_errors_are_ollamas(client, server):

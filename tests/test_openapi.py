@@ -65,7 +65,7 @@ def test_the_document_covers_every_route_and_the_docs_page_serves(server):
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {
         "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
-        "/v1/embeddings", "/v1/models", "/v1/models/{name}", "/tokenize", "/detokenize", "/health",
+        "/v1/embeddings", "/v1/models", "/v1/models/{name}", "/tokenize", "/detokenize", "/health", "/version",
         "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
         "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/tags", "/api/ps", "/api/show", "/api/version",
     }  # fmt: skip

@@ -21,7 +21,7 @@ from serving.api.errors import APIError
 from serving.api.messages_api import MESSAGES_PATH
 from serving.api.messages_api import error_body as messages_error_body
 from serving.api.openapi import DOCS_PATH, OPENAPI_PATH, add_openapi, documented
-from serving.api.responses import HealthResponse
+from serving.api.responses import HealthResponse, VersionResponse
 from serving.api.routes import bp
 from serving.api.state import AppState
 from serving.api.tracking import RequestTracker
@@ -29,7 +29,7 @@ from serving.api.tracking import RequestTracker
 log = logging.getLogger("fleetlm.api")
 
 # Routes for probes and scrapers: no API key, served while loading and draining.
-_OPEN_PATHS = frozenset({"/health", "/metrics", OPENAPI_PATH, DOCS_PATH})
+_OPEN_PATHS = frozenset({"/", "/health", "/version", "/metrics", OPENAPI_PATH, DOCS_PATH})
 GENERATION_PATHS = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat.completions",
@@ -213,5 +213,17 @@ def create_app(state: AppState) -> Quart:
     @hide
     async def metrics():
         return Response(state.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    @documented(None, VersionResponse, gated=False)
+    async def version():
+        """The server's version (vLLM's route)"""
+        return {"version": _version()}
+
+    @app.route("/", methods=["GET", "HEAD"])
+    @hide
+    async def root():
+        """Alive (Ollama's clients check a server's root before using it, as `ollama` itself does)."""
+        return Response("FleetLM is running", content_type="text/plain")
 
     return app

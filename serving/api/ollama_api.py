@@ -25,6 +25,7 @@ from serving.api.errors import APIError, bad_request, from_validation_error
 from serving.api.formats import Format
 from serving.api.generation import admit
 from serving.api.openapi import documented
+from serving.api.responses import VersionResponse
 from serving.api.routes import (
     _collected,
     _embedding_inputs_fit,
@@ -228,10 +229,6 @@ class ShowResponse(BaseModel):
     model_info: dict[str, Any]
     capabilities: list[str]
     modified_at: str
-
-
-class VersionResponse(BaseModel):
-    version: str
 
 
 def error_body(exc: APIError) -> dict[str, Any]:

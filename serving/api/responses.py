@@ -312,3 +312,7 @@ class ResponseEvent(BaseModel):
     model_config = {"extra": "allow"}
     type: str
     sequence_number: int
+
+
+class VersionResponse(BaseModel):
+    version: str
