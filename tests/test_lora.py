@@ -84,7 +84,8 @@ def peft_prompt_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list
 
 def _engine(model_dir: Path, adapters: dict[str, Path], **settings):
     modules = tuple(f"{name}={path}" for name, path in adapters.items())
-    built = build_engine(ServeConfig(model_path=str(model_dir), device="cpu", lora_modules=modules, kv_cache_tokens=4096, **settings))
+    settings.setdefault("kv_cache_tokens", 4096)
+    built = build_engine(ServeConfig(model_path=str(model_dir), device="cpu", lora_modules=modules, **settings))
     return built.engine, {a.name: a.id for a in built.info.adapters}
 
 
@@ -134,6 +135,18 @@ def test_step_stats_name_the_adapters_running_and_waiting(model_dir, adapters):
     engine.step()
     stats = engine.last_stats
     assert (stats.running_adapters, stats.waiting_adapters) == (("attention-only",), ("every-projection",))
+
+
+def test_adapters_sequences_preempted_for_kv_room_resume_with_their_adapter(model_dir, adapters):
+    """A KV cache of one full context: six streams do not fit, the newest are preempted and recomputed later,
+    each with its own adapter (its recomputed blocks, and any it finds cached, are its adapter's)."""
+    engine, ids = _engine(model_dir, adapters, kv_cache_tokens=256)
+    names = ["base", *adapters]
+    requests = {f"{names[i % 3]}/{i}": (ids.get(names[i % 3], 0), PROMPTS[i % 2]) for i in range(6)}
+    got = _greedy(engine, requests, 24)
+    assert engine.last_stats.preempted_total > 0
+    expected = {r: peft_greedy(model_dir, adapters.get(r.split("/")[0]), prompt, 24) for r, (_, prompt) in requests.items()}
+    assert got == expected
 
 
 def test_the_prefix_cache_keeps_each_adapters_kv_apart(model_dir, adapters):
