@@ -145,9 +145,12 @@ def test_errors_are_ollamas(client, server):
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
 
 
-def test_an_empty_generate_loads_the_model(client):
+def test_an_empty_request_loads_the_model(client):
+    """What clients send to load a model ahead of use: an answer at once, done_reason load."""
     out = client.generate(model=MODEL, prompt="")
     assert out.done and out.done_reason == "load" and out.response == ""
+    chat = client.chat(model=MODEL, messages=[])
+    assert chat.done and chat.done_reason == "load" and chat.message.content == ""
 
 
 def test_ollamas_sampling_defaults_hold_where_options_leave_them():

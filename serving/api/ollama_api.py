@@ -252,6 +252,9 @@ async def chat():
     st = state()
     req = await parse_body(ChatRequest, _fits)
     check_model(st, req.model)
+    if not req.messages:  # Ollama: no messages loads the model, and says it is done
+        check_generates(st)
+        return _done_line(req.model, "load", {"message": {"role": "assistant", "content": ""}}, None, time.monotonic())
     body = {**_common(req), "messages": _chat_messages(req.messages)}
     if req.tools:
         body["tools"] = req.tools
