@@ -62,3 +62,15 @@ def test_bind_tools(chat):
     message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str)
+
+
+def test_chat_ollama_and_its_structured_output(server):
+    """LangChain's ChatOllama, pointed at the server as at an Ollama: a chat, and with_structured_output's JSON
+    schema (Ollama's format), validated into the model."""
+    langchain_ollama = pytest.importorskip("langchain_ollama", reason="langchain-ollama is not installed")
+    chat = langchain_ollama.ChatOllama(base_url=server.base_url, model=MODEL, temperature=0, num_predict=40)
+    assert chat.invoke("Tell me a story").content
+    pet = chat.with_structured_output(Pet, method="json_schema").invoke("Name a pet")
+    assert isinstance(pet, Pet) and pet.kind in ("cat", "dog")
+    vectors = langchain_ollama.OllamaEmbeddings(base_url=server.base_url, model=MODEL).embed_documents(["Once upon a time"])
+    assert len(vectors) == 1 and len(vectors[0]) > 1
