@@ -155,6 +155,13 @@ class ServeConfig(BaseModel):
         '{"name": ..., "path": ..., "revision": ...}; PATH is a directory or a Hub id (revision: its branch, tag or '
         "commit, default main); clients send NAME as the model",
     )
+    max_loras: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="most LoRA adapters served at once (each stays in memory beside the model): --lora-modules and "
+        "those loaded at run time together",
+    )
     allow_runtime_lora_updating: bool = Field(
         False,
         description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes) load and unload LoRA "
@@ -197,6 +204,12 @@ class ServeConfig(BaseModel):
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"adapter name {twice[0]!r} is given twice")
         return value
+
+    @model_validator(mode="after")
+    def _adapters_within_max_loras(self) -> ServeConfig:
+        if len(self.lora_modules) > self.max_loras:
+            raise ValueError(f"--lora-modules names {len(self.lora_modules)} adapters, more than --max-loras {self.max_loras}")
+        return self
 
     @field_validator("chat_template")
     @classmethod

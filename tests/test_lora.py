@@ -323,3 +323,16 @@ def test_run_time_updates_are_off_unless_allowed(server, adapters):
     assert r.status_code == 404 and "--allow-runtime-lora-updating" in r.json()["error"]["message"]
     assert _post(server, "/v1/unload_lora_adapter", lora_name="every-projection").status_code == 404
     assert "every-projection" in [m["id"] for m in httpx.get(server.base_url + "/v1/models").json()["data"]]
+
+
+def test_max_loras_bounds_the_adapters_served(model_dir, adapters):
+    every, attention = str(adapters["every-projection"]), str(adapters["attention-only"])
+    with pytest.raises(ValueError, match="more than --max-loras 1"):
+        ServeConfig(lora_modules=[f"a={every}", f"b={attention}"], max_loras=1)
+    with RunningServer(model_path=str(model_dir), served_model_name="tiny", allow_runtime_lora_updating=True, max_loras=1) as s:
+        assert _post(s, "/v1/load_lora_adapter", lora_name="a", lora_path=every).status_code == 200
+        full = _post(s, "/v1/load_lora_adapter", lora_name="b", lora_path=attention)
+        assert full.status_code == 400 and "--max-loras 1" in full.json()["error"]["message"]
+        assert _post(s, "/v1/load_lora_adapter", lora_name="a", lora_path=attention, load_inplace=True).status_code == 200
+        assert _post(s, "/v1/unload_lora_adapter", lora_name="a").status_code == 200
+        assert _post(s, "/v1/load_lora_adapter", lora_name="b", lora_path=attention).status_code == 200

@@ -58,6 +58,11 @@ async def load_lora_adapter():
         old = st.model.adapters.get(req.lora_name)
         if old is not None and not req.load_inplace:
             raise bad_request(f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
+        if old is None and len(st.model.adapters) >= st.config.max_loras:
+            raise bad_request(
+                f"{len(st.model.adapters)} adapters are served, --max-loras {st.config.max_loras}: unload one first",
+                param="lora_name",
+            )
         try:
             directory = await st.run_blocking(resolve_adapter, st.config, LoraModule(name=req.lora_name, path=req.lora_path))
         except ConfigError as exc:
