@@ -173,7 +173,8 @@ def _server(spec: LLMDeploymentSpec, image: str, hub: HubPin = UNPINNED) -> dict
         args += ["--gguf-file", spec.model.hf.gguf_file]
     if spec.model.tokenizer:
         args += ["--tokenizer-path", spec.model.tokenizer]
-    if spec.model.adapters:
+    if spec.model.adapters:  # as many as the spec lists (extraArgs come later: a --max-loras there wins)
+        args += ["--max-loras", str(len(spec.model.adapters))]
         args += ["--lora-modules", *(f"{a.name}={MODELS_DIR}/{naming.adapter_cache_dir(a)}" for a in spec.model.adapters)]
     # A pod shares its node's cores: pinning the engine to "its own" core would put every pod's
     # engine on the same one. And without a CPU limit the server would count the node's cores, so

@@ -544,6 +544,7 @@ def test_lora_adapters_are_fetched_into_the_cache_after_the_model_and_served_by_
     flags = container(children)["args"]
     modules = flags[flags.index("--lora-modules") + 1 : flags.index("--lora-modules") + 3]
     assert modules == ["sql=/models/hf/org--sql-lora/main", "acme/tone=/models/hf/org--tone-lora/v2"]
+    assert flags[flags.index("--max-loras") + 1] == "2"  # the spec's 32 at most: beyond the server's default 16
     assert "--lora-modules" not in container(build(llmd()))["args"]
     kubernetes_validate.validate(children["Deployment"], desired_version="1.29", strict=True)
 
