@@ -16,6 +16,7 @@ from serving.api.schemas import _Body
 from serving.api.state import AppState
 from serving.config import ConfigError, LoraModule
 from serving.download.errors import DownloadError, ExitCode
+from serving.engine.async_engine import EngineStoppedError
 from serving.engine.protocol import AdapterInfo, RequestRejected
 from serving.models.source import resolve_adapter
 
@@ -76,6 +77,8 @@ async def load_lora_adapter():
             rank = await st.engine.load_adapter(adapter_id, str(directory), req.lora_name)
         except RequestRejected as exc:
             raise bad_request(f"The lora adapter '{req.lora_name}' cannot be served: {exc}", param="lora_path") from None
+        except EngineStoppedError as exc:
+            raise APIError(503, str(exc), type="service_unavailable", code=exc.code) from None
         st.model.adapters[req.lora_name] = AdapterInfo(req.lora_name, adapter_id, req.lora_path, rank)
         if old is not None:
             st.engine.unload_adapter(old.id)
