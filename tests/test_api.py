@@ -44,6 +44,18 @@ def test_more_served_names_are_aliases_of_the_model():
         assert s.metrics()['vllm:num_requests_running{model_name="demo"}'] == 0  # series under the first name
 
 
+def test_repeat_last_n_bounds_the_repetition_penalty(client):
+    """llama.cpp's repeat_last_n: 0 turns the penalty off (the plain greedy text), a window changes less than
+    the whole text does."""
+    ask = {"model": MODEL, "prompt": PROMPT, "max_tokens": 20, "temperature": 0}
+    plain = client.completions.create(**ask).choices[0].text
+    off = client.completions.create(**ask, extra_body={"repetition_penalty": 3.0, "repeat_last_n": 0}).choices[0].text
+    whole = client.completions.create(**ask, extra_body={"repetition_penalty": 3.0}).choices[0].text
+    assert off == plain != whole
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(**ask, extra_body={"repeat_last_n": -2})
+
+
 def test_completion_greedy_matches_the_reference_text(client):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0)
     assert out.object == "text_completion" and out.id.startswith("cmpl-")

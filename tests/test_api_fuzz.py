@@ -33,14 +33,14 @@ messages = st.lists(
 )
 
 OPTIONS = st.dictionaries(
-    st.sampled_from(["temperature", "top_p", "top_k", "min_p", "seed", "num_predict", "stop", "repeat_penalty", "num_ctx"]),
+    st.sampled_from(["temperature", "top_p", "top_k", "min_p", "seed", "num_predict", "stop", "repeat_penalty", "repeat_last_n", "num_ctx"]),
     values,
     max_size=4,
 )
 COMMON = [
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
     "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
-    "ignore_eos", "min_tokens", "logprobs",
+    "ignore_eos", "min_tokens", "logprobs", "repeat_last_n",
 ]  # fmt: skip
 ROUTES = {
     "/v1/completions": (["prompt", "echo", "best_of", "suffix", *COMMON], {"prompt": values}),

@@ -45,7 +45,8 @@ def test_chat_streams_the_chat_completion(client, server):
     parts = list(client.chat(model=MODEL, messages=messages, options=options, stream=True))
     assert "".join(p.message.content for p in parts) == whole.message.content and parts[-1].done
     # the same text as the chat completion of the same request
-    openai_body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24, "seed": 1}
+    openai_body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24, "seed": 1,
+                   "repetition_penalty": 1.1, "repeat_last_n": 64}  # Ollama's defaults  # fmt: skip
     assert httpx.post(server.base_url + "/v1/chat/completions", json=openai_body).json()["choices"][0]["message"]["content"] == whole.message.content
     stopped = client.chat(model="demo:latest", messages=messages, options={**options, "stop": [" "]})
     assert " " not in stopped.message.content and stopped.done_reason == "stop" and stopped.model == "demo:latest"
@@ -156,6 +157,9 @@ def test_an_empty_request_loads_the_model(client):
 def test_ollamas_sampling_defaults_hold_where_options_leave_them():
     from serving.api.ollama_api import ChatRequest, _common
 
-    assert {k: _common(ChatRequest(model="m"))[k] for k in ("temperature", "top_k", "top_p")} == {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
-    chosen = _common(ChatRequest(model="m", options={"temperature": 0, "num_predict": -1, "stop": "x", "repeat_penalty": 1.2}))
+    defaults = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "repeat_last_n": 64}
+    assert {k: _common(ChatRequest(model="m"))[k] for k in defaults} == defaults
+    options = {"temperature": 0, "num_predict": -1, "stop": "x", "repeat_penalty": 1.2, "repeat_last_n": 0}
+    chosen = _common(ChatRequest(model="m", options=options))
     assert chosen["temperature"] == 0 and "max_tokens" not in chosen and chosen["stop"] == ["x"] and chosen["repetition_penalty"] == 1.2
+    assert chosen["repeat_last_n"] == 0

@@ -100,6 +100,16 @@ def test_repetition_penalty_matches_transformers():
     assert token == hf.argmax().item() == 9
 
 
+def test_a_repetition_window_penalizes_the_last_tokens_only():
+    """llama.cpp's repeat_last_n: token 5, seen long ago, keeps its logit; 9, among the last two, is penalized."""
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5], logits[0, 9], logits[0, 11] = 3.0, 2.9, 2.0
+    old = _seq(0, prompt=(5, 6, 7), output=(8, 9), temperature=0.0, repetition_penalty=2.0, repetition_window=2)
+    assert sample(logits.clone(), [old]).token_ids[0] == 5
+    everywhere = _seq(0, prompt=(5, 6, 7), output=(8, 9), temperature=0.0, repetition_penalty=2.0)
+    assert sample(logits.clone(), [everywhere]).token_ids[0] == 11  # 5 and 9 both penalized
+
+
 def test_frequency_and_presence_penalties_push_repeats_down():
     logits = torch.zeros(1, VOCAB)
     logits[0, 10] = 2.0

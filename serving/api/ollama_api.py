@@ -72,6 +72,7 @@ class Options(_Loose):
     num_predict: int | None = Field(None, description="tokens to generate; -1 (or unset): as many as the context holds")
     stop: list[str] | str | None = None
     repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
@@ -293,10 +294,9 @@ async def generate():
     return await _generate(st, req, prompts, params, fmt, _generate_line)
 
 
-# Ollama's own defaults where options leave them unset (its DefaultOptions), not OpenAI's temperature 1 and
-# nothing cut: its clients count on them. Its repeat_penalty (1.1 over the last 64 tokens) is left out: the
-# penalty here spans the whole text, which would weigh on long chats as Ollama's does not.
-_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+# Ollama's own defaults where options leave them unset (its DefaultOptions), not OpenAI's temperature 1, no
+# cut and no penalty: its clients count on them (small models loop without the penalty).
+_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "repeat_last_n": 64}
 
 
 def _common(req: _Generating) -> dict[str, Any]:
@@ -306,6 +306,7 @@ def _common(req: _Generating) -> dict[str, Any]:
     for ours, value in (
         ("temperature", options.temperature), ("top_p", options.top_p), ("top_k", options.top_k),
         ("min_p", options.min_p), ("seed", options.seed), ("repetition_penalty", options.repeat_penalty),
+        ("repeat_last_n", options.repeat_last_n),
         ("presence_penalty", options.presence_penalty), ("frequency_penalty", options.frequency_penalty),
     ):  # fmt: skip
         if value is not None:

@@ -277,6 +277,8 @@ class _Request(_Body):
     top_k: Annotated[int, Field(ge=-1, le=TOP_K_MAX), INTEGRAL] = 0  # 0 or -1: off; beyond the vocabulary: the whole of it
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    # llama.cpp's (and Ollama's): the penalty over the last N tokens of the text; -1 all of it, 0 none.
+    repeat_last_n: Annotated[int, Field(ge=-1, le=2**31 - 1), INTEGRAL] = -1
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0, json_schema_extra={CONTEXT_TOKENS: True}), INTEGRAL] = 0

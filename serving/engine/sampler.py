@@ -51,8 +51,10 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1.0 for p in params):
         rep = _on(device, [max(p.repetition_penalty, MIN_REPETITION_PENALTY) for p in params]).unsqueeze(1)
-        # Like Hugging Face's RepetitionPenaltyLogitsProcessor: over prompt and output tokens.
-        seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
+        # Like Hugging Face's RepetitionPenaltyLogitsProcessor: over prompt and output tokens (their last
+        # repetition_window, where one is set, as llama.cpp's repeat_last_n).
+        windows = [s.token_ids[-w:] if (w := s.params.repetition_window) else s.token_ids for s in seqs]
+        seen = _token_counts(windows, vocab, device) > 0
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
     if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):

@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = 0  # 0 disables
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # HF-style, over prompt and output
+    repetition_window: int = 0  # ... over their last N tokens only (llama.cpp's repeat_last_n); 0: all of them
     presence_penalty: float = 0.0  # OpenAI-style, over output only
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
