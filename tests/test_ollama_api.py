@@ -123,6 +123,7 @@ def test_embed_and_the_older_embeddings(client, server):
 
 def test_models_show_ps_and_version(client, server):
     assert [m.model for m in client.list().models] == [MODEL, "demo:latest"]
+    assert 0.9e6 < client.list().models[0].size < 1.2e6  # the 1 MB demo's weights
     shown = client.show(MODEL)
     context = httpx.get(server.base_url + "/v1/models").json()["data"][0]["max_model_len"]
     assert shown.modelinfo["general.architecture"] == "llama" and shown.modelinfo["llama.context_length"] == context

@@ -515,7 +515,8 @@ def _entry(st: AppState, name: str) -> dict[str, Any]:
         "quantization_level": "",
     }
     digest = hashlib.sha256(f"{name}:{info.directory}:{adapter.source if adapter else ''}".encode()).hexdigest()
-    return {"name": name, "model": name, "modified_at": modified, "size": 0, "digest": digest, "details": details}
+    size = info.weight_bytes if adapter is None else 0  # an adapter's own weights are not counted apart
+    return {"name": name, "model": name, "modified_at": modified, "size": size, "digest": digest, "details": details}
 
 
 @bp.get("/api/tags")
@@ -535,7 +536,13 @@ async def ps():
     assert st.model is not None
     forever = "9999-12-31T23:59:59Z"
     context = st.model.max_model_len
-    return {"models": [{**_entry(st, n), "expires_at": forever, "size_vram": 0, "context_length": context} for n in st.model.names]}
+    on_gpu = st.model.info.device.startswith("cuda")
+    return {
+        "models": [
+            {**(entry := _entry(st, n)), "expires_at": forever, "size_vram": entry["size"] if on_gpu else 0, "context_length": context}
+            for n in st.model.names
+        ]
+    }
 
 
 @bp.post("/api/show")

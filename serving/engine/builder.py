@@ -252,6 +252,7 @@ def build_engine(cfg: ServeConfig) -> BuiltEngine:
         kv_block_size=BLOCK_SIZE,
         prefix_caching=prefix_caching,
         adapters=adapters,
+        weight_bytes=model.weight_bytes,
     )
     log.info(
         "model loaded",

@@ -46,6 +46,7 @@ class ModelInfo:
     engine_threads: int = 1  # the engine's compute threads (torch's and the C kernels')
     engine_cpus: tuple[int, ...] = ()  # cores the engine pinned itself to (serving/cpus.py); () if none
     adapters: tuple[AdapterInfo, ...] = ()  # LoRA adapters, served under their own names
+    weight_bytes: int = 0  # the weights as held in memory (quantized ones at their packed size)
 
 
 @dataclass(slots=True)
