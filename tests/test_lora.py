@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from serving.config import ConfigError, ServeConfig
 from serving.engine.builder import build_engine
+from serving.engine.protocol import RequestRejected
 from serving.engine.sampling_params import SamplingParams
 from tests.server_util import RunningServer
 from tests.tiny_models import make_tiny_model
@@ -316,6 +317,9 @@ def test_an_adapter_unloaded_mid_generation_finishes_it_then_goes(model_dir, ada
         got += [t for out in engine.step() for t in out.token_ids]
     assert got == expected
     assert 7 not in qkv.pairs
+    # A request the API sent under that id before it learnt of the unload is refused, never run without it.
+    with pytest.raises(RequestRejected, match="unloaded"):
+        engine.add_request("late", PROMPTS[1], SamplingParams(max_tokens=2, adapter=7))
 
 
 def test_run_time_updates_are_off_unless_allowed(server, adapters):

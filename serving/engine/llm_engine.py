@@ -146,6 +146,9 @@ class LLMEngine:
             )
         if n < 1:
             raise RequestRejected("n must be at least 1")
+        if params.adapter and params.adapter not in self.adapter_names:
+            # Unloaded between the API's lookup of its name and now: never generated without it.
+            raise RequestRejected("the LoRA adapter this request names was unloaded")
         vocab = self.runner.vocab_size
         if not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab:
             # The API checks too; here it keeps one bad id from failing a whole step (on a GPU, from a
