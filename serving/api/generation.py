@@ -389,11 +389,11 @@ def stream_choices(
     except Exception as exc:
         for stream in streams:
             stream.close()
-        raise _api_error(exc) from exc
+        raise engine_api_error(exc) from exc
     return _read_choices(streams, n)
 
 
-def _api_error(exc: Exception) -> Exception:
+def engine_api_error(exc: Exception) -> Exception:
     """The client's answer to an engine stream's failure (other exceptions pass as they are)."""
     if isinstance(exc, QueueFullError):
         return queue_full(str(exc))
@@ -419,7 +419,7 @@ async def _read_choices(streams: list[EngineStream], n: int) -> AsyncIterator[tu
             async for item in merged:
                 yield item
     except Exception as exc:
-        error = _api_error(exc)
+        error = engine_api_error(exc)
         if error is exc:
             raise
         raise error from exc

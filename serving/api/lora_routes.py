@@ -9,6 +9,7 @@ from pydantic import Field
 from quart import Blueprint
 
 from serving.api.errors import APIError, bad_request
+from serving.api.generation import engine_api_error
 from serving.api.openapi import documented
 from serving.api.responses import ModelCard
 from serving.api.routes import model_card, parse_body, state
@@ -78,7 +79,7 @@ async def load_lora_adapter():
         except RequestRejected as exc:
             raise bad_request(f"The lora adapter '{req.lora_name}' cannot be served: {exc}", param="lora_path") from None
         except EngineStoppedError as exc:
-            raise APIError(503, str(exc), type="service_unavailable", code=exc.code) from None
+            raise engine_api_error(exc) from None
         st.model.adapters[req.lora_name] = AdapterInfo(req.lora_name, adapter_id, req.lora_path, rank)
         if old is not None:
             st.engine.unload_adapter(old.id)

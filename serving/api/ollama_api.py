@@ -18,19 +18,19 @@ from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, g
 
-from serving.api.errors import APIError, bad_request, from_validation_error
+from serving.api.errors import APIError, bad_request
 from serving.api.formats import Format
-from serving.api.generation import admit
+from serving.api.generation import Prompt
 from serving.api.openapi import documented
 from serving.api.responses import VersionResponse
 from serving.api.routes import (
     _collected,
     _embedding_inputs_fit,
-    _engine_key,
     _fits,
+    as_request,
     chat_generation,
     check_embedding,
     check_generates,
@@ -39,10 +39,9 @@ from serving.api.routes import (
     embed,
     encoded,
     parse_body,
-    run_tracked,
     state,
-    stream_choices,
     streaming_response,
+    submitted,
 )
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.api.state import AppState
@@ -259,7 +258,7 @@ async def chat():
     body = {**_common(req), "messages": _chat_messages(req.messages)}
     if req.tools:
         body["tools"] = req.tools
-    chat_req = _validated(ChatCompletionRequest, body)
+    chat_req = as_request(ChatCompletionRequest, body)
     prompts, params, fmt = await chat_generation(st, chat_req)
     return await _generate(st, req, prompts, params, fmt, _chat_line)
 
@@ -285,11 +284,11 @@ async def generate():
         check_generates(st)
         return _done_line(req.model, "load", {"response": ""}, None, time.monotonic())
     if req.raw:
-        completion = _validated(CompletionRequest, {**_common(req), "prompt": req.prompt})
+        completion = as_request(CompletionRequest, {**_common(req), "prompt": req.prompt})
         prompts, params, fmt = await completion_generation(st, completion)
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
-        chat_req = _validated(ChatCompletionRequest, {**_common(req), "messages": messages})
+        chat_req = as_request(ChatCompletionRequest, {**_common(req), "messages": messages})
         prompts, params, fmt = await chat_generation(st, chat_req)
     return await _generate(st, req, prompts, params, fmt, _generate_line)
 
@@ -357,24 +356,15 @@ def _chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body, strict=True)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from exc
-
-
 # An OpenAI choice (a chunk's, or with whole=True a finished one's) -> the fields of an Ollama line, or None.
 Line = Callable[..., dict[str, Any] | None]
 
 
-async def _generate(st: AppState, req: _Generating, prompts: list, params: SamplingParams, fmt: Format, line: Line) -> Any:
+async def _generate(st: AppState, req: _Generating, prompts: list[Prompt], params: SamplingParams, fmt: Format, line: Line) -> Any:
     """Run the request; its OpenAI chunks (or whole choice), reshaped by `line`, as NDJSON or one object."""
-    admit(st, 1)
     started = time.monotonic()
+    deltas = submitted(st, prompts, params, 1, f"ollama-{g.request_id}")
     tracker: RequestTracker = g.tracker
-    tracker.prompt_tokens = len(prompts[0].token_ids)
-    deltas = run_tracked(tracker, stream_choices(st, _engine_key(f"ollama-{g.request_id}"), prompts, params, 1))
     if not req.stream:
         (choice,) = await _collected(deltas, fmt, 1, 1, 1)
         return _done_line(req.model, choice["finish_reason"], line(choice, whole=True), tracker, started)
@@ -438,7 +428,7 @@ def _done_line(model: str, reason: str | None, last: dict[str, Any] | None, trac
         "created_at": _now(),
         **(last or {}),
         "done": True,
-        "done_reason": "length" if reason == "length" else reason if reason == "load" else "stop",
+        "done_reason": reason if reason in ("length", "load") else "stop",
         "total_duration": int((now - started) * 1e9),
         "load_duration": 0,
         "prompt_eval_count": tracker.prompt_tokens if tracker is not None else 0,

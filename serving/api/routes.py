@@ -406,6 +406,17 @@ def streaming_response(
     return response
 
 
+def submitted(
+    st: AppState, prompts: list[Prompt], params: SamplingParams, n: int, engine_id: str
+) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    """Admit the request's n sequences per prompt and run them: their deltas, counted by the request's tracker
+    (opened by the app for every generation request) from their prompts' tokens on."""
+    admit(st, n * len(prompts))
+    tracker: RequestTracker = g.tracker
+    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    return run_tracked(tracker, stream_choices(st, _engine_key(engine_id), prompts, params, n))
+
+
 async def generate(
     st: AppState, req: _Request, prompts: list[Prompt], params: SamplingParams, fmt: Format
 ) -> Response | dict[str, Any]:
@@ -413,12 +424,10 @@ async def generate(
     `fmt`, streamed or whole. The request's tracker (opened by the app for every generation
     request) is closed by the app on any error or a whole response, and by the stream otherwise."""
     n = getattr(req, "candidates", req.n)  # best_of, of which req.n are returned
-    admit(st, n * len(prompts))
     request_id = f"{fmt.id_prefix}-{g.request_id}"  # the OpenAI id carries the X-Request-Id
     created = int(time.time())
+    deltas = submitted(st, prompts, params, n, request_id)
     tracker: RequestTracker = g.tracker
-    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    deltas = run_tracked(tracker, stream_choices(st, _engine_key(request_id), prompts, params, n))
     head = {"id": request_id, "object": fmt.chunk_object, "created": created, "model": req.model}
 
     if req.stream:
@@ -626,8 +635,13 @@ async def messages():
 
 def _as_chat(body: dict[str, Any]) -> ChatCompletionRequest:
     """Another API's request as the chat completion it amounts to (a 400 where that is not valid)."""
+    return as_request(ChatCompletionRequest, body)
+
+
+def as_request(model: type[M], body: dict[str, Any]) -> M:
+    """A body another API's request amounts to, validated as `model` strictly, as parse_body does (a 400)."""
     try:
-        return ChatCompletionRequest.model_validate(body, strict=True)
+        return model.model_validate(body, strict=True)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
 
@@ -644,10 +658,7 @@ async def _generate_as_chat(
     grammar = await compile_grammar(st, chat)
     thinking = thinking_from(st, prompt, grammar)
     params = sampling_params(st, chat, max_tokens, None, False, grammar, think_param(st, grammar, thinking))
-    admit(st, 1)
-    tracker: RequestTracker = g.tracker
-    tracker.prompt_tokens = len(prompt.token_ids)
-    return prompt, thinking, run_tracked(tracker, stream_choices(st, _engine_key(engine_id), [prompt], params, 1)), max_tokens
+    return prompt, thinking, submitted(st, [prompt], params, 1, engine_id), max_tokens
 
 
 async def _whole(deltas: AsyncIterator[tuple[int, ChoiceDelta]]) -> Choice:
@@ -712,12 +723,9 @@ async def embed(st: AppState, model: str | None, inputs: list[str] | list[list[i
     if len(inputs) > st.most_sequences:
         raise too_many_sequences(st, f"{len(inputs)} inputs ask for as many sequences", "input")
     prompts = [await st.run_blocking(_embedding_prompt, st, text, truncate) for text in inputs]
-    admit(st, len(prompts))
-    tracker: RequestTracker = g.tracker
-    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
     params = SamplingParams(max_tokens=1, embed=True, adapter=st.model.adapter_id(model) or 0)
     vectors: dict[int, bytes] = {}
-    async with aclosing(run_tracked(tracker, stream_choices(st, _engine_key(f"embd-{g.request_id}"), prompts, params, 1))) as deltas:
+    async with aclosing(submitted(st, prompts, params, 1, f"embd-{g.request_id}")) as deltas:
         async for index, delta in deltas:
             if delta.embedding is not None:
                 vectors[index] = delta.embedding

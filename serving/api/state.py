@@ -43,7 +43,7 @@ class ServedModel:
     ) -> ServedModel:  # fmt: skip
         first = max((a.id for a in info.adapters), default=0) + 1
         adapters = {a.name: a for a in info.adapters}
-        return cls(info, tokenizer, reasoning, think_ids, adapters, itertools.count(first), tuple(a for a in aliases if a != info.name))
+        return cls(info, tokenizer, reasoning, think_ids, adapters, itertools.count(first), aliases)
 
     @property
     def name(self) -> str:

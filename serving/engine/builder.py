@@ -20,7 +20,7 @@ from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from serving.engine.scheduler import SCORED_ROWS_PER_STEP
 from serving.engine.sequence import Sequence
 from serving.models.loader import LoadedModel, load_model, load_tokenizer
-from serving.models.lora import AdapterError, read_adapter
+from serving.models.lora import AdapterError
 from serving.models.native import NativeRunner
 from serving.models.source import resolve_adapter
 
@@ -193,13 +193,11 @@ def load_adapters(cfg: ServeConfig, model: LoadedModel) -> tuple[AdapterInfo, ..
         if module.name in (model.name, *cfg.served_model_name):
             raise ConfigError(f"--lora-modules: adapter name {module.name!r} is the served model's name")
         try:
-            directory = resolve_adapter(cfg, module)
-            adapter = read_adapter(directory)
-            runner.add_adapter(adapter_id, adapter)
+            rank = runner.add_adapter(adapter_id, resolve_adapter(cfg, module))
         except (AdapterError, ConfigError) as exc:
             raise ConfigError(f"--lora-modules {module.name}: {exc}") from None
-        adapters.append(AdapterInfo(module.name, adapter_id, module.path, adapter.rank))
-        log.info("LoRA adapter loaded", extra={"adapter": module.name, "source": module.path, "rank": adapter.rank})
+        adapters.append(AdapterInfo(module.name, adapter_id, module.path, rank))
+        log.info("LoRA adapter loaded", extra={"adapter": module.name, "source": module.path, "rank": rank})
     return tuple(adapters)
 
 

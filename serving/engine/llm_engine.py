@@ -26,7 +26,7 @@ from serving.engine.sampler import SampleResult, prompt_logprobs, sample
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import ScheduledBatch, ScheduledChunk, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
-from serving.models.lora import AdapterError, read_adapter
+from serving.models.lora import AdapterError
 from serving.models.native import NativeRunner
 from serving.models.runner import ForwardChunk, ModelRunner
 
@@ -197,10 +197,9 @@ class LLMEngine:
         """Serve the PEFT LoRA adapter in `directory` to requests of this id; its rank (AdapterError: why not)."""
         if not isinstance(self.runner, NativeRunner):
             raise AdapterError("LoRA adapters are served by the native runner only, not by the transformers runner")
-        adapter = read_adapter(Path(directory))
-        self.runner.add_adapter(adapter_id, adapter)
+        rank = self.runner.add_adapter(adapter_id, Path(directory))
         self.adapter_names[adapter_id] = name
-        return adapter.rank
+        return rank
 
     def unload_adapter(self, adapter_id: int) -> None:
         """Drop an adapter's weights once its sequences in flight have finished (no new ones come: the API

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from serving.models.weights import iter_safetensors, load_pytorch
 
 CONFIG_FILE = "adapter_config.json"
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -44,7 +45,6 @@ class Adapter:
 
     rank: int  # the largest r of its projections
     pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, checkpoint projection) -> (A, B)
-    base_model: str | None  # base_model_name_or_path, as PEFT wrote it
 
 
 def read_adapter(directory: Path) -> Adapter:
@@ -86,21 +86,15 @@ def read_adapter(directory: Path) -> Adapter:
         scale = alpha / (r**0.5 if rslora else r)
         scaled[key] = (a, b * scale)
     rank = max(a.shape[0] for a, _ in scaled.values())
-    return Adapter(rank, scaled, config.get("base_model_name_or_path"))
+    return Adapter(rank, scaled)
 
 
 def _tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for filename in _WEIGHT_FILES:
-        path = directory / filename
-        if not path.is_file():
-            continue
-        if filename.endswith(".safetensors"):
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    yield name, f.get_tensor(name)
-        else:
-            yield from torch.load(path, map_location="cpu", weights_only=True).items()
-        return
+    safetensors, pytorch = (directory / name for name in _WEIGHT_FILES)
+    if safetensors.is_file():
+        return iter_safetensors([safetensors])
+    if pytorch.is_file():
+        return iter(load_pytorch(pytorch).items())
     raise AdapterError(f"{directory} holds neither {' nor '.join(_WEIGHT_FILES)}")
 
 

@@ -21,7 +21,7 @@ from serving.models.cuda_graphs import DecodeGraphs
 from serving.models.gguf import BlockRows
 from serving.models.host_inputs import HostInts, cache_slot, cache_slots, to_device
 from serving.models.llama import LlamaForCausalLM
-from serving.models.lora import Adapter, LoraStep, install, uninstall
+from serving.models.lora import LoraStep, install, read_adapter, uninstall
 from serving.models.quant import (
     OUTPUT_SCHEME,
     BlockQuantEmbedding,
@@ -109,9 +109,12 @@ class NativeRunner:
     def release(self, key: int) -> None:
         """KV blocks belong to the engine's block manager; nothing is kept per stream here."""
 
-    def add_adapter(self, adapter_id: int, adapter: Adapter) -> None:
-        """Serve LoRA adapter `adapter` to chunks with this id (raises AdapterError for another model's)."""
+    def add_adapter(self, adapter_id: int, directory: Path) -> int:
+        """Serve the PEFT LoRA adapter in `directory` to chunks with this id; its rank (AdapterError: why it
+        cannot be, another model's adapter say)."""
+        adapter = read_adapter(directory)
         install(self.model, adapter_id, adapter, self.device, self.dtype)
+        return adapter.rank
 
     def remove_adapter(self, adapter_id: int) -> None:
         uninstall(self.model, adapter_id)

@@ -44,7 +44,7 @@ def pytorch_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("pytorch_model*.bin"))
 
 
-def _load_pytorch(path: Path) -> dict[str, torch.Tensor]:
+def load_pytorch(path: Path) -> dict[str, torch.Tensor]:
     try:  # memory-mapped: tensors are read as they are copied into the model
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
@@ -57,7 +57,7 @@ def checkpoint_tensors(model_dir: Path) -> tuple[Iterator[tuple[str, torch.Tenso
     if files := safetensors_files(model_dir):
         return iter_safetensors(files), count_safetensors(files)
     if bins := pytorch_files(model_dir):
-        states = [_load_pytorch(path) for path in bins]
+        states = [load_pytorch(path) for path in bins]
         return (item for state in states for item in state.items()), sum(len(state) for state in states)
     if any(model_dir.glob("*.pth")):
         raise ValueError(f"{model_dir} holds Meta's .pth checkpoint layout, which is not read here: use the Hugging Face format")
